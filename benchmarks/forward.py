@@ -1,0 +1,80 @@
+"""Forward throughput of SmolLM2-135M-Instruct: msp-jax (fp32, bf16) vs transformers (torch, fp32).
+
+  python benchmarks/forward.py [--batch 8] [--seq 128] [--reps 7] [--json out.json]
+
+Same GGUF weights, same random-token batch, one process, one model at a time; median of `reps`
+timed forwards after 2 warm-ups, each `block_until_ready`. Prints tokens/s and our/torch time ratio.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import msp_jax
+from msp_jax.models import weights
+
+
+def median_seconds(fn, reps, warmup=2):
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def time_ours(ids, dtype, reps):
+  model = msp_jax.load_backbone(weights.DEFAULT_BACKBONE, dtype=dtype, with_tokenizer=False).model
+  forward = jax.jit(lambda m, i: m(i))  # weights as arguments, never baked into the executable
+  ids = jnp.asarray(ids)
+  return median_seconds(lambda: forward(model, ids).block_until_ready(), reps)
+
+
+def time_torch(ids, reps):
+  import torch
+  import transformers
+  folder, name = os.path.split(weights.default_gguf_path())
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+  ids = torch.tensor(ids)
+  with torch.inference_mode():
+    return median_seconds(lambda: model(ids), reps), torch.__version__, torch.get_num_threads()
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq", type=int, default=128)
+  parser.add_argument("--reps", type=int, default=7)
+  parser.add_argument("--skip_torch", action="store_true", help="e.g. on an accelerator machine")
+  parser.add_argument("--json", help="also write the results here")
+  args = parser.parse_args()
+  ids = np.random.default_rng(0).integers(3, 49152, size=(args.batch, args.seq))
+  tokens = args.batch * args.seq
+  result = {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "batch": args.batch, "seq": args.seq,
+            "jax": jax.__version__}
+  for name, dtype in (("msp_jax_fp32", jnp.float32), ("msp_jax_bf16", jnp.bfloat16)):
+    seconds = time_ours(ids, dtype, args.reps)
+    result[name] = {"median_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1)}
+    print(name, result[name], flush=True)
+  if not args.skip_torch:
+    seconds, version, threads = time_torch(ids, args.reps)
+    result["torch_fp32"] = {"median_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
+                            "torch": version, "threads": threads}
+    print("torch_fp32", result["torch_fp32"], flush=True)
+    for name in ("msp_jax_fp32", "msp_jax_bf16"):
+      result[f"{name}_time_over_torch"] = round(result[name]["median_s"] / seconds, 3)
+  print(json.dumps(result, indent=1))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
