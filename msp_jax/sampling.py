@@ -11,7 +11,7 @@ from flax import nnx
 
 @functools.partial(nnx.jit, static_argnames=("max_new_tokens",))
 def greedy(model, input_ids, attention_mask, *, max_new_tokens: int, eos_id: int | jax.Array = -1,
-           pad_id: int | jax.Array = 0, embedded_prefix=None):
+           pad_id: int | jax.Array = 0, embedded_prefix=None, prefix_mask=None):
   """Greedy continuation of a left-padded decoder-only batch.
 
   The model is an argument (its weights are jit inputs, never baked-in constants). Returns new
@@ -20,7 +20,8 @@ def greedy(model, input_ids, attention_mask, *, max_new_tokens: int, eos_id: int
   b, t = input_ids.shape
   p = 0 if embedded_prefix is None else embedded_prefix.shape[1]
   cache = model.init_cache(b, p + t + max_new_tokens)
-  logits, cache = model(input_ids, attention_mask=attention_mask, embedded_prefix=embedded_prefix, cache=cache)
+  logits, cache = model(input_ids, attention_mask=attention_mask, embedded_prefix=embedded_prefix,
+                        prefix_mask=prefix_mask, cache=cache)
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
 
   def cond(state):

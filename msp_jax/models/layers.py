@@ -75,18 +75,20 @@ class KVCache:
     return self.k.shape[2]
 
 
-def join_prefix(embeds, mask, embedded_prefix):
+def join_prefix(embeds, mask, embedded_prefix, prefix_mask=None):
   """Prepends a soft prompt [B, P, D] to token embeddings [B, T, D]; returns (x, mask, P).
 
-  The prefix is always attended to. Left pads of the tokens then sit between prefix and text in
-  memory, but positions come from the mask, so the model sees exactly [prefix][text] (the layout
-  bug PEFT #1093 reports cannot happen).
+  `prefix_mask` [B, P] (default: all ones) lets a prefix have padding slots (e.g. the concat mixer
+  with fewer than M attributes). Left pads of the tokens sit between prefix and text in memory,
+  but positions come from the mask, so the model sees exactly [prefix][text] (the layout bug
+  PEFT #1093 reports cannot happen).
   """
   if embedded_prefix is None:
     return embeds, mask, 0
   b, p, _ = embedded_prefix.shape
+  prefix_mask = jnp.ones((b, p), bool) if prefix_mask is None else prefix_mask.astype(bool)
   x = jnp.concatenate([embedded_prefix.astype(embeds.dtype), embeds], axis=1)
-  return x, jnp.concatenate([jnp.ones((b, p), bool), mask], axis=1), p
+  return x, jnp.concatenate([prefix_mask, mask], axis=1), p
 
 
 def positions_and_mask(mask, cache: KVCache | None):

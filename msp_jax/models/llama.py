@@ -130,7 +130,7 @@ class Layers(nnx.Module):
 
 
 class Llama(nnx.Module):
-  """`model(input_ids, attention_mask=None, *, embedded_prefix=None, cache=None)`.
+  """`model(input_ids, attention_mask=None, *, embedded_prefix=None, prefix_mask=None, cache=None)`.
 
   Returns logits [B, T, V] (fp32) for the token positions (not the prefix), or
   `(logits, cache)` when a `KVCache` is passed (see `init_cache`).
@@ -152,9 +152,9 @@ class Llama(nnx.Module):
   def embed_tokens(self, input_ids):
     return self.embed[...][input_ids].astype(self.dtype)
 
-  def __call__(self, input_ids, attention_mask=None, *, embedded_prefix=None, cache=None):
+  def __call__(self, input_ids, attention_mask=None, *, embedded_prefix=None, prefix_mask=None, cache=None):
     mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
-    x, mask, p = L.join_prefix(self.embed_tokens(input_ids), mask, embedded_prefix)
+    x, mask, p = L.join_prefix(self.embed_tokens(input_ids), mask, embedded_prefix, prefix_mask)
     h, new_cache = self.hidden_states(x, mask, cache)
     head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
     logits = jnp.einsum("btd,dv->btv", h[:, p:], head.astype(self.dtype), preferred_element_type=jnp.float32)
