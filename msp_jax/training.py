@@ -1,0 +1,142 @@
+"""The prompt-only train step: loss, optimizer, and a jitted, sharded update of the prompts alone.
+
+The model is split once into (graphdef, trainable, frozen) by variable type: `PromptParam` leaves
+are trainable, everything else (the backbone) is frozen. The jitted step differentiates w.r.t.
+`trainable` only, so XLA never builds weight gradients for the backbone; the optimizer state exists
+for the trainable tree only; trainable and optimizer state are donated, frozen weights never are,
+and they are jit arguments, never closed-over constants.
+
+Batch (numpy or jax arrays, leading batch axis):
+  decoder-only: input_ids, attention_mask [B, T]; loss_mask [B, T] marks target tokens (token t
+    is predicted by logits[t - 1]); attribute_ids, attribute_mask [B, S, M].
+  encoder-decoder: input_ids, attention_mask (encoder); decoder_input_ids, decoder_attention_mask,
+    labels, loss_mask [B, Td] (labels[t] predicted by logits[t]); attribute_ids, attribute_mask.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from msp_jax import sharding
+from msp_jax.mixers import PromptParam
+from msp_jax.prompts import SoftPrompts, pooled_text
+
+
+class PromptedModel(nnx.Module):
+  """A frozen backbone with trainable soft prompts in front of it."""
+
+  def __init__(self, backbone: nnx.Module, prompts: SoftPrompts, *, encoder_decoder: bool):
+    self.backbone, self.prompts, self.encoder_decoder = backbone, prompts, encoder_decoder
+
+  def prefix(self, batch):
+    """(prefix [B, P+A, D], prefix_mask) for a batch; the attention/bottleneck mixers look at the
+    max-pooled embeddings of the text tokens (never the target: generation has none)."""
+    text_mask = batch["attention_mask"].astype(bool)
+    if not self.encoder_decoder:
+      text_mask = text_mask & ~batch["loss_mask"].astype(bool)
+    text = pooled_text(jax.lax.stop_gradient(self.backbone.embed_tokens(batch["input_ids"])), text_mask)
+    return self.prompts(batch["attribute_ids"], batch["attribute_mask"], text)
+
+  def token_losses(self, batch):
+    """(per-token NLL [B, T'], target mask [B, T']), in fp32."""
+    prefix, prefix_mask = self.prefix(batch)
+    if self.encoder_decoder:
+      logits = self.backbone(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
+                             batch["decoder_attention_mask"], embedded_prefix=prefix, prefix_mask=prefix_mask)
+      targets, mask = batch["labels"], batch["loss_mask"]
+    else:
+      logits = self.backbone(batch["input_ids"], batch["attention_mask"], embedded_prefix=prefix,
+                             prefix_mask=prefix_mask)[:, :-1]
+      targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return nll, mask.astype(jnp.float32)
+
+
+def loss_and_count(model: PromptedModel, batch):
+  nll, mask = model.token_losses(batch)
+  count = mask.sum()
+  return (nll * mask).sum() / jnp.maximum(count, 1.0), count
+
+
+def split(model: PromptedModel):
+  """(graphdef, trainable, frozen): the one split the whole run uses."""
+  return nnx.split(model, PromptParam, ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  name: str = "adamw"            # adamw | adafactor
+  learning_rate: float = 3e-4
+  warmup_steps: int = 0
+  decay: str = "cosine"          # cosine | constant
+  total_steps: int = 1000
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+  grad_accum_steps: int = 1
+
+
+def make_optimizer(c: OptimizerConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Warmup then cosine/constant, clipping on the trainable tree, gradient accumulation."""
+  if c.decay == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(0.0, c.learning_rate, c.warmup_steps,
+                                                  max(c.total_steps, c.warmup_steps + 1), end_value=0.1 * c.learning_rate)
+  elif c.decay == "constant":
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1)),
+                                     optax.constant_schedule(c.learning_rate)], [max(c.warmup_steps, 1)])
+  else:
+    raise ValueError(f"optimizer decay {c.decay!r} is not supported; valid: cosine, constant")
+  if c.name == "adamw":
+    base = optax.adamw(schedule, weight_decay=c.weight_decay)
+  elif c.name == "adafactor":
+    base = optax.adafactor(schedule, weight_decay_rate=c.weight_decay or None)
+  else:
+    raise ValueError(f"optimizer {c.name!r} is not supported; valid: adamw, adafactor")
+  tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), base)
+  if c.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=c.grad_accum_steps)
+  return tx, schedule
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: Mesh, trainable, opt_state, frozen):
+  """The jitted step `(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`.
+
+  Shardings: prompts and optimizer state replicated, frozen weights by their logical axes, batch
+  rows over `data`. Trainable and optimizer state are donated (updated in place).
+  """
+  rep = sharding.replicated(mesh)
+
+  def step(trainable, opt_state, frozen, batch):
+    def loss_fn(trainable):
+      return loss_and_count(nnx.merge(graphdef, trainable, frozen), batch)
+
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    return trainable, opt_state, {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads)}
+
+  in_shardings = (rep, rep, sharding.state_shardings(frozen, mesh), sharding.batch_sharding(mesh))
+  return jax.jit(step, in_shardings=in_shardings, out_shardings=(rep, rep, rep), donate_argnums=(0, 1))
+
+
+def make_eval_step(graphdef, mesh: Mesh, frozen):
+  """Jitted `(trainable, frozen, batch) -> (sum of target NLL, target count)` for dev loss / perplexity."""
+  rep = sharding.replicated(mesh)
+
+  def step(trainable, frozen, batch):
+    nll, mask = nnx.merge(graphdef, trainable, frozen).token_losses(batch)
+    return (nll * mask).sum(), mask.sum()
+
+  return jax.jit(step, in_shardings=(rep, sharding.state_shardings(frozen, mesh), sharding.batch_sharding(mesh)),
+                 out_shardings=(rep, rep))
+
+
+def place(tree: Any, shardings: Any):
+  """Puts a host tree on devices with the given shardings (a prefix tree is fine)."""
+  return jax.device_put(tree, shardings)
