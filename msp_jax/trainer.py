@@ -1,0 +1,280 @@
+"""The training loop behind `train.py`: build, train, evaluate, select, checkpoint, resume.
+
+`train(config)` is what tests call; `train.py` only parses flags. Re-running with the same
+workdir resumes from the latest checkpoint (prompts, optimizer, step, data position), so a killed
+run ends with the prompts an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from msp_jax import checkpoints as ckpt
+from msp_jax import data as msp_data
+from msp_jax import evaluation, mixers, sampling, sharding, training
+from msp_jax import prompts as soft_prompts
+from msp_jax.errors import MspError
+from msp_jax.models.weights import Backbone, load_backbone, resolve
+
+MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask", "attribute_ids", "attribute_mask",
+              "decoder_input_ids", "decoder_attention_mask", "labels")
+
+
+class ConfigError(MspError):
+  """A config value that cannot work; the message names the field and the valid values."""
+
+
+def validate(c) -> None:
+  def fail(field, why):
+    raise ConfigError(f"config.{field}={getattr(c, field)!r}: {why}")
+  if c.mixture not in mixers.MIXERS:
+    fail("mixture", f"valid: {', '.join(mixers.MIXERS)}")
+  if c.dataset not in msp_data.DATASETS:
+    fail("dataset", f"valid: {', '.join(msp_data.DATASETS)}")
+  if c.domain not in msp_data.domains(c.dataset):
+    fail("domain", f"valid for {c.dataset}: {', '.join(msp_data.domains(c.dataset))}")
+  if c.setting not in msp_data.SETTINGS:
+    fail("setting", f"valid: {', '.join(msp_data.SETTINGS)}")
+  for field in ("max_steps", "num_epochs", "n_tokens", "patience", "bleu_examples", "eval_batches"):
+    if getattr(c, field) < 0:
+      fail(field, "must be >= 0")
+  for field in ("batch_size", "grad_accum_steps", "eval_every", "checkpoint_every", "attribute_tokens",
+                "max_new_tokens", "keep_best", "log_every"):
+    if getattr(c, field) < 1:
+      fail(field, "must be >= 1")
+  if c.max_steps == 0 and c.num_epochs == 0:
+    fail("max_steps", "and num_epochs are both 0: set one")
+  if c.select_metric not in ("dev_loss", "dev_bleu"):
+    fail("select_metric", "valid: dev_loss, dev_bleu")
+  if c.select_metric == "dev_bleu" and c.bleu_examples == 0:
+    fail("bleu_examples", "must be > 0 when select_metric is dev_bleu")
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run is built from; `generate.py` rebuilds the same from a workdir."""
+  config: Any
+  backbone: Backbone
+  task: Any
+  model: training.PromptedModel
+  batch_config: msp_data.BatchConfig
+
+
+def embedding_table(model) -> np.ndarray:
+  """The backbone's input embedding matrix [V, D] (prompts are initialised from its rows)."""
+  table = getattr(model, "embed", None)
+  table = table if table is not None else model.shared
+  return np.asarray(table[...], np.float32)
+
+
+def build(c, backbone: Backbone | None = None) -> Run:
+  """Backbone, task and freshly initialised prompts for config `c`."""
+  validate(c)
+  backbone = backbone or load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
+  if backbone.tokenizer is None:
+    raise ConfigError(f"config.model={c.model!r}: the checkpoint has no tokenizer files")
+  task = msp_data.load_task(c.dataset, c.domain, c.setting, seed=c.seed, data_dir=c.data_dir or None)
+  table, tok = embedding_table(backbone.model), backbone.tokenizer
+  instruction = soft_prompts.init_instruction(c.instruction_init, c.n_tokens, table, tok,
+                                              text=soft_prompts.instruction_text(c.num_shot), seed=c.seed)
+  banks = {s.name: soft_prompts.init_bank(s.descriptions, table, tok, c.attribute_tokens) for s in task.ontology.sets}
+  prompts = soft_prompts.SoftPrompts(instruction, banks, c.mixture, rngs=nnx.Rngs(c.seed), temperature=c.temperature,
+                                     hidden=c.bottleneck_size, kernel_size=c.cnn_kernel)
+  model = training.PromptedModel(backbone.model, prompts, encoder_decoder=backbone.is_encoder_decoder)
+  batch_config = msp_data.BatchConfig(buckets=tuple(c.buckets), max_mixture=c.max_mixture,
+                                      encoder_decoder=backbone.is_encoder_decoder)
+  return Run(c, backbone, task, model, batch_config)
+
+
+def metadata(run: Run) -> dict:
+  c = run.config
+  tok = run.backbone.tokenizer
+  return {
+      "backbone": c.model, "backbone_source": run.backbone.source, "backbone_model_type": run.backbone.model_type,
+      "backbone_fingerprint": ckpt.fingerprint(run.backbone.source),
+      "tokenizer": {"class": type(tok).__name__, "vocab_size": len(tok), "eos_token": tok.eos_token},
+      "attributes": {s.name: list(s.names) for s in run.task.ontology.sets},
+      "ontology": run.task.ontology.to_json(),
+      "mixture": c.mixture, "n_tokens": c.n_tokens, "attribute_tokens": c.attribute_tokens,
+      "splits": {k: len(v) for k, v in run.task.splits.items()}, "provenance": dict(run.task.provenance),
+      "config": c.to_dict(),
+  }
+
+
+def model_batch(batch: dict, mesh) -> dict:
+  """The arrays the model reads, with padding rows (example_mask False) out of the loss, on devices."""
+  arrays = {k: v for k, v in batch.items() if k in MODEL_KEYS}
+  arrays["loss_mask"] = arrays["loss_mask"] & batch["example_mask"][:, None]
+  return sharding.global_batch(arrays, mesh)
+
+
+class RunLog:
+  """metrics.jsonl (one JSON object per line) and TensorBoard event files, from process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+      self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    self.file.write(json.dumps({"step": step, **values}) + "\n")
+    self.file.flush()
+    for k, v in values.items():
+      if isinstance(v, (int, float)) and math.isfinite(v):
+        self.tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self.file.close()
+      self.tb.close()
+
+
+def evaluate(run: Run, graphdef, trainable, frozen, eval_step, mesh) -> dict:
+  """Dev loss / perplexity over dev batches, and BLEU of greedy generations against dev utterances."""
+  c, tok = run.config, run.backbone.tokenizer
+  dev = msp_data.task_batches(run.task, "dev", tok, global_batch_size=c.batch_size, config=run.batch_config,
+                              seed=c.seed, num_exemplars=c.num_shot)
+  nll = count = 0.0
+  for i, batch in enumerate(dev):
+    if c.eval_batches and i >= c.eval_batches:
+      break
+    s, n = eval_step(trainable, frozen, model_batch(batch, mesh))
+    nll, count = nll + float(s), count + float(n)
+  out = {"dev_loss": nll / max(count, 1), "dev_tokens": count}
+  out["dev_perplexity"] = math.exp(min(out["dev_loss"], 50))
+  if c.bleu_examples and not run.backbone.is_encoder_decoder:
+    out["dev_bleu"] = dev_bleu(run, graphdef, trainable, frozen, mesh)
+  return out
+
+
+def dev_bleu(run: Run, graphdef, trainable, frozen, mesh) -> float:
+  c, tok = run.config, run.backbone.tokenizer
+  examples = run.task.splits["dev"][:c.bleu_examples]
+  layout = msp_data.PromptLayout(run.task.ontology, run.task.splits["train"], c.num_shot)
+  model = nnx.merge(graphdef, trainable, frozen)
+  hyps = []
+  for start in range(0, len(examples), c.batch_size):
+    chunk = examples[start:start + c.batch_size]
+    segments = [layout.segments(ex, np.random.default_rng([c.seed, start + i]), with_target=False)
+                for i, ex in enumerate(chunk)]
+    batch = msp_data.make_batch(segments, tok, run.batch_config)
+    batch["loss_mask"] = np.zeros_like(batch["attention_mask"])
+    arrays = {k: jnp.asarray(v) for k, v in batch.items() if k in MODEL_KEYS}
+    prefix, prefix_mask = model.prefix(arrays)
+    new = sampling.greedy(model.backbone, arrays["input_ids"], arrays["attention_mask"],
+                          max_new_tokens=c.max_new_tokens, eos_id=tok.eos_token_id,
+                          pad_id=msp_data.batching.pad_id(tok), embedded_prefix=prefix, prefix_mask=prefix_mask)
+    hyps += [text.split("\n")[0].strip() for text in tok.batch_decode(np.asarray(new).tolist(), skip_special_tokens=True)]
+  return evaluation.corpus_bleu(hyps, [[ex.text] for ex in examples])
+
+
+def train(c, backbone: Backbone | None = None) -> dict:
+  """Trains (or resumes) the run that config `c` describes; returns a summary dict."""
+  sharding.initialize_distributed(c.coordinator_address, c.num_processes, c.process_id)
+  run = build(c, backbone)
+  os.makedirs(c.workdir, exist_ok=True)
+  meta = metadata(run)
+  ckpt.check_metadata(c.workdir, meta)
+  if jax.process_index() == 0:
+    ckpt.write_json_atomic(os.path.join(c.workdir, ckpt.METADATA), meta)
+
+  mesh = sharding.make_mesh(c.model_parallel)
+  graphdef, trainable, frozen = training.split(run.model)
+  frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh))
+  train_it = msp_data.task_batches(run.task, "train", run.backbone.tokenizer, global_batch_size=c.batch_size,
+                                   config=run.batch_config, seed=c.seed, num_epochs=None, num_exemplars=c.num_shot)
+  total_steps = c.max_steps or c.num_epochs * train_it.steps_per_epoch // c.grad_accum_steps
+  tx, schedule = training.make_optimizer(training.OptimizerConfig(
+      name=c.optimizer, learning_rate=c.learning_rate, warmup_steps=c.warmup_steps, decay=c.decay,
+      total_steps=total_steps, weight_decay=c.weight_decay, clip_norm=c.clip_norm, grad_accum_steps=c.grad_accum_steps))
+  rep = sharding.replicated(mesh)
+  trainable = jax.device_put(trainable, rep)
+  opt_state = jax.device_put(tx.init(trainable), rep)  # replicated global arrays: multi-host Orbax needs them
+  train_step = training.make_train_step(graphdef, tx, mesh, trainable, opt_state, frozen)
+  eval_step = training.make_eval_step(graphdef, mesh, frozen)
+
+  minimize = c.select_metric == "dev_loss"
+  store = ckpt.Checkpoints(c.workdir, metric=c.select_metric, minimize=minimize, keep_best=c.keep_best)
+  step, best, since_best = 0, None, 0
+  if store.latest_step() is not None:
+    state, saved = store.restore(store.latest_step(), {"trainable": trainable, "opt_state": opt_state})
+    trainable, opt_state = jax.device_put(state["trainable"], rep), jax.device_put(state["opt_state"], rep)
+    step, best, since_best = saved["step"], saved.get("best"), saved.get("since_best", 0)
+    train_it.set_state(saved["data"])
+    print(f"resumed {c.workdir} at step {step}", flush=True)
+
+  def save(metrics=None):
+    saved = {"step": step, "best": best, "since_best": since_best, "data": train_it.get_state(),
+             "rng": [c.seed, step], "metrics": metrics or {}}
+    store.save(step, {"trainable": trainable, "opt_state": opt_state}, saved, metrics)
+
+  log = RunLog(c.workdir)
+  if step == 0:  # where the prompts start from: the baseline every later eval is compared with
+    first = evaluate(run, graphdef, trainable, frozen, eval_step, mesh)
+    log.write(0, first)
+    print("step 0: " + ", ".join(f"{k} {v:.4g}" for k, v in first.items()), flush=True)
+  progress = _progress(total_steps, step)
+  status = "finished"
+  last_eval = None
+  try:
+    while step < total_steps:
+      start, tokens = time.perf_counter(), 0.0
+      for _ in range(c.grad_accum_steps):
+        batch = next(train_it)
+        trainable, opt_state, m = train_step(trainable, opt_state, frozen, model_batch(batch, mesh))
+        tokens += float(batch["attention_mask"].sum()) * jax.process_count()  # real text tokens, all hosts
+      loss = float(m["loss"])
+      if not math.isfinite(loss):
+        raise MspError(f"loss is {loss} at step {step + 1}; stopped. The last good checkpoint "
+                       f"(step {store.latest_step()}) is kept in {c.workdir}")
+      step += 1
+      speed = tokens / (time.perf_counter() - start)
+      if step % c.log_every == 0:
+        log.write(step, {"loss": loss, "lr": float(schedule(step)), "tokens_per_s": speed,
+                         "grad_norm": float(m["grad_norm"])})
+      if progress:
+        progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:.0f}")
+        progress.update(1)
+      if step % c.eval_every == 0 or step == total_steps:
+        last_eval = evaluate(run, graphdef, trainable, frozen, eval_step, mesh)
+        value = last_eval[c.select_metric]
+        improved = best is None or (value < best if minimize else value > best)
+        best, since_best = (value, 0) if improved else (best, since_best + 1)
+        log.write(step, last_eval)
+        save(last_eval)
+        print(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()), flush=True)
+        if c.patience and since_best >= c.patience:
+          status = f"early stop: {c.select_metric} did not improve for {c.patience} evals"
+          break
+      elif step % c.checkpoint_every == 0:
+        save()
+  finally:
+    if progress:
+      progress.close()
+    log.close()
+  summary = {"status": status, "step": step, "best": best, "best_step": store.best_step(),
+             "select_metric": c.select_metric, "last_eval": last_eval, "workdir": c.workdir}
+  store.close()
+  if jax.process_index() == 0:
+    ckpt.write_json_atomic(os.path.join(c.workdir, "summary.json"), summary)
+  return summary
+
+
+def _progress(total: int, initial: int):
+  if jax.process_index() != 0:
+    return None
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
