@@ -147,3 +147,71 @@ def test_sharded_step_equals_unsharded():
     np.testing.assert_allclose(out[name]["losses"], out["one"]["losses"], rtol=1e-5)  # stated tolerance
     for a, b in zip(out[name]["params"], out["one"]["params"]):
       np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+MULTIHOST_SCRIPT = r"""
+import sys, json, numpy as np
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+from msp_jax import sharding
+pid, n = int(sys.argv[1]), int(sys.argv[2])
+if n > 1:
+  sharding.initialize_distributed("localhost:{port}", n, pid)
+import jax
+from test_training_step import tiny_model, tiny_batch
+from msp_jax import training
+model, batch = tiny_model(), tiny_batch(batch=8)
+rows = slice(pid * 8 // n, (pid + 1) * 8 // n)  # each process feeds only its own rows
+mesh = sharding.make_mesh()
+graphdef, trainable, frozen = training.split(model)
+tx, _ = training.make_optimizer(training.OptimizerConfig(learning_rate=1e-2, total_steps=3))
+rep = sharding.replicated(mesh)
+trainable = jax.device_put(trainable, rep)
+opt_state = jax.device_put(tx.init(trainable), rep)
+frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh))
+step = training.make_train_step(graphdef, tx, mesh, trainable, opt_state, frozen)
+losses = []
+for _ in range(3):
+  local = {{k: v[rows] for k, v in batch.items()}}
+  trainable, opt_state, m = step(trainable, opt_state, frozen, sharding.global_batch(local, mesh))
+  losses.append(float(m["loss"]))
+params = [np.asarray(jax.device_get(x)).ravel().tolist() for x in jax.tree.leaves(trainable)]
+print(json.dumps(dict(devices=jax.device_count(), losses=losses, params=params)))
+"""
+
+
+def test_two_processes_match_one():
+  import json
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  code = MULTIHOST_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), port=port)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(i), "2"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  single = subprocess.run([sys.executable, "-c", code, "0", "1"], env=env, capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  one = json.loads(single.stdout.strip().splitlines()[-1])
+  for out, _ in outs:
+    two = json.loads(out.strip().splitlines()[-1])
+    assert two["devices"] == 2 and one["devices"] == 1
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+    for a, b in zip(two["params"], one["params"]):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_adafactor_and_constant_schedule_train():
+  model = tiny_model()
+  graphdef, trainable, frozen = training.split(model)
+  tx, schedule = training.make_optimizer(training.OptimizerConfig(name="adafactor", decay="constant", warmup_steps=2,
+                                                                  learning_rate=0.1))
+  assert float(schedule(1)) == pytest.approx(0.05) and float(schedule(50)) == pytest.approx(0.1)
+  opt_state = tx.init(trainable)
+  step = training.make_train_step(graphdef, tx, sharding.make_mesh(), trainable, opt_state, frozen)
+  before = jax.tree.map(np.array, trainable)
+  for _ in range(3):
+    trainable, opt_state, _ = step(trainable, opt_state, frozen, tiny_batch())
+  assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(trainable)))

@@ -1,0 +1,38 @@
+"""The one record type the prompt layout and batching see, whatever the dataset."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One utterance with its attributes.
+
+  `attributes` maps each attribute set of the ontology (e.g. "intents", "slots") to the sorted,
+  unique attribute names of this utterance (possibly none). `values` are the attribute values the
+  prompt shows before the exemplars (CrossNER entity strings, TOPv2 slot values, NLU++ slot names),
+  in order of appearance. `uid` is unique within a task, e.g. "music/train/17".
+  """
+  uid: str
+  domain: str
+  text: str
+  attributes: Mapping[str, tuple[str, ...]]
+  values: tuple[str, ...] = ()
+
+  def keys(self) -> frozenset[tuple[str, str]]:
+    """(set, name) pairs: what exemplar retrieval overlaps on."""
+    return frozenset((s, n) for s, names in self.attributes.items() for n in names)
+
+  def restricted(self, allowed: Mapping[str, "set[str] | frozenset[str]"]) -> "Example":
+    """The same utterance with only the allowed attributes per set (cross-domain evaluation)."""
+    return dataclasses.replace(self, attributes={s: tuple(n for n in names if n in allowed.get(s, ()))
+                                                 for s, names in self.attributes.items()})
+
+
+def unique_sorted(names) -> tuple[str, ...]:
+  return tuple(sorted(set(names)))
+
+
+def unique_in_order(values) -> tuple[str, ...]:
+  return tuple(dict.fromkeys(values))

@@ -1,0 +1,116 @@
+"""Host-side iterator: determinism, epochs, resume, process sharding, padded final batches."""
+import json
+
+import numpy as np
+import pytest
+
+from msp_jax.data.batching import BatchConfig
+from msp_jax.data.example import Example
+from msp_jax.data.iterator import BatchIterator, task_batches
+from msp_jax.data.layout import Segments
+
+CONFIG = BatchConfig(buckets=(64, 128, 256, 512))
+
+
+class CharTokenizer:
+  """Enough of a tokenizer for ordering tests: one id per character."""
+  pad_token_id, eos_token_id = 0, 1
+
+  def __call__(self, texts, add_special_tokens=False):
+    return {"input_ids": [[ord(c) for c in text] for text in texts]}
+
+
+def toy_examples(n):
+  return [Example(f"d/train/{i}", "d", f"u{i}", {"intents": ()}) for i in range(n)]
+
+
+def to_segments(example, rng):
+  return Segments(example.uid, ((),), 0, f"{rng.integers(1000)}:", example.text)
+
+
+def seen(batch):
+  """The example texts (targets) of a batch's real rows."""
+  rows = []
+  for ids, loss, real in zip(batch["input_ids"], batch["loss_mask"], batch["example_mask"]):
+    if real:
+      rows.append("".join(chr(i) for i in ids[loss][:-1]))
+  return rows
+
+
+def make(n=10, **kwargs):
+  kwargs = {"global_batch_size": 4, "config": BatchConfig(buckets=(16,)), "process_index": 0, "process_count": 1} | kwargs
+  return BatchIterator(toy_examples(n), to_segments, CharTokenizer(), **kwargs)
+
+
+def test_epochs_visit_each_example_once_and_reshuffle():
+  it = make(12, num_epochs=2)
+  epochs = [sum((seen(next(it)) for _ in range(3)), []) for _ in range(2)]
+  with pytest.raises(StopIteration):
+    next(it)
+  assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(f"u{i}" for i in range(12))
+  assert epochs[0] != epochs[1]
+
+
+def test_final_batch_is_padded_and_marked_when_keeping_the_remainder():
+  it = make(10, shuffle=False, drop_remainder=False)
+  batches = list(it)
+  assert len(batches) == 3 and all(b["input_ids"].shape == (4, 16) for b in batches)
+  np.testing.assert_array_equal(batches[-1]["example_mask"], [True, True, False, False])
+  assert sum((seen(b) for b in batches), []) == [f"u{i}" for i in range(10)]
+  assert len(list(make(10))) == 2  # training drops the remainder
+
+
+def test_resume_from_state_gives_the_same_next_batches():
+  it = make(10, num_epochs=None)
+  for _ in range(3):  # into the second epoch
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(3)]
+  resumed = make(10, num_epochs=None)
+  resumed.set_state(state)
+  for a, b in zip(expected, [next(resumed) for _ in range(3)]):
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_processes_split_each_global_batch():
+  whole = make(16, global_batch_size=8)
+  parts = [make(16, global_batch_size=8, process_index=p, process_count=2) for p in range(2)]
+  for _ in range(2):
+    full = next(whole)
+    halves = [next(p) for p in parts]
+    for k in full:
+      np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), full[k])
+
+
+def test_task_batches_are_deterministic_per_seed(load_task, smollm2_tokenizer):
+  task = load_task("nlupp", "hotels", "few_shot", seed=0)
+  batches = lambda seed: task_batches(task, "train", smollm2_tokenizer, global_batch_size=4, seed=seed,
+                                      config=CONFIG, process_index=0, process_count=1)
+  first, again, other = next(batches(0)), next(batches(0)), next(batches(1))
+  assert all(np.array_equal(first[k], again[k]) for k in first)
+  assert not np.array_equal(first["input_ids"], other["input_ids"])
+
+
+def test_a_different_seed_draws_different_exemplars(load_task, smollm2_tokenizer):
+  task = load_task("nlupp", "hotels", "few_shot", seed=0)
+  texts = []
+  for seed in (0, 1):  # same order (no shuffling), so only the exemplars can differ
+    it = task_batches(task, "dev", smollm2_tokenizer, global_batch_size=8, seed=seed, config=CONFIG,
+                      process_index=0, process_count=1)
+    batch = next(it)
+    texts.append([smollm2_tokenizer.decode(ids[mask]) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])])
+  assert texts[0] != texts[1]
+  for a, b in zip(*texts):  # same utterance and header, different exemplars in between
+    assert a.split("\n")[0] == b.split("\n")[0] and a.split("3) ")[-1] == b.split("3) ")[-1]
+
+
+def test_training_exemplars_never_contain_the_example(load_task, smollm2_tokenizer):
+  task = load_task("nlupp", "hotels", "few_shot", seed=0)
+  it = task_batches(task, "train", smollm2_tokenizer, global_batch_size=16, config=CONFIG,
+                    process_index=0, process_count=1)
+  for batch in it:
+    for ids, mask, loss in zip(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]):
+      prompt, target = smollm2_tokenizer.decode(ids[mask & ~loss]), smollm2_tokenizer.decode(ids[loss][:-1])
+      header, exemplars = prompt.split("\n", 1)
+      assert header.endswith(" in the hotels domain:")
+      assert target not in [line[3:] for line in exemplars.split("\n")[:-1]]
