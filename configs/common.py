@@ -57,6 +57,22 @@ def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_coll
   c.seed = 0
   c.workdir = f"runs/{mixture}"
 
+  # Generation (generate.py): synthesise labelled data from the trained prompts.
+  c.method = "msp"               # msp (trained prompts) | in_context (frozen LM, hard-text instruction)
+  c.checkpoint = "best"          # best | latest | a step number
+  c.num_generations = 4          # requests per seed example (before denoising)
+  c.combination_fraction = 0.25  # share of requests with a new attribute combination
+  c.keep_fraction = 0.8          # denoising keeps this lowest-noise share of the clean candidates
+  c.rarity_weight = 0.5          # weight of attribute rarity in the noise score
+  c.max_seeds = 0                # 0 = every training example seeds generations
+  c.gen_batch_size = 16
+  c.do_sample = True
+  c.temperature = 0.8
+  c.top_k = 0
+  c.top_p = 0.95
+  c.repetition_penalty = 1.0
+  c.output = ""                  # default: {workdir}/synthetic/{method}.jsonl
+
   # Parallelism: a (data, model) mesh; multi-host through jax.distributed when configured.
   c.model_parallel = 1
   c.coordinator_address = ""     # or $JAX_COORDINATOR_ADDRESS
@@ -65,7 +81,8 @@ def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_coll
 
   if arg == "smoke":
     c.update(n_tokens=10, batch_size=2, max_steps=4, eval_every=2, eval_batches=2, bleu_examples=2,
-             max_new_tokens=8, checkpoint_every=2, warmup_steps=1, workdir=f"runs/{mixture}_smoke")
+             max_new_tokens=8, checkpoint_every=2, warmup_steps=1, workdir=f"runs/{mixture}_smoke",
+             max_seeds=4, num_generations=2, gen_batch_size=4)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; valid: smoke")
   return c

@@ -181,6 +181,41 @@ def dev_bleu(run: Run, graphdef, trainable, frozen, mesh) -> float:
   return evaluation.corpus_bleu(hyps, [[ex.text] for ex in examples])
 
 
+def make_tx(c, total_steps: int):
+  return training.make_optimizer(training.OptimizerConfig(
+      name=c.optimizer, learning_rate=c.learning_rate, warmup_steps=c.warmup_steps, decay=c.decay,
+      total_steps=total_steps, weight_decay=c.weight_decay, clip_norm=c.clip_norm, grad_accum_steps=c.grad_accum_steps))
+
+
+def checkpoint_store(c) -> ckpt.Checkpoints:
+  return ckpt.Checkpoints(c.workdir, metric=c.select_metric, minimize=c.select_metric == "dev_loss",
+                          keep_best=c.keep_best)
+
+
+def restore_prompts(run: Run, which="best") -> int:
+  """Loads trained prompts and mixer from `run.config.workdir` into `run.model`; returns the step.
+
+  `which` is "best", "latest" or a step number. The workdir's metadata must name this backbone.
+  """
+  c = run.config
+  meta = ckpt.read_metadata(c.workdir)
+  store = checkpoint_store(c) if meta is not None else None
+  if store is None or store.latest_step() is None:
+    raise ConfigError(f"config.workdir={c.workdir!r}: no trained checkpoint there; run train.py first "
+                      "or use --config.method=in_context")
+  ckpt.check_metadata(c.workdir, metadata(run))
+  steps = store.manager.all_steps()
+  step = store.best_step() if which == "best" else store.latest_step() if which == "latest" else int(which)
+  if step not in steps:
+    raise ConfigError(f"config.checkpoint={which!r}: no such step in {c.workdir}; kept steps: {sorted(steps)}")
+  graphdef, trainable, _ = training.split(run.model)
+  tx, _ = make_tx(c, 1)
+  state, _ = store.restore(step, {"trainable": trainable, "opt_state": tx.init(trainable)})
+  store.close()
+  nnx.update(run.model, state["trainable"])
+  return step
+
+
 def train(c, backbone: Backbone | None = None) -> dict:
   """Trains (or resumes) the run that config `c` describes; returns a summary dict."""
   sharding.initialize_distributed(c.coordinator_address, c.num_processes, c.process_id)
@@ -197,9 +232,7 @@ def train(c, backbone: Backbone | None = None) -> dict:
   train_it = msp_data.task_batches(run.task, "train", run.backbone.tokenizer, global_batch_size=c.batch_size,
                                    config=run.batch_config, seed=c.seed, num_epochs=None, num_exemplars=c.num_shot)
   total_steps = c.max_steps or c.num_epochs * train_it.steps_per_epoch // c.grad_accum_steps
-  tx, schedule = training.make_optimizer(training.OptimizerConfig(
-      name=c.optimizer, learning_rate=c.learning_rate, warmup_steps=c.warmup_steps, decay=c.decay,
-      total_steps=total_steps, weight_decay=c.weight_decay, clip_norm=c.clip_norm, grad_accum_steps=c.grad_accum_steps))
+  tx, schedule = make_tx(c, total_steps)
   rep = sharding.replicated(mesh)
   trainable = jax.device_put(trainable, rep)
   opt_state = jax.device_put(tx.init(trainable), rep)  # replicated global arrays: multi-host Orbax needs them
@@ -207,7 +240,7 @@ def train(c, backbone: Backbone | None = None) -> dict:
   eval_step = training.make_eval_step(graphdef, mesh, frozen)
 
   minimize = c.select_metric == "dev_loss"
-  store = ckpt.Checkpoints(c.workdir, metric=c.select_metric, minimize=minimize, keep_best=c.keep_best)
+  store = checkpoint_store(c)
   step, best, since_best = 0, None, 0
   if store.latest_step() is not None:
     state, saved = store.restore(store.latest_step(), {"trainable": trainable, "opt_state": opt_state})

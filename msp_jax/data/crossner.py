@@ -84,7 +84,8 @@ def to_example(record: dict, uid: str, domain: str) -> Example:
   entities = rows(record["entities"])
   return Example(uid=uid, domain=domain, text=" ".join(record["tokens"]),
                  attributes={"entities": unique_sorted(e["type"] for e in entities)},
-                 values=unique_in_order(e["text"] for e in entities))
+                 values=unique_in_order(e["text"] for e in entities),
+                 typed_values=unique_in_order((e["type"], e["text"]) for e in entities))
 
 
 class Crossner(RawFilesBuilder):

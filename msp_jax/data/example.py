@@ -12,13 +12,16 @@ class Example:
   `attributes` maps each attribute set of the ontology (e.g. "intents", "slots") to the sorted,
   unique attribute names of this utterance (possibly none). `values` are the attribute values the
   prompt shows before the exemplars (CrossNER entity strings, TOPv2 slot values, NLU++ slot names),
-  in order of appearance. `uid` is unique within a task, e.g. "music/train/17".
+  in order of appearance. `typed_values` pairs each CrossNER entity / TOPv2 slot value with its type,
+  (type, value), so generated text can be labelled with spans. `uid` is unique within a task, e.g.
+  "music/train/17".
   """
   uid: str
   domain: str
   text: str
   attributes: Mapping[str, tuple[str, ...]]
   values: tuple[str, ...] = ()
+  typed_values: tuple[tuple[str, str], ...] = ()
 
   def keys(self) -> frozenset[tuple[str, str]]:
     """(set, name) pairs: what exemplar retrieval overlaps on."""

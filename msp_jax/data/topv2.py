@@ -113,7 +113,8 @@ def to_example(record: dict, uid: str, domain: str) -> Example:
   slots = rows(record["slots"])
   return Example(uid=uid, domain=domain, text=record["utterance"],
                  attributes={"intents": unique_sorted(record["intents"]), "slots": unique_sorted(s["type"] for s in slots)},
-                 values=unique_in_order(s["value"] for s in slots))
+                 values=unique_in_order(s["value"] for s in slots),
+                 typed_values=unique_in_order((s["type"], s["value"]) for s in slots))
 
 
 class Topv2(RawFilesBuilder):

@@ -1,0 +1,100 @@
+"""Synthesis pieces on hand-built inputs: requests, spans, denoising, resumable progress files."""
+import json
+
+import numpy as np
+import pytest
+
+from msp_jax import synthesis
+from msp_jax.data.example import Example
+
+SEEDS = [
+    Example("m/0", "music", "Queen played Bohemian Rhapsody live", {"entities": ("band", "song")},
+            ("Queen", "Bohemian Rhapsody"), (("band", "Queen"), ("song", "Bohemian Rhapsody"))),
+    Example("m/1", "music", "Adele won a Grammy", {"entities": ("award", "musicalartist")},
+            ("Adele", "Grammy"), (("musicalartist", "Adele"), ("award", "Grammy"))),
+    Example("m/2", "music", "Queen won a Grammy", {"entities": ("award", "band")},
+            ("Queen", "Grammy"), (("band", "Queen"), ("award", "Grammy"))),
+]
+
+
+def test_requests_keep_seed_sets_and_add_observed_combinations():
+  requests = synthesis.plan_requests(SEEDS, 20, 0.5, np.random.default_rng(0))
+  assert len(requests) == 60 and [r.index for r in requests] == list(range(60))
+  graph = synthesis.cooccurrence(SEEDS)
+  seen_sets = {frozenset(s.keys()) for s in SEEDS}
+  new_sets = set()
+  for r in requests:
+    keys = frozenset(("entities", n) for n in r.attributes["entities"])
+    if r.kind == "seed":
+      assert keys == r.seed.keys() and r.typed_values == r.seed.typed_values
+    else:  # every added attribute co-occurs with one the seed had
+      assert any(k2 in graph[k1] for k1 in r.seed.keys() & keys for k2 in keys - r.seed.keys())
+      if keys not in seen_sets:
+        new_sets.add(keys)
+    assert {t for t, _ in r.typed_values} == set(r.attributes["entities"])  # a value for every type
+  assert new_sets  # e.g. {band, award, song}: never seen together in the seeds
+  again = synthesis.plan_requests(SEEDS, 20, 0.5, np.random.default_rng(0))
+  assert [r.attributes for r in again] == [r.attributes for r in requests]
+
+
+def test_cut_at_stop_strings():
+  assert synthesis.cut(" book a room please\n4) another") == "book a room please"
+  assert synthesis.cut("so... anyway") == "so"
+
+
+def test_spans_are_recomputed_on_the_generated_text():
+  spans = synthesis.find_spans("Last night queen sang at the Grammy", [("band", "Queen"), ("award", "Grammy")])
+  assert spans == [{"type": "band", "value": "queen", "start": 11, "end": 16},
+                   {"type": "award", "value": "Grammy", "start": 29, "end": 35}]
+  assert synthesis.find_spans("Queens of the Stone Age", [("band", "Queen")]) is None  # whole words only
+
+
+def record(request_index, text, seed=SEEDS[0], prompt="music:\n1) Freddie sang at Wembley\n2) ", typed=None):
+  request = synthesis.Request(request_index, seed, dict(seed.attributes),
+                              seed.typed_values if typed is None else typed, seed.values, "seed")
+  return synthesis.candidate_record(request, text, prompt, "msp", {"do_sample": True})
+
+
+def test_denoising_removes_each_kind_of_noise_and_counts_it():
+  candidates = [
+      record(0, ""),                                           # empty
+      record(1, "Queen played Bohemian Rhapsody live"),         # copy of its seed
+      record(2, "freddie sang at  wembley"),                     # copy of an exemplar in its prompt
+      record(3, "Queen played Bohemian Rhapsody in Paris"),     # fine
+      record(4, "queen played bohemian rhapsody in  paris"),    # duplicate of 3
+      record(5, "Queen played a song"),                         # misses the song value
+      record(6, "Bohemian Rhapsody by Queen was a hit"),        # fine
+      record(7, "Queen and Bohemian Rhapsody xyz xyz xyz"),     # fine but far from the seed
+  ]
+  embeddings = {"Queen played Bohemian Rhapsody in Paris": [1.0, 0.1], "Bohemian Rhapsody by Queen was a hit": [1.0, 0.2],
+                "Queen and Bohemian Rhapsody xyz xyz xyz": [0.0, 1.0], SEEDS[0].text: [1.0, 0.0]}
+  embed = lambda texts: np.array([embeddings[t] for t in texts])
+  kept, removed = synthesis.denoise(candidates, SEEDS, keep_fraction=0.67, embed=embed, rarity_weight=0.0)
+  assert removed == {"empty": 1, "copy_of_seed": 1, "copy_of_exemplar": 1, "duplicate": 1, "missing_value": 1,
+                     "noise": 1}
+  assert [r["request"] for r in kept] == [3, 6]
+  assert kept[0]["spans"][1] == {"type": "song", "value": "Bohemian Rhapsody", "start": 13, "end": 30}
+  assert kept[0]["noise"] == pytest.approx(1 - 1 / np.sqrt(1.01))
+
+
+def test_rarity_term_prefers_common_attributes():
+  rare = SEEDS[1]  # musicalartist appears once, band twice
+  candidates = [record(0, "Queen played Bohemian Rhapsody twice"), record(1, "Adele won a Grammy again", seed=rare)]
+  embed = lambda texts: np.ones((len(texts), 2))
+  kept, removed = synthesis.denoise(candidates, SEEDS, keep_fraction=0.5, embed=embed, rarity_weight=1.0)
+  assert [r["request"] for r in kept] == [0] and removed == {"noise": 1}
+
+
+def test_progress_file_drops_a_torn_last_line(tmp_path):
+  path = str(tmp_path / "out.jsonl.candidates")
+  synthesis.append_progress(path, [{"request": 0}, {"request": 1}])
+  with open(path, "a") as f:
+    f.write('{"request": 2, "te')  # killed mid-write
+  assert synthesis.read_progress(path) == [{"request": 0}, {"request": 1}]
+  assert open(path).read() == '{"request": 0}\n{"request": 1}\n'
+
+
+def test_output_records_have_the_schema():
+  r = synthesis.output_record(dict(record(3, "Queen played Bohemian Rhapsody in Paris"), noise=0.1))
+  assert set(r) == {"text", "attributes", "values", "spans", "domain", "seed_id", "kind", "method", "decoding", "noise"}
+  json.dumps(r)
