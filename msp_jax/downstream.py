@@ -1,0 +1,246 @@
+"""Downstream few-shot models of the MSP experiment, on frozen backbone features.
+
+The backbone stays frozen and only a small head (linear, or one hidden layer) is trained with
+AdamW, so comparing training sets (seed data alone vs seed + generated) costs seconds per run.
+Intents (NLU++, TOPv2) are multi-label: sigmoid per label on pooled sentence features
+(`features.text_embeddings`). CrossNER is BIO tagging on per-word features
+(`features.token_features`). Everything is deterministic given `seed`: the init key and the
+numpy shuffling both come from it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from msp_jax.data.example import Example
+from msp_jax.features import word_spans
+from msp_jax.synthesis import find_spans
+
+
+class _Head(nnx.Module):
+  """Linear, or Linear-ReLU-Linear when `hidden` > 0."""
+
+  def __init__(self, d_in: int, hidden: int, d_out: int, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(d_in, hidden, rngs=rngs) if hidden else None
+    self.out = nnx.Linear(hidden or d_in, d_out, rngs=rngs)
+
+  def __call__(self, x):  # [N, D] -> [N, d_out]
+    if self.hidden is not None:
+      x = jax.nn.relu(self.hidden(x))
+    return self.out(x)
+
+
+def _bce(logits, y):
+  return optax.sigmoid_binary_cross_entropy(logits, y).mean()
+
+
+def _cross_entropy(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+@functools.partial(nnx.jit, static_argnames=("loss_fn",))
+def _train_step(model, optimizer, x, y, idx, loss_fn):
+  if idx is not None:  # a minibatch gathered on device: the data is sent once, not every step
+    x, y = x[idx], y[idx]
+  loss, grads = nnx.value_and_grad(lambda m: loss_fn(m(x), y))(model)
+  optimizer.update(model, grads)
+  return loss
+
+
+@nnx.jit
+def _logits(model, x):
+  return model(x)
+
+
+@dataclasses.dataclass(eq=False)
+class _Trainer:
+  """Shared hyperparameters and fitting of a head on standardized features."""
+  hidden: int = 0               # 0: linear head
+  steps: int = 300
+  learning_rate: float = 1e-2
+  weight_decay: float = 1e-4
+  batch_size: int = 0           # 0 (or >= N): full batch
+  seed: int = 0
+  model: Any = dataclasses.field(default=None, init=False, repr=False)
+  mean: Any = dataclasses.field(default=None, init=False, repr=False)
+  std: Any = dataclasses.field(default=None, init=False, repr=False)
+
+  def _fit(self, x: np.ndarray, y: np.ndarray, d_out: int, loss_fn) -> None:
+    # Backbone features have a few huge dimensions; standardizing lets one learning rate fit all.
+    self.mean = x.mean(0)
+    self.std = np.maximum(x.std(0), 1e-6)
+    xs = jnp.asarray((x - self.mean) / self.std, jnp.float32)
+    ys = jnp.asarray(y)
+    self.model = _Head(x.shape[1], self.hidden, d_out, nnx.Rngs(self.seed))
+    optimizer = nnx.Optimizer(self.model, optax.adamw(self.learning_rate, weight_decay=self.weight_decay),
+                              wrt=nnx.Param)
+    n = len(x)
+    b = n if self.batch_size <= 0 or self.batch_size >= n else self.batch_size
+    rng, order = np.random.default_rng(self.seed), np.zeros(0, np.int64)
+    for _ in range(self.steps):
+      idx = None
+      if b < n:  # fixed-size batches from reshuffled epochs: one compile
+        if len(order) < b:
+          order = np.concatenate([order, rng.permutation(n)])
+        idx, order = jnp.asarray(order[:b]), order[b:]
+      _train_step(self.model, optimizer, xs, ys, idx, loss_fn)
+
+  def _forward(self, x: np.ndarray) -> np.ndarray:
+    if self.model is None:
+      raise ValueError(f"{type(self).__name__}: call fit before predict")
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2 or x.shape[1] != len(self.mean):
+      raise ValueError(f"{type(self).__name__}: features have shape {x.shape}; expected [N, {len(self.mean)}]")
+    return np.asarray(_logits(self.model, jnp.asarray((x - self.mean) / self.std, jnp.float32)))
+
+
+@dataclasses.dataclass(eq=False)
+class MultiLabelClassifier(_Trainer):
+  """Independent sigmoid per label (sigmoid BCE); a label is predicted when its probability > threshold.
+
+  0.5 is the Bayes threshold for calibrated probabilities; it is kept fixed rather than tuned, as
+  few-shot dev sets are too small to tune it reliably. A row with no label above it predicts the
+  empty set (NLU++ utterances without intents).
+  """
+  threshold: float = 0.5
+
+  def fit(self, X: np.ndarray, Y: np.ndarray) -> "MultiLabelClassifier":
+    """X [N, D] features, Y [N, L] 0/1 targets (rows may be all zero)."""
+    X, Y = np.asarray(X, np.float32), np.asarray(Y)
+    if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y):
+      raise ValueError(f"MultiLabelClassifier.fit: X {X.shape} and Y {Y.shape} must be [N, D] and [N, L]")
+    if not np.isin(Y, (0, 1)).all():
+      raise ValueError("MultiLabelClassifier.fit: Y must hold only 0 and 1")
+    self._fit(X, Y.astype(np.float32), Y.shape[1], _bce)
+    return self
+
+  def probabilities(self, X: np.ndarray) -> np.ndarray:
+    """[N, L] float32 probability of each label."""
+    return np.asarray(jax.nn.sigmoid(self._forward(X)))
+
+  def predict(self, X: np.ndarray) -> np.ndarray:
+    """[N, L] bool: which labels each row has."""
+    return self.probabilities(X) > self.threshold
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class BIOTagger(_Trainer):
+  """Softmax over BIO tags for each word on its own features (no context beyond the backbone's).
+
+  Words are classified independently, so training flattens all sentences into one word matrix:
+  the same loss as a cross-entropy masked over padded words, without the padding. With `repair`,
+  decoding turns an I-x that does not continue an x entity (after O, after another type, or first)
+  into B-x, so every predicted entity starts with B, as the tagging scheme requires.
+  """
+  tags: Sequence[str]  # tag names by id, e.g. from `bio_labels`
+  repair: bool = True
+
+  def __post_init__(self):
+    bad = [t for t in self.tags if t != "O" and not (t[:2] in ("B-", "I-") and len(t) > 2)]
+    if bad:
+      raise ValueError(f"BIOTagger: tags {bad} are not 'O', 'B-<type>' or 'I-<type>'")
+
+  def fit(self, features: Sequence[np.ndarray], tag_ids: Sequence[Sequence[int]]) -> "BIOTagger":
+    """features: per sentence [n_i, D]; tag_ids: per sentence n_i ids into `tags`."""
+    if len(features) != len(tag_ids):
+      raise ValueError(f"BIOTagger.fit: {len(features)} feature arrays but {len(tag_ids)} tag lists")
+    for i, (f, t) in enumerate(zip(features, tag_ids)):
+      if len(f) != len(t):
+        raise ValueError(f"BIOTagger.fit: sentence {i} has {len(f)} word features but {len(t)} tags")
+    y = np.concatenate([np.asarray(t, np.int32).reshape(-1) for t in tag_ids])
+    if len(y) == 0 or y.min() < 0 or y.max() >= len(self.tags):
+      raise ValueError(f"BIOTagger.fit: tag ids must be in [0, {len(self.tags)}) and there must be words")
+    x = np.concatenate([np.asarray(f, np.float32) for f in features if len(f)])
+    self._fit(x, y, len(self.tags), _cross_entropy)
+    return self
+
+  def predict(self, features: Sequence[np.ndarray]) -> list[list[int]]:
+    """Tag ids per word of each sentence."""
+    sizes = [len(f) for f in features]
+    nonempty = [np.asarray(f, np.float32) for f in features if len(f)]
+    best = self._forward(np.concatenate(nonempty)).argmax(-1) if nonempty else np.zeros(0, np.int64)
+    ids = {t: i for i, t in enumerate(self.tags)}
+    out, start = [], 0
+    for n in sizes:
+      row = [int(i) for i in best[start:start + n]]
+      start += n
+      if self.repair:
+        row = [ids.get(t, ids.get("O", 0)) for t in repair_bio([self.tags[i] for i in row])]
+      out.append(row)
+    return out
+
+
+def repair_bio(tags: Sequence[str]) -> list[str]:
+  """Each I-x that does not follow B-x or I-x becomes B-x; other tags are kept."""
+  out, prev = [], "O"
+  for t in tags:
+    if t.startswith("I-") and prev[2:] != t[2:]:
+      t = "B-" + t[2:]
+    out.append(t)
+    prev = t
+  return out
+
+
+def bio_labels(types: Sequence[str]) -> list[str]:
+  """Tag names by id: "O", then B-/I- of each type in sorted order."""
+  return ["O"] + [f"{p}-{t}" for t in sorted(set(types)) for p in ("B", "I")]
+
+
+def bio_tags(text: str, spans: Sequence[Mapping[str, Any]]) -> list[str]:
+  """One tag per whitespace word of `text` from character spans [{"type", "start", "end"}].
+
+  A word is inside a span when any of its characters is ("Paris." is tagged for the span "Paris").
+  A span touching a word already tagged by an earlier span (by start) is dropped, so tags never
+  interleave two entities.
+  """
+  if spans is None:
+    raise ValueError(f"bio_tags: no spans for {text!r} (a value was not found in the text)")
+  words = word_spans(text)
+  tags = ["O"] * len(words)
+  for s in sorted(spans, key=lambda s: (s["start"], -s["end"])):
+    start, end = int(s["start"]), int(s["end"])
+    if not 0 <= start < end <= len(text):
+      raise ValueError(f"bio_tags: span {dict(s)} is outside {text!r} (length {len(text)})")
+    inside = [w for w, (ws, we) in enumerate(words) if ws < end and start < we]
+    if any(tags[w] != "O" for w in inside):
+      continue
+    for k, w in enumerate(inside):
+      tags[w] = ("B-" if k == 0 else "I-") + s["type"]
+  return tags
+
+
+def example_bio_tags(example: Example) -> list[str]:
+  """Tags of an Example from its `typed_values`, each found in the text case-insensitively as whole words."""
+  spans = find_spans(example.text, example.typed_values)
+  if spans is None:
+    missing = [v for t, v in example.typed_values if find_spans(example.text, [(t, v)]) is None]
+    raise ValueError(f"example {example.uid}: typed values {missing} are not whole words of {example.text!r}")
+  return bio_tags(example.text, spans)
+
+
+def intent_targets(examples: Sequence[Example | Mapping[str, Any]], labels: Sequence[str],
+                   set_name: str = "intents") -> np.ndarray:
+  """[N, L] float32 multi-hot of each example's `attributes[set_name]` over `labels`.
+
+  Takes Examples or generated records (dicts with "attributes"). A name outside `labels` is an
+  error, not silently dropped: restrict examples first (`Example.restricted`) if that is intended.
+  """
+  index = {name: j for j, name in enumerate(labels)}
+  out = np.zeros((len(examples), len(labels)), np.float32)
+  for i, e in enumerate(examples):
+    attributes = e.attributes if isinstance(e, Example) else e["attributes"]
+    uid = f"example {e.uid}" if isinstance(e, Example) else f"record {i}"
+    if set_name not in attributes:
+      raise ValueError(f"{uid}: no attribute set {set_name!r}; it has {sorted(attributes)}")
+    for name in attributes[set_name]:
+      if name not in index:
+        raise ValueError(f"{uid}: {set_name} name {name!r} is not among the {len(labels)} labels")
+      out[i, index[name]] = 1.0
+  return out

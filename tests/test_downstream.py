@@ -1,0 +1,179 @@
+"""Downstream heads learn separable toy data; BIO tags from spans; word features match direct calls."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from msp_jax import downstream, features
+from msp_jax.data.example import Example
+from msp_jax.models import llama, weights
+
+
+# --- multi-label classifier ---------------------------------------------------------------------
+
+def multilabel_toy(n, seed, num_labels=5, dim=32):
+  """Features are a noisy sum of one centre per present label: linearly separable."""
+  centres = np.random.default_rng(99).normal(0.0, 3.0, (num_labels, dim))
+  rng = np.random.default_rng(seed)
+  y = (rng.random((n, num_labels)) < 0.3).astype(np.float32)
+  x = y @ centres + rng.normal(0.0, 0.3, (n, dim)) + 5.0  # an offset: standardizing must cope
+  return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("hidden,batch_size", [(0, 0), (16, 32)])
+def test_multilabel_learns_and_predicts_empty_sets(hidden, batch_size):
+  x, y = multilabel_toy(300, seed=0)
+  xt, yt = multilabel_toy(200, seed=1)
+  clf = downstream.MultiLabelClassifier(hidden=hidden, batch_size=batch_size, steps=300, seed=0).fit(x, y)
+  pred = clf.predict(xt)
+  assert pred.dtype == bool and pred.shape == yt.shape
+  assert (pred == yt.astype(bool)).all(1).mean() >= 0.95  # exact set match
+  empty = yt.sum(1) == 0
+  assert empty.sum() >= 10 and not pred[empty].any()
+
+
+def test_same_seed_same_model_other_seed_other_model():
+  x, y = multilabel_toy(100, seed=0)
+  fit = lambda seed: downstream.MultiLabelClassifier(steps=20, batch_size=16, seed=seed).fit(x, y).probabilities(x)
+  a, b, c = fit(3), fit(3), fit(4)
+  assert np.array_equal(a, b) and not np.allclose(a, c)
+
+
+# --- BIO tagger ---------------------------------------------------------------------------------
+
+TAGS = downstream.bio_labels(["per", "loc"])
+
+
+def tagging_toy(n, seed, dim=24):
+  """Sentences of valid BIO tags; each word's features are its tag's centre plus noise."""
+  centres = np.random.default_rng(98).normal(0.0, 2.0, (len(TAGS), dim))
+  rng = np.random.default_rng(seed)
+  feats, ids = [], []
+  for _ in range(n):
+    names = downstream.repair_bio([TAGS[i] for i in rng.integers(0, len(TAGS), rng.integers(1, 9))])
+    row = [TAGS.index(t) for t in names]
+    feats.append((centres[row] + rng.normal(0.0, 0.5, (len(row), dim))).astype(np.float32))
+    ids.append(row)
+  return feats, ids
+
+
+@pytest.mark.parametrize("hidden,batch_size", [(0, 0), (32, 64)])
+def test_tagger_learns_word_tags(hidden, batch_size):
+  x, y = tagging_toy(150, seed=0)
+  xt, yt = tagging_toy(100, seed=1)
+  tagger = downstream.BIOTagger(tags=TAGS, hidden=hidden, batch_size=batch_size, steps=300, seed=0).fit(x, y)
+  pred = tagger.predict(xt + [np.zeros((0, 24), np.float32)])
+  assert [len(p) for p in pred] == [len(t) for t in yt] + [0]
+  assert np.mean(np.concatenate(pred[:-1]) == np.concatenate(yt)) >= 0.95
+
+
+def test_repair_bio_starts_every_entity_with_b():
+  got = downstream.repair_bio(["I-per", "I-per", "O", "I-loc", "B-per", "I-loc", "I-loc"])
+  assert got == ["B-per", "I-per", "O", "B-loc", "B-per", "B-loc", "I-loc"]
+
+
+def test_tagger_rejects_mismatched_lengths():
+  with pytest.raises(ValueError, match="sentence 0 has 2 word features but 3 tags"):
+    downstream.BIOTagger(tags=TAGS).fit([np.zeros((2, 4))], [[0, 0, 0]])
+
+
+# --- targets from records -----------------------------------------------------------------------
+
+def test_bio_tags_entity_at_end_multiword_and_punctuation():
+  text = "I want to fly to New York."
+  start = text.index("New")
+  spans = [{"type": "loc", "start": start, "end": start + len("New York")}]
+  assert downstream.bio_tags(text, spans) == ["O"] * 5 + ["B-loc", "I-loc"]
+
+
+def test_bio_tags_overlapping_span_is_dropped():
+  text = "Ada Lovelace met Babbage"
+  spans = [{"type": "per", "start": 0, "end": 12}, {"type": "loc", "start": 4, "end": 12},
+           {"type": "per", "start": 17, "end": 24}]
+  assert downstream.bio_tags(text, spans) == ["B-per", "I-per", "O", "B-per"]
+
+
+def test_example_bio_tags_case_insensitive_whole_words():
+  ex = Example(uid="music/train/0", domain="music", text="martin saw The beatles in LIVERPOOL art museum",
+               attributes={}, typed_values=(("band", "the Beatles"), ("misc", "art"), ("city", "liverpool")))
+  assert downstream.example_bio_tags(ex) == ["O", "O", "B-band", "I-band", "O", "B-city", "B-misc", "O"]
+  missing = Example(uid="music/train/1", domain="music", text="nothing here", attributes={},
+                    typed_values=(("band", "queen"),))
+  with pytest.raises(ValueError, match=r"music/train/1.*'queen'"):
+    downstream.example_bio_tags(missing)
+
+
+def test_intent_targets_from_examples_and_records():
+  labels = ["balance", "card", "transfer"]
+  records = [Example(uid="a", domain="banking", text="x", attributes={"intents": ("card", "transfer")}),
+             Example(uid="b", domain="banking", text="y", attributes={"intents": ()}),
+             {"text": "z", "attributes": {"intents": ["balance"]}}]
+  got = downstream.intent_targets(records, labels)
+  assert got.dtype == np.float32
+  assert got.tolist() == [[0, 1, 1], [0, 0, 0], [1, 0, 0]]
+  with pytest.raises(ValueError, match="'loan'"):
+    downstream.intent_targets([{"attributes": {"intents": ["loan"]}}], labels)
+
+
+# --- features from a tiny random Llama ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def backbone(smollm2_tokenizer):
+  cfg = llama.LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                          num_kv_heads=1, head_dim=8, tie_word_embeddings=True)
+  model = llama.Llama(cfg, rngs=nnx.Rngs(0))
+  return weights.Backbone(model=model, config=cfg, tokenizer=smollm2_tokenizer, model_type="llama", source="tiny")
+
+
+def direct_hidden(backbone, ids):
+  model = backbone.model
+  ids = jnp.asarray([ids], jnp.int32)
+  return np.asarray(model.hidden_states(model.embed_tokens(ids), jnp.ones(ids.shape, bool))[0][0])
+
+
+TEXTS = ["Play unbelievably loud music in Zürich, 2003 style!",
+         "hi",
+         "",
+         "Stade de France hosted the 2003 World Championships in Athletics ."]
+
+
+def test_token_features_are_hidden_states_at_first_subtokens(backbone):
+  tok = backbone.tokenizer
+  got = features.token_features(backbone, TEXTS, batch_size=2)
+  assert [g.shape for g in got] == [(len(t.split()), 16) for t in TEXTS]
+  lone_spaces = 0
+  for text, g in zip(TEXTS, got):
+    if not text:
+      continue
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    hidden = direct_hidden(backbone, ids)
+    words = text.split()
+    for j in range(len(words)):
+      # Word j starts where the tokens of the words before it end (byte-level BPE splits before
+      # spaces), past a lone-space token (SmolLM2 splits digits apart, so " 2003" is " ", "2", ...).
+      first = len(tok(" ".join(words[:j]), add_special_tokens=False)["input_ids"]) if j else 0
+      if tok.decode(ids[first:first + 1]) == " ":
+        first, lone_spaces = first + 1, lone_spaces + 1
+      assert tok.decode(ids[:first]).strip() == " ".join(words[:j])
+      np.testing.assert_allclose(g[j], hidden[first], atol=1e-4)
+  assert lone_spaces == 2 and len(tok("unbelievably", add_special_tokens=False)["input_ids"]) > 1
+
+
+def test_token_features_zero_and_count_truncated_words(backbone):
+  words = np.random.default_rng(0).choice(["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran"], 300)
+  text = " ".join(words)
+  ids = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
+  assert len(ids) == 300  # one token per word
+  with pytest.warns(UserWarning, match="44 words"):
+    got = features.token_features(backbone, [text, "short one"])[0]
+  limit = features.LENGTH_BUCKETS[-1]
+  assert got.shape == (300, 16) and not got[limit:].any()
+  np.testing.assert_allclose(got[:limit], direct_hidden(backbone, ids[:limit]), atol=1e-4)  # the start is kept
+
+
+def test_text_embeddings_are_mean_hidden_states(backbone):
+  got = features.text_embeddings(backbone, TEXTS, batch_size=3)
+  for text, g in zip(TEXTS, got):
+    ids = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
+    want = direct_hidden(backbone, ids).mean(0) if ids else np.zeros(16)
+    np.testing.assert_allclose(g, want, atol=1e-4)
