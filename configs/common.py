@@ -27,7 +27,7 @@ def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_coll
   c.n_tokens = 100               # instruction prompt length
   c.attribute_tokens = 20        # tokens per attribute prompt
   c.instruction_init = "text"    # text | vocab | uniform
-  c.temperature = 1.0            # attention / bottleneck softmax temperature
+  c.mixer_temperature = 1.0      # attention / bottleneck softmax temperature over attributes
   c.bottleneck_size = 300
   c.cnn_kernel = 2
 
@@ -71,6 +71,7 @@ def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_coll
   c.top_k = 0
   c.top_p = 0.95
   c.repetition_penalty = 1.0
+  c.num_beams = 1                # > 1: beam search (deterministic; needs do_sample=False)
   c.output = ""                  # default: {workdir}/synthetic/{method}.jsonl
 
   # Parallelism: a (data, model) mesh; multi-host through jax.distributed when configured.

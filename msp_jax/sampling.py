@@ -1,39 +1,303 @@
 """The jitted decoding loop: prefill [prefix + prompt] once, then one token per iteration against
-the KV cache inside a single `jax.lax.while_loop`, with a per-row done mask."""
+the KV cache inside a single `jax.lax.while_loop`, with a per-row done mask.
+
+  config = DecodeConfig(max_new_tokens=40, do_sample=True, top_p=0.95, eos_ids=(tok.eos_token_id,))
+  new = generate(model, input_ids, attention_mask, config, rng=key, embedded_prefix=prefix)  # [B * n, N]
+
+Works for decoder-only models (left-padded prompts; the cache holds prefix + prompt) and for T5
+(the encoder runs once; the decoder loop starts from `decoder_start_token_id`). Logits processors
+follow Hugging Face semantics and order: repetition penalty, then (sampling only) temperature,
+top-k, top-p. Beam search follows transformers' vectorised `_beam_search` step for step (top 2k
+continuations, finished-hypothesis bank, length penalty, early-stopping heuristic). The decoding
+config is static: one compilation per (config, batch shape); `compilations()` counts them.
+"""
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+NEG = -1.0e9  # transformers' "impossible" score in beam search
+_compilations = 0
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens",))
-def greedy(model, input_ids, attention_mask, *, max_new_tokens: int, eos_id: int | jax.Array = -1,
-           pad_id: int | jax.Array = 0, embedded_prefix=None, prefix_mask=None):
-  """Greedy continuation of a left-padded decoder-only batch.
 
-  The model is an argument (its weights are jit inputs, never baked-in constants). Returns new
-  tokens [B, max_new_tokens]; after a row emits `eos_id` it emits only `pad_id`.
-  """
-  b, t = input_ids.shape
-  p = 0 if embedded_prefix is None else embedded_prefix.shape[1]
-  cache = model.init_cache(b, p + t + max_new_tokens)
-  logits, cache = model(input_ids, attention_mask=attention_mask, embedded_prefix=embedded_prefix,
-                        prefix_mask=prefix_mask, cache=cache)
-  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  max_new_tokens: int = 40
+  do_sample: bool = False
+  temperature: float = 1.0
+  top_k: int = 0                       # 0 = off
+  top_p: float = 1.0                   # 1.0 = off
+  repetition_penalty: float = 1.0      # 1.0 = off; > 1 discourages tokens already in the row
+  num_return_sequences: int = 1
+  num_beams: int = 1
+  length_penalty: float = 1.0          # beam search: score = sum log p / new_length ** length_penalty
+  early_stopping: bool | str = False   # beam search: True | False | "never", as transformers
+  eos_ids: tuple[int, ...] = ()        # a row ends after emitting one of these
+  stop_ids: tuple[int, ...] = ()       # tokens that also end a row (e.g. every token containing "\n")
+  pad_id: int = 0                      # emitted after a row ended
 
-  def cond(state):
-    i, _, _, done, _ = state
-    return (i < max_new_tokens) & ~done.all()
+  def __post_init__(self):
+    checks = [(self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+              (self.temperature > 0, "temperature must be > 0"),
+              (self.top_k >= 0, "top_k must be >= 0"), (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+              (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+              (self.num_beams >= 1, "num_beams must be >= 1"),
+              (1 <= self.num_return_sequences <= max(self.num_beams, 1) or self.num_beams == 1,
+               "num_return_sequences must be <= num_beams with beam search"),
+              (not (self.do_sample and self.num_beams > 1), "beam search here is deterministic: do_sample must be False"),
+              (self.early_stopping in (True, False, "never"), "early_stopping must be True, False or 'never'")]
+    for ok, message in checks:
+      if not ok:
+        raise ValueError(f"DecodeConfig: {message} (got {self})")
 
-  def body(state):
-    i, last_logits, cache, done, out = state
-    token = jnp.where(done, pad_id, jnp.argmax(last_logits, -1).astype(jnp.int32))
+
+def compilations() -> int:
+  """How many times the decoding loop has been traced (= compiled) in this process."""
+  return _compilations
+
+
+def stop_token_ids(tokenizer, stop_strings: Sequence[str]) -> tuple[int, ...]:
+  """Vocabulary ids whose text contains one of `stop_strings` (a row can stop on them inside jit;
+  strings split over several tokens are still cut afterwards, at the text level)."""
+  pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+  texts = [tokenizer.convert_tokens_to_string([p]) if p is not None else "" for p in pieces]
+  return tuple(i for i, t in enumerate(texts) if any(s in t for s in stop_strings))
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits processors: [B, V] fp32 -> [B, V], each equal to its transformers counterpart.
+
+def apply_repetition_penalty(logits, seen, penalty: float):
+  """`RepetitionPenaltyLogitsProcessor`: logits of seen tokens: positive / penalty, negative * penalty."""
+  if penalty == 1.0:
+    return logits
+  return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def apply_top_k(logits, k: int):
+  """`TopKLogitsWarper`: -inf below the k-th largest logit (ties with it are kept)."""
+  if k <= 0 or k >= logits.shape[-1]:
+    return logits
+  kth = jax.lax.top_k(logits, k)[0][..., -1:]
+  return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def apply_top_p(logits, p: float):
+  """`TopPLogitsWarper`: keep the smallest set of most likely tokens whose probability reaches p
+  (ascending sort; drop tokens whose cumulative probability is <= 1 - p; the top token stays)."""
+  if p >= 1.0:
+    return logits
+  order = jnp.argsort(logits, axis=-1)
+  ascending = jnp.take_along_axis(logits, order, axis=-1)
+  cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+  drop_sorted = (cumulative <= 1 - p).at[..., -1].set(False)
+  drop = jnp.take_along_axis(drop_sorted, jnp.argsort(order, axis=-1), axis=-1)
+  return jnp.where(drop, -jnp.inf, logits)
+
+
+def process(logits, seen, config: DecodeConfig):
+  logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+  if config.do_sample:
+    logits = logits / config.temperature if config.temperature != 1.0 else logits
+    logits = apply_top_p(apply_top_k(logits, config.top_k), config.top_p)
+  return logits
+
+
+def seen_tokens(ids, mask, vocab_size: int):
+  """[B, V] bool: which tokens occur in each row (padding excluded)."""
+  rows = jnp.arange(ids.shape[0])[:, None]
+  return jnp.zeros((ids.shape[0], vocab_size), bool).at[rows, ids].max(mask.astype(bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model behind one interface: start (prefill) -> (logits [B, V], state); step(state, token, active).
+
+def _rows(tree, index, axis_of):
+  """Rows `index` of every array in a decoding state; `axis_of(tree)` gives each leaf's batch axis (-1: none)."""
+  return jax.tree.map(lambda a, ax: a if ax < 0 else jnp.take(a, index, axis=ax), tree, axis_of(tree))
+
+
+class _DecoderOnly:
+  def __init__(self, model):
+    self.model = model
+
+  def start(self, ids, mask, prefix, prefix_mask, new_tokens):
+    b, t = ids.shape
+    p = 0 if prefix is None else prefix.shape[1]
+    cache = self.model.init_cache(b, p + t + new_tokens)
+    logits, cache = self.model(ids, attention_mask=mask, embedded_prefix=prefix, prefix_mask=prefix_mask, cache=cache)
+    return logits[:, -1], cache
+
+  def step(self, cache, token, active):
+    logits, cache = self.model(token[:, None], attention_mask=active[:, None], cache=cache)  # ended rows: masked
+    return logits[:, -1], cache
+
+  @staticmethod
+  def batch_axes(cache):
+    return cache.replace(k=1, v=1, valid=0, length=0, index=-1)
+
+
+class _EncoderDecoder:
+  def __init__(self, model):
+    self.model = model
+
+  def start(self, ids, mask, prefix, prefix_mask, new_tokens):
+    encoded, encoded_mask = self.model.encode(ids, mask, embedded_prefix=prefix, prefix_mask=prefix_mask)
+    state = (self.model.init_cache(ids.shape[0], new_tokens + 1), encoded, encoded_mask, self.model.cross_kv(encoded))
+    start = jnp.full((ids.shape[0],), self.model.cfg.decoder_start_token_id, jnp.int32)
+    return self.step(state, start, jnp.ones(ids.shape[0], bool))
+
+  def step(self, state, token, active):
+    cache, encoded, encoded_mask, cross = state
+    logits, cache = self.model.decode(token[:, None], encoded, encoded_mask, decoder_attention_mask=active[:, None],
+                                      cache=cache, cross_kv=cross)
+    return logits[:, -1], (cache, encoded, encoded_mask, cross)
+
+  @staticmethod
+  def batch_axes(state):
+    cache, _, _, (xk, _) = state
+    return (_DecoderOnly.batch_axes(cache), 0, 0, (1, 1))
+
+
+def _interface(model):
+  return _EncoderDecoder(model) if hasattr(model, "encode") else _DecoderOnly(model)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def generate(model, input_ids, attention_mask, config: DecodeConfig, *, rng=None, embedded_prefix=None,
+             prefix_mask=None):
+  """New tokens [B * n, max_new_tokens] (n = num_return_sequences; copies of a row are adjacent);
+  after a row ends (EOS or stop token, which is kept) it holds `pad_id`."""
+  if config.do_sample and rng is None:
+    raise ValueError("generate: do_sample=True needs rng= (a jax.random key)")
+  rng = jax.random.key(0) if rng is None else rng
+  return _generate(model, jnp.asarray(input_ids), jnp.asarray(attention_mask, bool), rng, embedded_prefix,
+                   prefix_mask, config=config)
+
+
+def greedy(model, input_ids, attention_mask, *, max_new_tokens: int, eos_id: int = -1, pad_id: int = 0,
+           embedded_prefix=None, prefix_mask=None):
+  """Greedy continuation: `generate` with the default (argmax) config."""
+  config = DecodeConfig(max_new_tokens=max_new_tokens, eos_ids=(int(eos_id),) if eos_id >= 0 else (),
+                        pad_id=int(pad_id))
+  return generate(model, input_ids, attention_mask, config, embedded_prefix=embedded_prefix, prefix_mask=prefix_mask)
+
+
+@functools.partial(nnx.jit, static_argnames=("config",))
+def _generate(model, input_ids, attention_mask, rng, embedded_prefix, prefix_mask, *, config: DecodeConfig):
+  global _compilations
+  _compilations += 1  # runs once per trace
+  lm = _interface(model)
+  logits, state = lm.start(input_ids, attention_mask, embedded_prefix, prefix_mask, config.max_new_tokens)
+  if isinstance(lm, _EncoderDecoder):  # transformers counts the decoder's own ids: the start token
+    seen = seen_tokens(jnp.full((input_ids.shape[0], 1), model.cfg.decoder_start_token_id), jnp.ones((input_ids.shape[0], 1)),
+                       logits.shape[-1])
+  else:
+    seen = seen_tokens(input_ids, attention_mask, logits.shape[-1])
+  copies = config.num_beams if config.num_beams > 1 else config.num_return_sequences
+  if copies > 1:  # prefill once per prompt, then copy the rows
+    index = jnp.repeat(jnp.arange(input_ids.shape[0]), copies)
+    logits, seen, state = logits[index], seen[index], _rows(state, index, lm.batch_axes)
+  loop = _beam_search if config.num_beams > 1 else _sample
+  return loop(lm, logits, seen, state, rng, config)
+
+
+def _ends(token, config: DecodeConfig):
+  ends = jnp.zeros(token.shape, bool)
+  for i in config.eos_ids + config.stop_ids:
+    ends |= token == i
+  return ends
+
+
+def _sample(lm, logits, seen, state, rng, config: DecodeConfig):
+  b, n = logits.shape[0], config.max_new_tokens
+  rows = jnp.arange(b)
+
+  def cond(carry):
+    i, _, _, _, done, _ = carry
+    return (i < n) & ~done.all()
+
+  def body(carry):
+    i, logits, seen, state, done, out = carry
+    scores = process(logits, seen, config)
+    if config.do_sample:
+      token = jax.random.categorical(jax.random.fold_in(rng, i), scores, axis=-1)
+    else:
+      token = jnp.argmax(scores, axis=-1)
+    token = jnp.where(done, config.pad_id, token.astype(jnp.int32))
     out = out.at[:, i].set(token)
-    logits, cache = model(token[:, None], attention_mask=~done[:, None], cache=cache)  # pads after EOS: masked
-    return i + 1, logits[:, -1], cache, done | (token == eos_id), out
+    seen = seen.at[rows, token].max(~done)
+    done = done | _ends(token, config)
+    logits, state = lm.step(state, token, ~done)
+    return i + 1, logits, seen, state, done, out
 
-  state = (jnp.zeros((), jnp.int32), logits[:, -1], cache, jnp.zeros((b,), bool), out)
-  return jax.lax.while_loop(cond, body, state)[-1]
+  carry = (jnp.zeros((), jnp.int32), logits, seen, state, jnp.zeros((b,), bool),
+           jnp.full((b, n), config.pad_id, jnp.int32))
+  return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+def _beam_search(lm, logits, seen, state, rng, config: DecodeConfig):
+  """transformers' `_beam_search` (v5), vectorised the same way, inside one while_loop."""
+  del rng
+  k, n, vocab = config.num_beams, config.max_new_tokens, logits.shape[-1]
+  b = logits.shape[0] // k
+  keep = max(2, 1 + len(config.eos_ids)) * k  # candidates per row: enough to leave k running
+  top_k_mask = jnp.arange(keep) < k
+  lp, early = config.length_penalty, config.early_stopping
+  gather = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+
+  def cond(c):
+    return (c["i"] < n) & c["go"]
+
+  def body(c):
+    i = c["i"]
+    log_probs = process(jax.nn.log_softmax(c["logits"], axis=-1), c["seen"], config)
+    total = (log_probs.reshape(b, k, vocab) + c["running_scores"][:, :, None]).reshape(b, k * vocab)
+    top_scores, top_index = jax.lax.top_k(total, keep)                      # [b, keep]
+    parent, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
+    top_seqs = gather(c["running"], parent).at[:, :, i].set(token)          # [b, keep, n]
+    hits = _ends(token, config) | (i + 1 >= n)                              # max length ends every beam
+
+    # The k best candidates that did not end keep running.
+    running_scores_all = top_scores + hits * NEG
+    chosen = jax.lax.top_k(running_scores_all, k)[1]
+    running = gather(top_seqs, chosen)
+    running_scores = gather(running_scores_all, chosen)
+    source = (gather(parent, chosen) + jnp.arange(b)[:, None] * k).reshape(-1)  # flat parent rows
+
+    # Candidates among the top k that ended join the finished bank if they beat its worst.
+    finished_now = hits & top_k_mask[None, :]
+    scores = top_scores / (i + 1.0) ** lp
+    scores += (c["finished"].all(-1, keepdims=True) & (early is True)) * NEG
+    scores += (~c["improvable"]) * NEG
+    scores += (~finished_now) * NEG
+    merged = jax.lax.top_k(jnp.concatenate([c["scores"], scores], 1), k)[1]
+    bank = gather(jnp.concatenate([c["bank"], top_seqs], 1), merged)
+    bank_scores = gather(jnp.concatenate([c["scores"], scores], 1), merged)
+    finished = gather(jnp.concatenate([c["finished"], finished_now], 1), merged)
+
+    # Could a running beam still beat the worst finished one? (transformers' heuristic)
+    best_length = (n if (early == "never" and lp > 0.0) else i + 1.0)
+    best_running = running_scores[:, :1] / best_length ** lp
+    worst_finished = jnp.where(finished, bank_scores.min(1, keepdims=True), NEG)
+    improvable = c["improvable"] & (best_running > worst_finished).any(-1, keepdims=True)
+    go = improvable.any() & ~(finished.all() & (early is True)) & ~hits.all()
+
+    seen = c["seen"][source].at[jnp.arange(b * k), running[:, :, i].reshape(-1)].set(True)
+    state = _rows(c["state"], source, lm.batch_axes)
+    logits, state = lm.step(state, running[:, :, i].reshape(-1), jnp.ones(b * k, bool))
+    return dict(i=i + 1, logits=logits, seen=seen, state=state, running=running, running_scores=running_scores,
+                bank=bank, scores=bank_scores, finished=finished, improvable=improvable, go=go)
+
+  fill = jnp.full((b, k, n), config.pad_id, jnp.int32)
+  carry = dict(i=jnp.zeros((), jnp.int32), logits=logits, seen=seen, state=state, running=fill,
+               running_scores=jnp.zeros((b, k)).at[:, 1:].set(NEG), bank=fill, scores=jnp.full((b, k), NEG),
+               finished=jnp.zeros((b, k), bool), improvable=jnp.ones((b, 1), bool), go=jnp.ones((), bool))
+  out = jax.lax.while_loop(cond, body, carry)
+  return out["bank"][:, :config.num_return_sequences].reshape(b * config.num_return_sequences, n)

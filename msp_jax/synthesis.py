@@ -205,7 +205,7 @@ def summarise(kept: list[dict], removed: dict, total: int, samples_per_attribute
 
 def decoding_settings(c) -> dict:
   return {"do_sample": c.do_sample, "temperature": c.temperature, "top_k": c.top_k, "top_p": c.top_p,
-          "repetition_penalty": c.repetition_penalty, "max_new_tokens": c.max_new_tokens}
+          "repetition_penalty": c.repetition_penalty, "num_beams": c.num_beams, "max_new_tokens": c.max_new_tokens}
 
 
 def in_context_text(segment_text: str, attributes: dict, ontology, num_shot: int) -> str:
@@ -248,7 +248,8 @@ def synthesize(c, backbone=None) -> dict:
   decoding = decoding_settings(c)
   config = sampling.DecodeConfig(max_new_tokens=c.max_new_tokens, do_sample=c.do_sample, temperature=c.temperature,
                                  top_k=c.top_k, top_p=c.top_p, repetition_penalty=c.repetition_penalty,
-                                 eos_id=tok.eos_token_id, pad_id=msp_data.batching.pad_id(tok))
+                                 num_beams=c.num_beams, eos_ids=(tok.eos_token_id,), pad_id=msp_data.batching.pad_id(tok),
+                                 stop_ids=sampling.stop_token_ids(tok, STOP_STRINGS[:1]))  # a newline ends a row
   model = run.model
   from tqdm import tqdm
   for i in tqdm(range(len(chunks)), desc=f"generate ({c.method})", unit="chunk"):
@@ -266,7 +267,7 @@ def synthesize(c, backbone=None) -> dict:
     prefix, prefix_mask = model.prefix(batch) if c.method == "msp" else (None, None)
     new = sampling.generate(model.backbone, batch["input_ids"], batch["attention_mask"], config,
                             rng=jax.random.fold_in(jax.random.key(c.seed), i), embedded_prefix=prefix,
-                            prefix_mask=prefix_mask, encoder_decoder=run.backbone.is_encoder_decoder)
+                            prefix_mask=prefix_mask)
     texts = tok.batch_decode(np.asarray(new)[:len(chunk)].tolist(), skip_special_tokens=True)
     append_progress(progress_path, [candidate_record(r, cut(t), s.text, c.method, decoding)
                                     for r, t, s in zip(chunk, texts, segments)])

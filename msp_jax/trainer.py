@@ -87,7 +87,7 @@ def build(c, backbone: Backbone | None = None) -> Run:
   instruction = soft_prompts.init_instruction(c.instruction_init, c.n_tokens, table, tok,
                                               text=soft_prompts.instruction_text(c.num_shot), seed=c.seed)
   banks = {s.name: soft_prompts.init_bank(s.descriptions, table, tok, c.attribute_tokens) for s in task.ontology.sets}
-  prompts = soft_prompts.SoftPrompts(instruction, banks, c.mixture, rngs=nnx.Rngs(c.seed), temperature=c.temperature,
+  prompts = soft_prompts.SoftPrompts(instruction, banks, c.mixture, rngs=nnx.Rngs(c.seed), temperature=c.mixer_temperature,
                                      hidden=c.bottleneck_size, kernel_size=c.cnn_kernel)
   model = training.PromptedModel(backbone.model, prompts, encoder_decoder=backbone.is_encoder_decoder)
   batch_config = msp_data.BatchConfig(buckets=tuple(c.buckets), max_mixture=c.max_mixture,
