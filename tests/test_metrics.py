@@ -1,0 +1,92 @@
+"""Data-quality metrics on hand-computed toy corpora."""
+import math
+
+import numpy as np
+import pytest
+
+from msp_jax import evaluation
+
+
+def test_distinct_n_by_hand():
+  texts = ["the cat sat", "The cat ran"]
+  # lowercased tokens: the cat sat | the cat ran
+  assert evaluation.distinct_n(texts, 1) == pytest.approx(4 / 6)  # {the, cat, sat, ran} of 6
+  assert evaluation.distinct_n(texts, 2) == pytest.approx(3 / 4)  # (the cat) twice, (cat sat), (cat ran)
+  assert evaluation.distinct_n(texts, 3) == pytest.approx(2 / 2)
+  assert evaluation.distinct_n(texts, 4) == 0.0  # no 4-grams at all
+  assert evaluation.distinct_n([], 1) == 0.0
+
+
+def test_self_bleu_by_hand():
+  # two identical texts: each is a perfect match of the other
+  assert evaluation.self_bleu(["a b c d", "a b c d"]) == pytest.approx(100.0)
+  # the third text shares nothing: 0/4, 0/3, 0/2, 0/1 smoothed to 1/(2*4), 1/(4*3), 1/(8*2), 1/(16*1)
+  unrelated = 100 * (1 / (8 * 12 * 16 * 16)) ** 0.25
+  got = evaluation.self_bleu(["a b c d", "a b c d", "w x y z"])
+  assert got == pytest.approx((100 + 100 + unrelated) / 3)
+
+
+def test_self_bleu_is_mean_of_leave_one_out_corpus_bleu():
+  # repeated n-grams in several texts and different lengths exercise clipping and the closest length
+  texts = ["the the the cat", "the the dog", "the cat", "a dog barks loudly today", "the the the cat",
+           "a cat and a dog", "dog"]
+  # the 6-token text's closest reference has 7 tokens (not its own 6): brevity penalty applies
+  brevity = ["the cat sat on the mat", "the cat sat on the mat today", "a cat sat on the mat today"]
+  want = [evaluation.corpus_bleu([t], [brevity[:i] + brevity[i + 1:]]) for i, t in enumerate(brevity)]
+  assert evaluation.self_bleu(brevity) == pytest.approx(np.mean(want))
+  per_text = [evaluation.corpus_bleu([t], [texts[:i] + texts[i + 1:]]) for i, t in enumerate(texts)]
+  assert evaluation.self_bleu(texts) == pytest.approx(np.mean(per_text))
+  subset = evaluation.self_bleu(texts, max_texts=3, seed=5)
+  assert subset == evaluation.self_bleu(texts, max_texts=3, seed=5)
+  means = {round(np.mean([per_text[i], per_text[j], per_text[k]]), 9)
+           for i in range(7) for j in range(i + 1, 7) for k in range(j + 1, 7)}
+  assert round(subset, 9) in means
+  assert evaluation.self_bleu(texts, max_texts=100) == pytest.approx(np.mean(per_text))
+
+
+def test_self_bleu_needs_two_texts():
+  assert math.isnan(evaluation.self_bleu(["only one text"]))
+  assert math.isnan(evaluation.self_bleu([]))
+
+
+def test_ngram_overlap_counts_occurrences():
+  generated, seeds = ["book a room", "the Room room"], ["please book a room now"]
+  # unigrams book a room the room room: book, a and room three times are in the seeds -> 5/6
+  # (the set {book, a, room, the} would give 3/4)
+  assert evaluation.ngram_overlap(generated, seeds, 1) == pytest.approx(5 / 6)
+  # bigrams (book a) (a room) (the room) (room room): first two are seed bigrams
+  assert evaluation.ngram_overlap(generated, seeds, 2) == pytest.approx(2 / 4)
+  assert evaluation.ngram_overlap(["hi"], seeds, 2) == 0.0
+
+
+def test_label_presence_whole_words_case_insensitive():
+  records = [
+      {"text": "Book a table at Nobu for two", "attributes": {}, "values": ["nobu", "two"], "spans": []},
+      {"text": "I love the party", "attributes": {}, "values": ["art"], "spans": []},  # inside a word
+      {"text": "hello", "attributes": {"intents": ["greet"]}, "values": [], "spans": []},
+      {"text": "Play Rock Music", "attributes": {}, "values": ["rock music", "jazz"], "spans": []},
+      {"text": "see C++ docs", "attributes": {}, "values": ["c++"], "spans": []},
+  ]
+  rate, flags = evaluation.label_presence(records)
+  assert flags == [True, False, None, False, True]
+  assert rate == pytest.approx(2 / 4)
+  assert math.isnan(evaluation.label_presence([records[2]])[0])
+
+
+def test_token_nll_by_hand():
+  # row softmaxes: [1/4, 2/4, 1/4] and [3/5, 1/5, 1/5]
+  rows = np.log(np.array([[1.0, 2.0, 1.0], [3.0, 1.0, 1.0]]))
+  logits = np.stack([rows, rows + 1000.0])  # a large offset must not overflow
+  targets = np.array([[1, 0], [1, -100]])
+  mask = np.array([[1, 1], [1, 0]])
+  sums, counts = evaluation.token_nll(logits, targets, mask)
+  np.testing.assert_allclose(sums, [math.log(2) + math.log(5 / 3), math.log(2)], rtol=1e-12)
+  np.testing.assert_array_equal(counts, [2, 1])
+
+
+def test_perplexity_weighs_tokens_not_sequences():
+  # 6 nats over 4 tokens; the mean of per-sequence perplexities would be (e^2 + e^(4/3)) / 2
+  assert evaluation.perplexity_from_nll([2.0, 4.0], [1, 3]) == pytest.approx(math.exp(1.5))
+  assert math.isnan(evaluation.perplexity_from_nll([0.0], [0]))
+  with pytest.raises(ValueError):
+    evaluation.perplexity_from_nll([1.0, 2.0], [3])
