@@ -59,9 +59,16 @@ def check_metadata(workdir: str, metadata: dict) -> None:
   old = read_metadata(workdir)
   if old is None:
     return
+  path = os.path.join(workdir, METADATA)
+  trained = old.get("attributes") or {}
+  unknown = [f"{s}/{n}" for s, names in (metadata.get("attributes") or {}).items() for n in names
+             if n not in trained.get(s, ())]
+  if unknown:
+    raise CheckpointError(f"{path}: attribute {unknown[0]!r} is not in the trained vocabulary ({len(unknown)} such, "
+                          f"e.g. {unknown[:3]}); generate with the dataset/domain the prompts were trained on")
   for key in ("backbone_fingerprint", "attributes", "mixture", "n_tokens", "attribute_tokens"):
     if old.get(key) != metadata.get(key):
-      raise CheckpointError(f"{os.path.join(workdir, METADATA)}: {key} is {_short(old.get(key))} but this run has "
+      raise CheckpointError(f"{path}: {key} is {_short(old.get(key))} but this run has "
                             f"{_short(metadata.get(key))}; use another workdir or the original settings")
 
 

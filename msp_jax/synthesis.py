@@ -86,11 +86,12 @@ def plan_requests(seeds: Sequence[Example], num_generations: int, combination_fr
 
 
 def cut(text: str, stop_strings: Sequence[str] = STOP_STRINGS) -> str:
-  """The generation up to its first stop string, stripped."""
+  """The generation up to its first stop string, stripped of a leading list number ("2) ") that the
+  model copies from the exemplar list."""
   for stop in stop_strings:
     if stop in text:
       text = text[:text.index(stop)]
-  return text.strip()
+  return re.sub(r"^\s*\d+\)\s*", "", text).strip()
 
 
 def find_spans(text: str, typed_values: Sequence[tuple[str, str]]) -> list[dict] | None:

@@ -66,3 +66,17 @@ def tiny_t5_tokenizer():
   tok.train_from_iterator(TINY_T5_CORPUS * 4, trainers.UnigramTrainer(
       vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
   return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+  """A tiny random Llama with SmolLM2's real vocabulary and tokenizer, as a Hugging Face folder."""
+  import torch
+  import transformers
+  folder = tmp_path_factory.mktemp("tiny_llama")
+  cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+  torch.manual_seed(0)
+  transformers.LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+  smollm2_tokenizer.save_pretrained(folder)
+  return str(folder)

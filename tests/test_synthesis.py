@@ -40,6 +40,7 @@ def test_requests_keep_seed_sets_and_add_observed_combinations():
 def test_cut_at_stop_strings():
   assert synthesis.cut(" book a room please\n4) another") == "book a room please"
   assert synthesis.cut("so... anyway") == "so"
+  assert synthesis.cut("2) how can I get a refund?\n3) x") == "how can I get a refund?"
 
 
 def test_spans_are_recomputed_on_the_generated_text():

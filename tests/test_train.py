@@ -9,28 +9,12 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import torch
-import transformers
 
 import msp_jax
 from msp_jax import trainer
-from msp_jax.models import tokenizer as tokenizers
-from msp_jax.models import weights
 from configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-  """A tiny random Llama with SmolLM2's real vocabulary and tokenizer, as a Hugging Face folder."""
-  folder = tmp_path_factory.mktemp("tiny_llama")
-  cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-  torch.manual_seed(0)
-  transformers.LlamaForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
-  tokenizers.load_gguf_tokenizer(weights.default_gguf_path()).save_pretrained(folder)
-  return str(folder)
 
 
 def tiny_flags(model_dir, workdir, **extra):
