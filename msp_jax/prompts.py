@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from msp_jax.mixers import PromptParam, make_mixer
+from msp_jax.mixers import MIXERS, PromptParam, make_mixer
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 ATTRIBUTE_TOKENS = 20  # tokens per attribute prompt, as in the paper
@@ -51,15 +51,23 @@ def init_bank(descriptions: Sequence[str], embed_table, tokenizer, n_tokens: int
   return np.stack([embed_text(d, n_tokens, embed_table, tokenizer) for d in descriptions])
 
 
+PLAIN = "none"  # plain prompt tuning: the instruction prompt only, no attribute prompts (the paper's baseline)
+MIXTURES = (*MIXERS, PLAIN)
+
+
 class SoftPrompts(nnx.Module):
-  """Instruction prompt + attribute banks (one per attribute set, e.g. intents and slots) + mixer."""
+  """Instruction prompt + attribute banks (one per attribute set, e.g. intents and slots) + mixer.
+
+  With mixer "none" there are no banks and no mixer: plain prompt tuning.
+  """
 
   def __init__(self, instruction, banks: dict[str, np.ndarray], mixer: str, *, rngs: nnx.Rngs, **mixer_options):
     self.instruction = PromptParam(jnp.asarray(instruction, jnp.float32))  # [P, D]
+    banks = {} if mixer == PLAIN else banks
     self.set_names = tuple(banks)  # the order of the S axis of attribute ids
     self.banks = nnx.Dict({name: PromptParam(jnp.asarray(bank, jnp.float32)) for name, bank in banks.items()})
     self.mixer_name = mixer
-    self.mixer = make_mixer(mixer, self.instruction.shape[-1], rngs=rngs, **mixer_options)
+    self.mixer = None if mixer == PLAIN else make_mixer(mixer, self.instruction.shape[-1], rngs=rngs, **mixer_options)
 
   def __call__(self, attribute_ids, attribute_mask, text=None):
     """attribute_ids / mask [B, S, M] (S attribute sets), text [B, D] -> prefix [B, P+A, D], mask [B, P+A].
@@ -67,6 +75,9 @@ class SoftPrompts(nnx.Module):
     Prompts stay fp32 here (the optimizer's copy); the backbone casts the prefix to its compute dtype.
     """
     b, s, m = attribute_ids.shape
+    if self.mixer is None:
+      return (jnp.broadcast_to(self.instruction[...], (b,) + self.instruction.shape),
+              jnp.ones((b, self.instruction.shape[0]), bool))
     if s != len(self.set_names):
       raise ValueError(f"attribute ids have {s} sets, the prompts have {len(self.set_names)}: {self.set_names}")
     mask = attribute_mask.reshape(b, s * m).astype(bool)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from msp_jax import checkpoints as ckpt
 from msp_jax import data as msp_data
-from msp_jax import evaluation, mixers, sampling, sharding, training
+from msp_jax import evaluation, sampling, sharding, training
 from msp_jax import prompts as soft_prompts
 from msp_jax.errors import MspError
 from msp_jax.models.weights import Backbone, load_backbone, resolve
@@ -36,8 +36,8 @@ class ConfigError(MspError):
 def validate(c) -> None:
   def fail(field, why):
     raise ConfigError(f"config.{field}={getattr(c, field)!r}: {why}")
-  if c.mixture not in mixers.MIXERS:
-    fail("mixture", f"valid: {', '.join(mixers.MIXERS)}")
+  if c.mixture not in soft_prompts.MIXTURES:
+    fail("mixture", f"valid: {', '.join(soft_prompts.MIXTURES)}")
   if c.dataset not in msp_data.DATASETS:
     fail("dataset", f"valid: {', '.join(msp_data.DATASETS)}")
   if c.domain not in msp_data.domains(c.dataset):

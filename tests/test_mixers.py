@@ -135,3 +135,15 @@ def test_row_without_attributes_is_finite_with_finite_gradients(name):
 def test_unknown_mixer_lists_the_valid_ones():
   with pytest.raises(ValueError, match="'mean' is not supported; valid: concat, pooling, attention, bottleneck, cnn"):
     mixers.make_mixer("mean", D, rngs=nnx.Rngs(0))
+
+
+def test_plain_prompt_tuning_has_no_attribute_prompts():
+  from msp_jax import prompts
+  instruction = np.arange(12, dtype=np.float32).reshape(3, 4)
+  soft = prompts.SoftPrompts(instruction, {"intents": np.ones((5, 2, 4), np.float32)}, "none", rngs=nnx.Rngs(0))
+  ids, mask = jnp.zeros((2, 1, 3), jnp.int32), jnp.array([[[1, 1, 0]], [[0, 0, 0]]], bool)
+  prefix, prefix_mask = soft(ids, mask, jnp.zeros((2, 4)))
+  np.testing.assert_array_equal(prefix, np.broadcast_to(instruction, (2, 3, 4)))
+  assert prefix_mask.all() and prefix_mask.shape == (2, 3)
+  leaves = jax.tree.leaves(nnx.state(soft, mixers.PromptParam))
+  assert [x.shape for x in leaves] == [(3, 4)]  # only the instruction is trainable

@@ -93,7 +93,7 @@ def test_restoring_onto_another_backbone_is_an_error(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flag,message", [
-    ("--config.mixture=mean", "config.mixture='mean': valid: concat, pooling, attention, bottleneck, cnn"),
+    ("--config.mixture=mean", "config.mixture='mean': valid: concat, pooling, attention, bottleneck, cnn, none"),
     ("--config.max_steps=-3", "config.max_steps=-3: must be >= 0"),
     ("--config.domain=casino", "config.domain='casino': valid for nlupp: banking, hotels"),
 ])
