@@ -123,3 +123,25 @@ def token_features(backbone, texts: Sequence[str], batch_size: int = 32) -> list
     warnings.warn(f"token_features: {truncated} words without a token among the first {LENGTH_BUCKETS[-1]} "
                   "got zero features", stacklevel=2)
   return out
+
+
+@nnx.jit
+def _sequence_nll(model, ids, mask):
+  logits = model(ids, attention_mask=mask)  # [B, T, V] fp32; logits[:, t] predicts token t+1
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+  scored = mask[:, 1:] & mask[:, :-1]
+  return jnp.where(scored, nll, 0.0).sum(1), scored.sum(1)
+
+
+def text_nll(backbone, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+  """Per text: summed NLL of its tokens after the first under a decoder-only backbone, and how many
+  tokens were scored ([N] float64, [N] int). Corpus perplexity: `evaluation.perplexity_from_nll`."""
+  if backbone.is_encoder_decoder:
+    raise BackboneError("text_nll needs a decoder-only language model (perplexity is scored left to right)")
+  sums, counts = np.zeros(len(texts)), np.zeros(len(texts), np.int64)
+  encoded = backbone.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+  for rows, ids, mask in _padded_batches(backbone, encoded, batch_size, keep="start"):
+    s, n = _sequence_nll(backbone.model, ids, mask)
+    sums[rows], counts[rows] = np.asarray(s)[:len(rows)], np.asarray(n)[:len(rows)]
+  return sums, counts

@@ -177,3 +177,15 @@ def test_text_embeddings_are_mean_hidden_states(backbone):
     ids = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
     want = direct_hidden(backbone, ids).mean(0) if ids else np.zeros(16)
     np.testing.assert_allclose(g, want, atol=1e-4)
+
+
+def test_text_nll_equals_the_numpy_reference(backbone):
+  from msp_jax import evaluation
+  texts = ["book a room for two nights", "hi", "where is the spa and when does it open?"]
+  sums, counts = features.text_nll(backbone, texts)
+  for text, s, n in zip(texts, sums, counts):
+    ids = np.asarray(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])[None]
+    logits = np.asarray(backbone.model(jnp.asarray(ids)))
+    ref_s, ref_n = evaluation.token_nll(logits[:, :-1], ids[:, 1:], np.ones_like(ids[:, 1:], bool))
+    assert n == ref_n[0] == ids.shape[1] - 1
+    np.testing.assert_allclose(s, ref_s[0], rtol=1e-4)
