@@ -1,0 +1,40 @@
+"""The downstream experiment grid (evaluate.py): seed-only, EDA, in-context, plain prompt tuning and
+MSP with each mixer, on NLU++ hotels/banking and CrossNER music/politics (few-shot), SmolLM2 backbone.
+
+  python evaluate.py --config=configs/experiment.py                   # the whole grid (CPU: many hours)
+  python evaluate.py --config=configs/experiment.py:smoke             # a tiny slice end to end (minutes)
+  python evaluate.py --config=configs/experiment.py --config.tasks=nlupp/hotels --config.num_seeds=3
+
+Writes {workdir}/results.md (README quotes it with the command and wall time) and one JSON per run;
+rerunning resumes. All train.py / generate.py fields apply to the prompt runs of the grid.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  c = common.get_config(None, mixture="attention")
+  c.tasks = "nlupp/hotels,nlupp/banking,crossner/music,crossner/politics"  # dataset/domain, few-shot
+  c.methods = "seed,eda,in_context,prompt_tuning,concat,pooling,attention,bottleneck,cnn"
+  c.num_seeds = 3
+  c.synthetic_per_example = 2    # synthetic examples added per seed example, the same for every method
+  c.max_test = 0                 # 0 = the whole test split
+  c.downstream_hidden = 0        # 0 = linear heads on frozen features
+  c.downstream_steps = 300
+  c.workdir = "results"
+
+  # Prompt training for the grid: shorter than a standalone run (CPU budget); see README.
+  c.n_tokens = 20
+  c.max_steps = 100
+  c.eval_every = 25
+  c.bleu_examples = 0
+  c.patience = 0
+  c.buckets = (64, 128, 256, 384, 512)  # CrossNER prompts (two exemplar sentences + target) pass 256 tokens
+
+  if arg == "smoke":
+    c.update(tasks="nlupp/hotels,crossner/music", methods="seed,eda,in_context,prompt_tuning,attention",
+             num_seeds=2, max_test=48, downstream_steps=50, n_tokens=4, batch_size=2, max_steps=2, eval_every=2,
+             eval_batches=1, warmup_steps=1, checkpoint_every=2, max_seeds=6, num_generations=2, gen_batch_size=6,
+             max_new_tokens=12, workdir="results_smoke", synthetic_per_example=1)
+  elif arg:
+    raise ValueError(f"unknown config argument {arg!r}; valid: smoke")
+  return c

@@ -1,0 +1,328 @@
+"""The MSP paper's downstream experiment: does synthetic data make a few-shot model better?
+
+For each task (dataset/domain, few-shot setting) and method
+  seed           the real seed (training) examples only
+  eda            seed + EDA copies (synonyms from the backbone's embeddings, insertion, swap, deletion)
+  in_context     seed + generations of the frozen LM prompted with a hard-text instruction and exemplars
+  prompt_tuning  seed + generations after plain prompt tuning (instruction prompt only)
+  concat | pooling | attention | bottleneck | cnn   seed + MSP generations with that mixer
+a downstream model on frozen-backbone features (NLU++: multi-label intent classifier on pooled
+states; CrossNER: per-word BIO tagger) is trained with each of `num_seeds` seeds and scored on the
+real test split. Every synthetic method adds the same number of examples: `synthetic_per_example`
+x the seed examples, a seeded subsample of its (denoised) output; fewer only when a generator kept
+fewer, which the results record. Prompts are trained and data generated once per task and method
+(seed `c.seed`); the seeds vary the subsample, the EDA draw and the downstream model's init.
+
+Outputs in `c.workdir`: {task}/{method}/seed{k}.json (scores), {task}/{method}/quality.json
+(data-quality metrics of the synthetic set), runs/ (prompt training), synthetic/ (generations),
+results.md (tables). Resumable: finished pieces are skipped; training and generation resume.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from msp_jax import augment, downstream, evaluation, features, scores, synthesis, trainer
+from msp_jax.errors import MspError
+from msp_jax.prompts import MIXERS
+
+BASELINES = ("seed", "eda", "in_context", "prompt_tuning")
+METHODS = (*BASELINES, *MIXERS)
+DOWNSTREAM_DATASETS = ("nlupp", "crossner")
+
+
+class ExperimentError(MspError):
+  pass
+
+
+def parse_list(field: str, text: str, valid=None) -> list[str]:
+  items = [x.strip() for x in text.split(",") if x.strip()]
+  bad = [x for x in items if valid is not None and x not in valid]
+  if not items or bad:
+    raise ExperimentError(f"config.{field}={text!r}: {'unknown ' + repr(bad[0]) if bad else 'empty'}; "
+                          f"valid: {', '.join(valid) if valid else 'a comma-separated list'}")
+  return items
+
+
+def tasks_of(c) -> list[tuple[str, str]]:
+  out = []
+  for item in parse_list("tasks", c.tasks):
+    dataset, _, domain = item.partition("/")
+    if dataset not in DOWNSTREAM_DATASETS or not domain:
+      raise ExperimentError(f"config.tasks item {item!r}: expected dataset/domain with dataset in "
+                            f"{', '.join(DOWNSTREAM_DATASETS)} (TOPv2 has no downstream model here)")
+    out.append((dataset, domain))
+  return out
+
+
+def method_config(c, dataset: str, domain: str, method: str):
+  """The train.py / generate.py config of one generating method on one task."""
+  m = c.copy_and_resolve_references()
+  name = f"{dataset}_{domain}"
+  m.update(dataset=dataset, domain=domain, setting="few_shot", workdir=os.path.join(c.workdir, "runs", f"{name}_{method}"),
+           output=os.path.join(c.workdir, "synthetic", f"{name}_{method}.jsonl"),
+           method="in_context" if method == "in_context" else "msp",
+           mixture="none" if method == "prompt_tuning" else method if method in MIXERS else c.mixture)
+  return m
+
+
+def write_json_atomic(path: str, value) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+# --- synthetic data -------------------------------------------------------------------------------
+
+def example_record(ex) -> dict:
+  """An Example in the generator's record shape (text, attributes, values, spans)."""
+  spans = synthesis.find_spans(ex.text, ex.typed_values) if ex.typed_values else []
+  return {"text": ex.text, "attributes": {k: list(v) for k, v in ex.attributes.items()}, "values": list(ex.values),
+          "spans": spans if spans is not None else [s for tv in ex.typed_values for s in synthesis.find_spans(ex.text, [tv]) or []]}
+
+
+def generated_records(c, backbone, dataset, domain, method) -> list[dict]:
+  """Train the prompts (unless in-context) and generate, each only if not done; the denoised records."""
+  m = method_config(c, dataset, domain, method)
+  if not os.path.exists(m.output):
+    if method != "in_context" and not os.path.exists(os.path.join(m.workdir, "summary.json")):
+      print(f"[{dataset}/{domain}] training prompts: {method}", flush=True)
+      trainer.train(m, backbone)
+    print(f"[{dataset}/{domain}] generating: {method}", flush=True)
+    synthesis.synthesize(m, backbone)
+  return [json.loads(line) for line in open(m.output)]
+
+
+def eda_records(task, backbone, per_example: int, seed: int, synonyms) -> list[dict]:
+  rng = np.random.default_rng([seed, 7])
+  return [example_record(ex) for ex in augment.augment_examples(task.splits["train"], per_example, rng, synonyms)]
+
+
+def subsample(records: list[dict], n: int, seed: int) -> list[dict]:
+  if len(records) <= n:
+    return list(records)
+  keep = np.random.default_rng([seed, 11]).choice(len(records), n, replace=False)
+  return [records[i] for i in sorted(keep)]
+
+
+# --- downstream models ----------------------------------------------------------------------------
+
+class FeatureCache:
+  """Backbone features of each text computed once per process (the grid reuses the test split and seeds)."""
+
+  def __init__(self, backbone):
+    self.backbone, self.pooled, self.words = backbone, {}, {}
+
+  def sentence(self, texts) -> np.ndarray:
+    new = sorted({t for t in texts if t not in self.pooled})
+    if new:
+      self.pooled.update(zip(new, features.text_embeddings(self.backbone, new)))
+    return np.stack([self.pooled[t] for t in texts])
+
+  def per_word(self, texts) -> list[np.ndarray]:
+    new = sorted({t for t in texts if t not in self.words})
+    if new:
+      self.words.update(zip(new, features.token_features(self.backbone, new)))
+    return [self.words[t] for t in texts]
+
+
+class IntentModel:
+  """NLU++: multi-label intents from pooled features."""
+
+  def __init__(self, task, cache: FeatureCache, c, seed: int):
+    self.labels = list(task.ontology["intents"].names)
+    self.general = {a.name for a in task.ontology["intents"].attributes if a.general}
+    self.cache, self.c, self.seed = cache, c, seed
+
+  def fit(self, records):
+    x = self.cache.sentence([r["text"] for r in records])
+    self.model = downstream.MultiLabelClassifier(hidden=self.c.downstream_hidden, steps=self.c.downstream_steps,
+                                                 seed=self.seed).fit(x, downstream.intent_targets(records, self.labels))
+    return self
+
+  def predict_sets(self, texts) -> list[set]:
+    pred = self.model.predict(self.cache.sentence(texts))
+    return [{self.labels[j] for j in np.flatnonzero(row)} for row in pred]
+
+  def score(self, examples) -> dict:
+    gold = [set(ex.attributes["intents"]) for ex in examples]
+    pred = self.predict_sets([ex.text for ex in examples])
+    prf = scores.multilabel_prf(gold, pred, self.labels)
+    return {"micro_f1": prf["micro_f1"], "macro_f1": prf["macro_f1"], "micro_precision": prf["micro_precision"],
+            "micro_recall": prf["micro_recall"], "general_intent_f1 (paper)": scores.general_intent_f1(gold, pred, self.general)}
+
+
+class EntityModel:
+  """CrossNER: a per-word BIO tagger on word features."""
+
+  def __init__(self, task, cache: FeatureCache, c, seed: int):
+    self.types = list(task.ontology["entities"].names)
+    self.tags = downstream.bio_labels(self.types)
+    self.cache, self.c, self.seed = cache, c, seed
+
+  def fit(self, records):
+    texts = [r["text"] for r in records]
+    index = {t: i for i, t in enumerate(self.tags)}
+    tags = [[index[t] for t in downstream.bio_tags(r["text"], r["spans"] or [])] for r in records]
+    self.model = downstream.BIOTagger(tags=self.tags, hidden=self.c.downstream_hidden, steps=self.c.downstream_steps,
+                                      seed=self.seed).fit(self.cache.per_word(texts), tags)
+    return self
+
+  def predict_spans(self, texts) -> list[list]:
+    return [scores.bio_to_spans([self.tags[i] for i in row]) for row in self.model.predict(self.cache.per_word(texts))]
+
+  def predict_sets(self, texts) -> list[set]:
+    return [{t for t, _, _ in spans} for spans in self.predict_spans(texts)]
+
+  def score(self, examples) -> dict:
+    gold = [scores.bio_to_spans(downstream.bio_tags(ex.text, example_record(ex)["spans"])) for ex in examples]
+    pred = self.predict_spans([ex.text for ex in examples])
+    exact, partial = scores.span_f1(gold, pred), scores.partial_span_f1(gold, pred)
+    return {"span_f1": exact["f1"], "span_precision": exact["precision"], "span_recall": exact["recall"],
+            "partial_span_f1 (paper)": partial["f1"]}
+
+
+MODELS = {"nlupp": IntentModel, "crossner": EntityModel}
+MAIN_METRIC = {"nlupp": "micro_f1", "crossner": "span_f1"}
+
+
+def quality(records, task, seed_model, backbone) -> dict:
+  """Data-quality metrics of one synthetic set (attribute correctness from a model trained on real data)."""
+  texts = [r["text"] for r in records]
+  if not texts:
+    return {"examples": 0}
+  set_name = "intents" if task.dataset == "nlupp" else "entities"
+  requested = [set(r["attributes"].get(set_name, ())) for r in records]
+  attribute = scores.attribute_prf(requested, seed_model.predict_sets(texts))
+  nll, counts = features.text_nll(backbone, texts) if not backbone.is_encoder_decoder else (None, None)
+  presence, _ = evaluation.label_presence(records)
+  seeds = [ex.text for ex in task.splits["train"]]
+  return {"examples": len(texts), "distinct_1": evaluation.distinct_n(texts, 1), "distinct_2": evaluation.distinct_n(texts, 2),
+          "distinct_3": evaluation.distinct_n(texts, 3), "self_bleu": evaluation.self_bleu(texts, max_texts=200),
+          "seed_overlap_2": evaluation.ngram_overlap(texts, seeds, 2),
+          "perplexity": evaluation.perplexity_from_nll(nll, counts) if nll is not None else None,
+          "label_presence": presence, "attribute_precision": attribute["precision"],
+          "attribute_recall": attribute["recall"], "attribute_f1": attribute["f1"]}
+
+
+# --- the grid -------------------------------------------------------------------------------------
+
+def run(c, backbone=None) -> str:
+  """Runs (or resumes) the whole grid; returns the path of results.md."""
+  from msp_jax.models.weights import load_backbone
+  from msp_jax.data import load_task
+  grid_tasks, methods = tasks_of(c), parse_list("methods", c.methods, METHODS)
+  if c.num_seeds < 1 or c.synthetic_per_example < 1:
+    raise ExperimentError(f"config.num_seeds={c.num_seeds}, config.synthetic_per_example={c.synthetic_per_example}: both must be >= 1")
+  backbone = backbone or load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
+  cache, start = FeatureCache(backbone), time.time()
+  synonyms = augment.embedding_synonyms(trainer.embedding_table(backbone.model), backbone.tokenizer) if "eda" in methods else None
+  for dataset, domain in grid_tasks:
+    task = load_task(dataset, domain, "few_shot", seed=c.seed, data_dir=c.data_dir or None)
+    seeds = [example_record(ex) for ex in task.splits["train"]]
+    test = list(task.splits["test"])[:c.max_test or None]
+    n_synthetic = c.synthetic_per_example * min(len(seeds), c.max_seeds or len(seeds))  # generators see max_seeds
+    name = f"{dataset}_{domain}"
+    seed_model = MODELS[dataset](task, cache, c, c.seed).fit(seeds)
+    for method in methods:
+      folder = os.path.join(c.workdir, name, method)
+      todo = [k for k in range(c.num_seeds) if not os.path.exists(os.path.join(folder, f"seed{k}.json"))]
+      if not todo:
+        continue
+      pool = [] if method == "seed" else None if method == "eda" else generated_records(c, backbone, dataset, domain, method)
+      if pool and not os.path.exists(os.path.join(folder, "quality.json")):
+        write_json_atomic(os.path.join(folder, "quality.json"), quality(pool, task, seed_model, backbone))
+      for k in todo:
+        t0 = time.time()
+        if method == "eda":
+          synthetic = subsample(eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n_synthetic, k)
+          if k == 0 and not os.path.exists(os.path.join(folder, "quality.json")):
+            write_json_atomic(os.path.join(folder, "quality.json"), quality(synthetic, task, seed_model, backbone))
+        else:
+          synthetic = subsample(pool, n_synthetic, k)
+        model = MODELS[dataset](task, cache, c, k).fit(seeds + synthetic)
+        result = {"task": f"{dataset}/{domain}", "method": method, "seed": k, "seed_examples": len(seeds),
+                  "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
+                  "test_examples": len(test), "scores": model.score(test), "seconds": round(time.time() - t0, 1)}
+        write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
+        print(f"[{dataset}/{domain}] {method} seed {k}: {MAIN_METRIC[dataset]} "
+              f"{result['scores'][MAIN_METRIC[dataset]]:.3f} ({len(synthetic)} synthetic)", flush=True)
+  path = write_table(c, grid_tasks, methods, time.time() - start)
+  print(f"wrote {path}", flush=True)
+  return path
+
+
+def load_results(c, grid_tasks, methods) -> dict:
+  out = {}
+  for dataset, domain in grid_tasks:
+    for method in methods:
+      folder = os.path.join(c.workdir, f"{dataset}_{domain}", method)
+      runs = [json.load(open(os.path.join(folder, f"seed{k}.json"))) for k in range(c.num_seeds)
+              if os.path.exists(os.path.join(folder, f"seed{k}.json"))]
+      q = os.path.join(folder, "quality.json")
+      out[dataset, domain, method] = (runs, json.load(open(q)) if os.path.exists(q) else None)
+  return out
+
+
+def mean_std(values) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
+
+
+def write_table(c, grid_tasks, methods, seconds: float) -> str:
+  """results.md: downstream scores (mean ± std over seeds, x100) and data quality per method."""
+  results = load_results(c, grid_tasks, methods)
+  lines = [f"# MSP downstream experiment ({c.model}, few-shot, {c.num_seeds} seeds)", "",
+           f"Scores x100 on the real test split, mean ± std over seeds; {c.synthetic_per_example} synthetic "
+           f"examples per seed example; prompt training {c.max_steps} steps. Wall time of this invocation: "
+           f"{seconds / 60:.1f} min.", ""]
+  for dataset, domain in grid_tasks:
+    metrics = list(next((r[0]["scores"] for r in [results[dataset, domain, m][0] for m in methods] if r), {}))
+    lines += [f"## {dataset}/{domain}", "", "| method | synthetic | " + " | ".join(metrics) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
+    for m in methods:
+      runs, _ = results[dataset, domain, m]
+      if runs:
+        synth = f"{runs[0]['synthetic_examples']}/{runs[0]['synthetic_target']}"
+        lines.append(f"| {m} | {synth} | " + " | ".join(mean_std([r["scores"].get(k) for r in runs]) for k in metrics) + " |")
+    q_rows = [(m, results[dataset, domain, m][1]) for m in methods if results[dataset, domain, m][1]]
+    if q_rows:
+      keys = [k for k in q_rows[0][1] if k != "examples"]
+      lines += ["", "Synthetic data quality (whole denoised set; EDA: seed 0's copies):", "",
+                "| method | examples | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+      for m, q in q_rows:
+        lines.append(f"| {m} | {q['examples']} | " + " | ".join("-" if q.get(k) is None else f"{q[k]:.3f}" for k in keys) + " |")
+    lines.append("")
+  path = os.path.join(c.workdir, "results.md")
+  os.makedirs(c.workdir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    f.write("\n".join(lines))
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def measure_file(c, path: str) -> dict:
+  """Data-quality metrics of one generated JSONL against the first task of `c.tasks`."""
+  from msp_jax.data import load_task
+  from msp_jax.models.weights import load_backbone
+  dataset, domain = tasks_of(c)[0]
+  if not os.path.exists(path):
+    raise ExperimentError(f"--jsonl={path}: no such file")
+  records = []
+  for i, line in enumerate(open(path)):
+    try:
+      r = json.loads(line)
+      r["text"], r["attributes"]  # the fields every metric needs
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ExperimentError(f"{path}:{i + 1}: not a generated record ({e!r}); expected JSON with text, attributes")
+    records.append(r)
+  backbone = load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
+  task = load_task(dataset, domain, "few_shot", seed=c.seed, data_dir=c.data_dir or None)
+  seed_model = MODELS[dataset](task, FeatureCache(backbone), c, c.seed).fit([example_record(ex) for ex in task.splits["train"]])
+  return quality(records, task, seed_model, backbone)
