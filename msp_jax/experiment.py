@@ -251,6 +251,7 @@ def run(c, backbone=None) -> str:
         write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
         print(f"[{dataset}/{domain}] {method} seed {k}: {MAIN_METRIC[dataset]} "
               f"{result['scores'][MAIN_METRIC[dataset]]:.3f} ({len(synthetic)} synthetic)", flush=True)
+    write_table(c, grid_tasks, methods, time.time() - start)  # a partial table after every task
   path = write_table(c, grid_tasks, methods, time.time() - start)
   print(f"wrote {path}", flush=True)
   return path
