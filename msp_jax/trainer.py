@@ -155,7 +155,7 @@ def evaluate(run: Run, graphdef, trainable, frozen, eval_step, mesh) -> dict:
     nll, count = nll + float(s), count + float(n)
   out = {"dev_loss": nll / max(count, 1), "dev_tokens": count}
   out["dev_perplexity"] = math.exp(min(out["dev_loss"], 50))
-  if c.bleu_examples and not run.backbone.is_encoder_decoder:
+  if c.bleu_examples:
     out["dev_bleu"] = dev_bleu(run, graphdef, trainable, frozen, mesh)
   return out
 

@@ -84,8 +84,9 @@ def test_t5_layout(tiny_t5_tokenizer):
   segments = [Segments("music/train/0", ((1,),), 0, TEXT, SEGMENTS[1].target),
               Segments("music/train/1", ((),), 0, "Stade de France in the music domain:\n1) ", "In 2003 , the Stade de France was the primary site .")]
   batch = make_batch(segments, tok, BatchConfig(buckets=(16, 32, 64), encoder_decoder=True))
-  assert set(batch) == {"input_ids", "attention_mask", "decoder_input_ids", "labels", "loss_mask",
-                        "attribute_ids", "attribute_mask", "domain_id", "example_mask"}
+  assert set(batch) == {"input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask", "labels",
+                        "loss_mask", "attribute_ids", "attribute_mask", "domain_id", "example_mask"}
+  assert (batch["decoder_attention_mask"] == batch["loss_mask"]).all()  # start + targets align with targets + EOS
   for i, seg in enumerate(segments):
     enc, enc_mask = batch["input_ids"][i], batch["attention_mask"][i]
     n = int(enc_mask.sum())

@@ -11,7 +11,7 @@ The text is never empty, so the first target token always has a scored predecess
 
 Encoder-decoder (T5): the prefix goes before the encoder tokens; padding is on the right:
   input_ids [B, T] + attention_mask: text tokens + EOS
-  decoder_input_ids [B, U]: decoder start (= pad, as T5) + target tokens
+  decoder_input_ids [B, U] + decoder_attention_mask: decoder start (= pad, as T5) + target tokens
   labels [B, U]: target tokens + EOS; loss_mask [B, U] marks them (no shift needed:
   loss = sum(CE(logits, labels) * loss_mask) / sum(loss_mask)). No decoder arrays without a target.
 
@@ -110,7 +110,7 @@ def _encoder_decoder(segments, text_ids, target_ids, tokenizer, config) -> dict[
   if target_ids is not None:
     labels = [ids + [eos] for ids in target_ids]
     u = bucket(max(map(len, labels)), config, uids)
-    batch["decoder_input_ids"], _ = _right_padded([[pad] + ids[:-1] for ids in labels], pad, u)
+    batch["decoder_input_ids"], batch["decoder_attention_mask"] = _right_padded([[pad] + ids[:-1] for ids in labels], pad, u)
     batch["labels"], batch["loss_mask"] = _right_padded(labels, pad, u)
   return batch
 
