@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine (Python 3.11, a virtual environment in .venv):
-#   make run    installs the runtime and runs the main job on the default config
+#   make run    installs the runtime and trains MSP on the default config (configs/attention.py)
 #   make test   installs the runtime plus test-only packages (torch CPU, peft, pytest) and runs all tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,7 +17,7 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	touch $@
 
 run: $(VENV)/.runtime
-	$(PY) -m msp_jax.models
+	$(PY) train.py --config=configs/attention.py $(ARGS)
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
