@@ -1,0 +1,155 @@
+"""Sampling throughput on SmolLM2-135M-Instruct, side by side in one run:
+(a) msp-jax `sampling.generate` (one jitted while_loop, fp32), (b) transformers `model.generate` (torch, fp32).
+
+  python benchmarks/generate.py [--batch 8 64] [--new_tokens 64] [--prompt_len 16] [--reps 3]
+      [--prefix_tokens 0] [--top_k 0] [--top_p 1.0] [--skip_hf] [--json out.json]
+
+Same GGUF weights and the same random-token prompts for both; settings as the anchor
+/work/shared/bench/generate_throughput.py: ancestral sampling (temperature 1, top_k 0, top_p 1 by
+default, set explicitly on both sides so HF's generation config injects nothing), exactly
+`new_tokens` per row (ours: no EOS; HF: min_new_tokens = max_new_tokens), torch threads = cores.
+Throughput = batch * new_tokens / median seconds over `reps` timed calls after one warm-up (ours:
+the first call). Our trace + lower and XLA compile are timed separately (explicit
+`.lower().compile()`), and so is the first call. `--prefix_tokens P` prepends P random soft-prompt
+embeddings (ours: embedded_prefix; HF: inputs_embeds = [prefix, embed(ids)]).
+"""
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import msp_jax
+from msp_jax import sampling
+from msp_jax.models import weights
+from benchmarks.forward import median_seconds
+
+
+def make_inputs(batch, prompt_len, prefix_tokens, vocab, hidden, seed=0):
+  """Prompt ids [B, T] (no special ids 0..2) and a prefix [B, P, D] (None if P = 0), shared by both sides."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, vocab, (batch, prompt_len)).astype(np.int32)
+  prefix = rng.uniform(-0.05, 0.05, (batch, prefix_tokens, hidden)).astype(np.float32) if prefix_tokens else None
+  return ids, prefix
+
+
+def time_ours(model, ids, prefix, config, reps):
+  """Median seconds, all timed seconds, and the compile costs: trace + lower, XLA compile (explicit,
+  as jit does on a first call), the first real call, and compilations (traces) this shape added."""
+  ids_j, mask_j = jnp.asarray(ids), jnp.ones(ids.shape, bool)
+  prefix_j = None if prefix is None else jnp.asarray(prefix)
+  calls, times = [0], []
+
+  def run():
+    calls[0] += 1  # a fresh key per call, as a real caller would pass
+    start = time.perf_counter()
+    out = sampling.generate(model, ids_j, mask_j, config, rng=jax.random.key(calls[0]), embedded_prefix=prefix_j)
+    out.block_until_ready()
+    times.append(time.perf_counter() - start)
+    return out
+
+  before = sampling.compilations()
+  start = time.perf_counter()
+  lowered = sampling._generate.lower(model, ids_j, mask_j, jax.random.key(0), prefix_j, None, config=config)
+  lower_s = time.perf_counter() - start
+  start = time.perf_counter()
+  lowered.compile()
+  compile_s = time.perf_counter() - start
+  out = run()
+  assert out.shape == (ids.shape[0], config.max_new_tokens), out.shape
+  seconds = median_seconds(run, reps, warmup=0)
+  return seconds, times[1:], dict(trace_lower_s=round(lower_s, 3), compile_s=round(compile_s, 3),
+                                  first_call_s=round(times[0], 3), compilations=sampling.compilations() - before)
+
+
+def load_hf(threads):
+  import torch
+  import transformers
+  torch.set_num_threads(threads)
+  folder, name = os.path.split(weights.default_gguf_path())
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+  return model
+
+
+def time_hf(model, ids, prefix, args, reps):
+  import torch
+  ids_t = torch.tensor(ids, dtype=torch.long)
+  mask = torch.ones_like(ids_t)
+  kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True, temperature=1.0,
+            top_k=args.top_k, top_p=args.top_p, pad_token_id=0)
+  if prefix is None:
+    inputs = {"input_ids": ids_t, "attention_mask": mask}
+  else:  # decoder-only generate from embeddings returns only the new tokens
+    with torch.inference_mode():
+      embeds = torch.cat([torch.tensor(prefix), model.get_input_embeddings()(ids_t)], dim=1)
+    inputs = {"inputs_embeds": embeds, "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long)}
+  torch.manual_seed(0)
+  new = args.new_tokens + (ids.shape[1] if prefix is None else 0)
+
+  def run():
+    with torch.inference_mode():
+      out = model.generate(**inputs, **kw)
+    assert out.shape == (ids.shape[0], new), out.shape
+    return out
+
+  return median_seconds(run, reps, warmup=1)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, nargs="+", default=[8, 64])
+  parser.add_argument("--new_tokens", type=int, default=64)
+  parser.add_argument("--prompt_len", type=int, default=16)
+  parser.add_argument("--prefix_tokens", type=int, default=0)
+  parser.add_argument("--top_k", type=int, default=0, help="0 = off, as the anchor")
+  parser.add_argument("--top_p", type=float, default=1.0)
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cores)")
+  parser.add_argument("--skip_hf", action="store_true", help="e.g. on an accelerator machine")
+  parser.add_argument("--json", help="also write the results here")
+  args = parser.parse_args()
+
+  backbone = msp_jax.load_backbone(weights.DEFAULT_BACKBONE, dtype=jnp.float32, with_tokenizer=False)
+  vocab, hidden = backbone.config.vocab_size, backbone.config.hidden_size
+  config = sampling.DecodeConfig(max_new_tokens=args.new_tokens, do_sample=True, temperature=1.0, top_k=args.top_k,
+                                 top_p=args.top_p, eos_ids=())
+  hf = None if args.skip_hf else load_hf(args.threads)
+  result = {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
+            "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "prefix_tokens": args.prefix_tokens,
+            "top_k": args.top_k, "top_p": args.top_p, "temperature": 1.0, "reps": args.reps, "runs": []}
+  if hf is not None:
+    import torch
+    import transformers
+    result.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads())
+  for b in args.batch:
+    ids, prefix = make_inputs(b, args.prompt_len, args.prefix_tokens, vocab, hidden)
+    tokens = b * args.new_tokens
+    seconds, times, compiled = time_ours(backbone.model, ids, prefix, config, args.reps)
+    run = {"batch": b, "ours_s": round(seconds, 4), "ours_tok_s": round(tokens / seconds, 1),
+           "ours_times_s": [round(t, 3) for t in times], **{f"ours_{k}": v for k, v in compiled.items()}}
+    print(run, flush=True)
+    if hf is not None:
+      hf_s = time_hf(hf, ids, prefix, args, args.reps)
+      run.update(hf_s=round(hf_s, 4), hf_tok_s=round(tokens / hf_s, 1), ours_over_hf=round(hf_s / seconds, 3))
+      print(run, flush=True)
+    result["runs"].append(run)
+  result["compilations_total"] = sampling.compilations()
+  print(json.dumps(result, indent=1))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1)
+  print("\n| what | ours tok/s | HF tok/s | ours/HF |\n|---|---|---|---|")
+  for run in result["runs"]:
+    what = f"sample b={run['batch']} T={args.prompt_len}+{args.new_tokens}" + (
+        f" P={args.prefix_tokens}" if args.prefix_tokens else "")
+    print(f"| {what} | {run['ours_tok_s']} | {run.get('hf_tok_s', '-')} | {run.get('ours_over_hf', '-')} |")
+  for r in result["runs"]:
+    print(f"ours b={r['batch']}: trace+lower {r['ours_trace_lower_s']} s, XLA compile {r['ours_compile_s']} s, "
+          f"first call {r['ours_first_call_s']} s, compilations {r['ours_compilations']}")
+
+
+if __name__ == "__main__":
+  main()
