@@ -5,30 +5,21 @@
       --config.tasks=nlupp/hotels                                     # metrics of one generated file
 """
 import json
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from msp_jax import experiment
-from msp_jax.errors import MspError
+from msp_jax import cli, experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/experiment.py", "Experiment config file.")
 _JSONL = flags.DEFINE_string("jsonl", "", "A generated JSONL to measure (data quality only) instead of the grid.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  try:
-    if _JSONL.value:
-      print(json.dumps(experiment.measure_file(_CONFIG.value, _JSONL.value), indent=1))
-    else:
-      experiment.run(_CONFIG.value)
-  except MspError as e:
-    sys.exit(f"error: {e}")
+def run():
+  if _JSONL.value:
+    print(json.dumps(experiment.measure_file(_CONFIG.value, _JSONL.value), indent=1))
+  else:
+    experiment.run(_CONFIG.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.main(run))

@@ -5,27 +5,18 @@
 
 Writes {workdir}/synthetic/{method}.jsonl (one example per line) atomically; an interrupted run resumes.
 """
-import sys
-
-from absl import app, logging
+from absl import app
 from ml_collections import config_flags
 
-from msp_jax import synthesis
-from msp_jax.errors import MspError
+from msp_jax import cli, synthesis
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/attention.py", "Run config file (as for train.py).")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  try:
-    summary = synthesis.synthesize(_CONFIG.value)
-  except MspError as e:
-    sys.exit(f"error: {e}")
+def run():
+  summary = synthesis.synthesize(_CONFIG.value)
   print(f"wrote {summary['kept']} examples to {summary['output']}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(cli.main(run))
