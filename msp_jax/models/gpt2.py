@@ -172,19 +172,20 @@ class GPT2(nnx.Module):
       q = jnp.einsum("btd,dhk->bthk", h, w["wq"]) + w["bq"]
       k = jnp.einsum("btd,dhk->bthk", h, w["wk"]) + w["bk"]
       v = jnp.einsum("btd,dhk->bthk", h, w["wv"]) + w["bv"]
-      if kc is not None:
-        kc, vc = L.update_layer_cache(kc, vc, k, v, cache.index)
-        k, v = kc, vc
+      new_kv = (None, None)
+      if kc is not None:  # attend over the cache plus this call's keys; return only the new ones
+        new_kv = (k, v)
+        k, v = L.update_layer_cache(kc, vc, k, v, cache.index)
       a = L.attention(q, k, v, attn_mask, scale=s)
       x = x + jnp.einsum("bthk,hkd->btd", a, w["wo"]) + w["bo"]
       h = L.layer_norm(x, w["mlp_norm"], w["mlp_norm_bias"], cfg.layer_norm_eps)
       x = x + act(h @ w["w_up"] + w["b_up"]) @ w["w_down"] + w["b_down"]
-      return x, (kc, vc)
+      return x, new_kv
 
     kv = (None, None) if cache is None else (cache.k, cache.v)
     x, (k_all, v_all) = jax.lax.scan(layer, x, (w, jnp.asarray(scale), *kv))
     if cache is not None:
-      new_cache = new_cache.replace(k=k_all, v=v_all)
+      new_cache = L.write_cache(new_cache, k_all, v_all, cache.index)
     return L.layer_norm(x, self.norm[...], self.norm_bias[...], cfg.layer_norm_eps), new_cache
 
 

@@ -176,9 +176,10 @@ class Llama(nnx.Module):
       if "bq" in w:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
       q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-      if kc is not None:
-        kc, vc = L.update_layer_cache(kc, vc, k, v, cache.index)
-        k, v = kc, vc
+      new_kv = (None, None)
+      if kc is not None:  # attend over the cache plus this call's keys; return only the new ones
+        new_kv = (k, v)
+        k, v = L.update_layer_cache(kc, vc, k, v, cache.index)
       a = L.attention(q, k, v, attn_mask, scale=cfg.head_dim ** -0.5)
       a = jnp.einsum("bthk,hkd->btd", a, w["wo"])
       x = x + (a + w["bo"] if "bo" in w else a)
@@ -188,12 +189,12 @@ class Llama(nnx.Module):
         gate, up = gate + w["b_gate"], up + w["b_up"]
       down = (jax.nn.silu(gate) * up) @ w["w_down"]
       x = x + (down + w["b_down"] if "b_down" in w else down)
-      return x, (kc, vc)
+      return x, new_kv
 
     kv = (None, None) if cache is None else (cache.k, cache.v)
     x, (k_all, v_all) = jax.lax.scan(layer, x, (w, *kv))
     if cache is not None:
-      new_cache = new_cache.replace(k=k_all, v=v_all)
+      new_cache = L.write_cache(new_cache, k_all, v_all, cache.index)
     return L.rms_norm(x, self.norm[...].astype(dt), cfg.rms_norm_eps), new_cache
 
 

@@ -265,9 +265,10 @@ class T5(nnx.Module):
       w, kc, vc, ck, cv = xs
       h = L.rms_norm(x, w["attn_norm"], cfg.layer_norm_epsilon)
       q, k, v = (jnp.einsum("btd,dhk->bthk", h, w[n]) for n in ("wq", "wk", "wv"))
-      if kc is not None:
-        kc, vc = L.update_layer_cache(kc, vc, k, v, cache.index)
-        k, v = kc, vc
+      new_kv = (None, None)
+      if kc is not None:  # attend over the cache plus this call's keys; return only the new ones
+        new_kv = (k, v)
+        k, v = L.update_layer_cache(kc, vc, k, v, cache.index)
       a = L.attention(q, k, v, self_mask, scale=1.0, bias=bias)
       x = x + jnp.einsum("bthk,hkd->btd", a, w["wo"])
       h = L.rms_norm(x, w["cross_norm"], cfg.layer_norm_epsilon)
@@ -277,7 +278,7 @@ class T5(nnx.Module):
       a = L.attention(q, ck.astype(self.dtype), cv.astype(self.dtype), cross_mask, scale=1.0)
       x = x + jnp.einsum("bthk,hkd->btd", a, w["xo"])
       h = L.rms_norm(x, w["mlp_norm"], cfg.layer_norm_epsilon)
-      return x + feed_forward(h, w, cfg.gated), (kc, vc)
+      return x + feed_forward(h, w, cfg.gated), new_kv
 
     kv = (None, None) if cache is None else (cache.k, cache.v)
     x = self.embed_tokens(decoder_input_ids)
@@ -290,7 +291,7 @@ class T5(nnx.Module):
     logits = jnp.einsum("btd,dv->btv", h, head.astype(self.dtype), preferred_element_type=jnp.float32)
     if cache is None:
       return logits
-    return logits, new_cache.replace(k=k_all, v=v_all)
+    return logits, L.write_cache(new_cache, k_all, v_all, cache.index)
 
 
 def shift_right(labels, cfg: T5Config):
