@@ -195,7 +195,9 @@ def _generate(model, input_ids, attention_mask, rng, embedded_prefix, prefix_mas
   _compilations += 1  # runs once per trace
   lm = _interface(model)
   logits, state = lm.start(input_ids, attention_mask, embedded_prefix, prefix_mask, config.max_new_tokens)
-  if isinstance(lm, _EncoderDecoder):  # transformers counts the decoder's own ids: the start token
+  if config.repetition_penalty == 1.0:  # nothing reads it: skip a [B, V] update per step
+    seen = None
+  elif isinstance(lm, _EncoderDecoder):  # transformers counts the decoder's own ids: the start token
     seen = seen_tokens(jnp.full((input_ids.shape[0], 1), model.cfg.decoder_start_token_id), jnp.ones((input_ids.shape[0], 1)),
                        logits.shape[-1])
   else:
@@ -203,7 +205,8 @@ def _generate(model, input_ids, attention_mask, rng, embedded_prefix, prefix_mas
   copies = config.num_beams if config.num_beams > 1 else config.num_return_sequences
   if copies > 1:  # prefill once per prompt, then copy the rows
     index = jnp.repeat(jnp.arange(input_ids.shape[0]), copies)
-    logits, seen, state = logits[index], seen[index], _rows(state, index, lm.batch_axes)
+    logits, state = logits[index], _rows(state, index, lm.batch_axes)
+    seen = None if seen is None else seen[index]
   loop = _beam_search if config.num_beams > 1 else _sample
   return loop(lm, logits, seen, state, rng, config)
 
@@ -232,7 +235,7 @@ def _sample(lm, logits, seen, state, rng, config: DecodeConfig):
       token = jnp.argmax(scores, axis=-1)
     token = jnp.where(done, config.pad_id, token.astype(jnp.int32))
     out = out.at[:, i].set(token)
-    seen = seen.at[rows, token].max(~done)
+    seen = None if seen is None else seen.at[rows, token].max(~done)
     done = done | _ends(token, config)
     logits, state = lm.step(state, token, ~done)
     return i + 1, logits, seen, state, done, out
@@ -289,7 +292,7 @@ def _beam_search(lm, logits, seen, state, rng, config: DecodeConfig):
     improvable = c["improvable"] & (best_running > worst_finished).any(-1, keepdims=True)
     go = improvable.any() & ~(finished.all() & (early is True)) & ~hits.all()
 
-    seen = c["seen"][source].at[jnp.arange(b * k), running[:, :, i].reshape(-1)].set(True)
+    seen = None if c["seen"] is None else c["seen"][source].at[jnp.arange(b * k), running[:, :, i].reshape(-1)].set(True)
     state = _rows(c["state"], source, lm.batch_axes)
     logits, state = lm.step(state, running[:, :, i].reshape(-1), jnp.ones(b * k, bool))
     return dict(i=i + 1, logits=logits, seen=seen, state=state, running=running, running_scores=running_scores,
