@@ -15,7 +15,9 @@ fewer, which the results record. Prompts are trained and data generated once per
 
 Outputs in `c.workdir`: {task}/{method}/seed{k}.json (scores), {task}/{method}/quality.json
 (data-quality metrics of the synthetic set), runs/ (prompt training), synthetic/ (generations),
-results.md (tables). Resumable: finished pieces are skipped; training and generation resume.
+results.md (tables). Resumable: finished pieces are skipped; training and generation resume. `rescore=True` redoes the
+downstream runs and quality metrics only (e.g. after changing the downstream model), reusing the
+trained prompts and generations.
 """
 from __future__ import annotations
 
@@ -230,17 +232,17 @@ def run(c, backbone=None) -> str:
     seed_model = MODELS[dataset](task, cache, c, c.seed).fit(seeds)
     for method in methods:
       folder = os.path.join(c.workdir, name, method)
-      todo = [k for k in range(c.num_seeds) if not os.path.exists(os.path.join(folder, f"seed{k}.json"))]
+      todo = [k for k in range(c.num_seeds) if c.rescore or not os.path.exists(os.path.join(folder, f"seed{k}.json"))]
       if not todo:
         continue
       pool = [] if method == "seed" else None if method == "eda" else generated_records(c, backbone, dataset, domain, method)
-      if pool and not os.path.exists(os.path.join(folder, "quality.json")):
+      if pool and (c.rescore or not os.path.exists(os.path.join(folder, "quality.json"))):
         write_json_atomic(os.path.join(folder, "quality.json"), quality(pool, task, seed_model, backbone))
       for k in todo:
         t0 = time.time()
         if method == "eda":
           synthetic = subsample(eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n_synthetic, k)
-          if k == 0 and not os.path.exists(os.path.join(folder, "quality.json")):
+          if k == 0 and (c.rescore or not os.path.exists(os.path.join(folder, "quality.json"))):
             write_json_atomic(os.path.join(folder, "quality.json"), quality(synthetic, task, seed_model, backbone))
         else:
           synthetic = subsample(pool, n_synthetic, k)
