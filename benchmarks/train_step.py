@@ -50,6 +50,8 @@ def time_ours(backbone, ids, prompt_tokens, reps, full_finetune=False):
                                      {"attribute": rng.uniform(-0.5, 0.5, (4, 20, d))}, "pooling", rngs=nnx.Rngs(0))
   model = training.PromptedModel(backbone.model, prompts, encoder_decoder=False)
   graphdef, trainable, frozen = nnx.split(model, nnx.Param if full_finetune else training.PromptParam, ...)
+  if full_finetune:  # the step donates what it trains: work on a copy, the next run reuses the backbone
+    trainable = jax.tree.map(jnp.copy, trainable)
   tx, _ = training.make_optimizer(training.OptimizerConfig(learning_rate=3e-2, total_steps=100))
   opt_state = tx.init(trainable)
   step = training.make_train_step(graphdef, tx, sharding.make_mesh(), trainable, opt_state, frozen)
