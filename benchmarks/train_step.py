@@ -10,7 +10,6 @@ prefix of P tokens = (P - 20)-token instruction + one pooled 20-token attribute 
 import argparse
 import json
 import os
-import statistics
 import time
 
 import jax
@@ -22,17 +21,7 @@ import msp_jax
 from msp_jax import prompts as soft_prompts
 from msp_jax import sharding, training
 from msp_jax.models import weights
-
-
-def median_seconds(fn, reps, warmup=2):
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from benchmarks.forward import median_seconds
 
 
 def batch_for(ids):
