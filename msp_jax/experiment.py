@@ -82,9 +82,8 @@ def write_json_atomic(path: str, value) -> None:
 
 def example_record(ex) -> dict:
   """An Example in the generator's record shape (text, attributes, values, spans)."""
-  spans = synthesis.find_spans(ex.text, ex.typed_values) if ex.typed_values else []
   return {"text": ex.text, "attributes": {k: list(v) for k, v in ex.attributes.items()}, "values": list(ex.values),
-          "spans": spans if spans is not None else [s for tv in ex.typed_values for s in synthesis.find_spans(ex.text, [tv]) or []]}
+          "spans": synthesis.found_spans(ex.text, ex.typed_values)}
 
 
 def generated_records(c, backbone, dataset, domain, method) -> list[dict]:

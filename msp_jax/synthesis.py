@@ -10,8 +10,10 @@
    the prompt, and (CrossNER/TOPv2) outputs missing a requested entity/slot value are dropped; of
    the rest the lowest-noise `keep_fraction` is kept. Noise = embedding distance to the seed plus
    `rarity_weight` x rarity of the requested attributes (the original's two terms).
+   `min_value_coverage` < 1 keeps outputs that contain that share of the requested values (a small
+   LM rarely fits all of a CrossNER sentence's ~6 entities into one generation).
 4. Labels are the requested attributes, and for CrossNER/TOPv2 spans found in the generated text,
-   never copied from the seed.
+   never copied from the seed; a requested type none of whose values occur is dropped from the labels.
 Progress is appended to `candidates.jsonl` after every chunk, so an interrupted run resumes; the
 output file is written atomically at the end.
 """
@@ -94,15 +96,30 @@ def cut(text: str, stop_strings: Sequence[str] = STOP_STRINGS) -> str:
   return re.sub(r"^\s*\d+\)\s*", "", text).strip()
 
 
-def find_spans(text: str, typed_values: Sequence[tuple[str, str]]) -> list[dict] | None:
-  """Character spans of each (type, value) in text (case-insensitive, whole words); None if one is missing."""
+def found_spans(text: str, typed_values: Sequence[tuple[str, str]]) -> list[dict]:
+  """Character spans of the (type, value) pairs that occur in text (case-insensitive, whole words)."""
   spans = []
   for t, value in typed_values:
     m = re.search(r"(?<!\w)" + re.escape(value) + r"(?!\w)", text, flags=re.IGNORECASE)
-    if m is None:
-      return None
-    spans.append({"type": t, "value": text[m.start():m.end()], "start": m.start(), "end": m.end()})
+    if m is not None:
+      spans.append({"type": t, "value": text[m.start():m.end()], "start": m.start(), "end": m.end()})
   return spans
+
+
+def find_spans(text: str, typed_values: Sequence[tuple[str, str]]) -> list[dict] | None:
+  """Spans of every (type, value) in text; None if one is missing."""
+  spans = found_spans(text, typed_values)
+  return spans if len(spans) == len(typed_values) else None
+
+
+def label_found_values(c: dict) -> float:
+  """Sets a candidate's spans to the requested values found in its text and drops requested types with
+  none found from its attributes; returns the share of requested values found (1.0 if none requested)."""
+  typed = [tuple(tv) for tv in c["typed_values"]]
+  c["spans"] = found_spans(c["text"], typed)
+  missing = {t for t, _ in typed} - {s["type"] for s in c["spans"]}
+  c["attributes"] = {k: [n for n in names if n not in missing] for k, names in c["attributes"].items()}
+  return len(c["spans"]) / len(typed) if typed else 1.0
 
 
 def normalise(text: str) -> str:
@@ -110,7 +127,8 @@ def normalise(text: str) -> str:
 
 
 def denoise(candidates: list[dict], seeds: Sequence[Example], keep_fraction: float,
-            embed: Callable[[list[str]], np.ndarray], rarity_weight: float = 0.5) -> tuple[list[dict], dict]:
+            embed: Callable[[list[str]], np.ndarray], rarity_weight: float = 0.5,
+            min_value_coverage: float = 1.0) -> tuple[list[dict], dict]:
   """Filters candidates (dicts from `candidate_record`); returns (kept, removed count per reason)."""
   removed = collections.Counter()
   seen, seed_texts = set(), {normalise(s.text) for s in seeds}
@@ -118,7 +136,8 @@ def denoise(candidates: list[dict], seeds: Sequence[Example], keep_fraction: flo
   for c in candidates:
     key = normalise(c["text"])
     reason = ("empty" if not key else "duplicate" if key in seen else "copy_of_seed" if key in seed_texts
-              else "copy_of_exemplar" if key in c["exemplars"] else "missing_value" if c["spans"] is None else None)
+              else "copy_of_exemplar" if key in c["exemplars"]
+              else "missing_value" if label_found_values(c) < min_value_coverage else None)
     if reason:
       removed[reason] += 1
       continue
@@ -139,14 +158,14 @@ def denoise(candidates: list[dict], seeds: Sequence[Example], keep_fraction: flo
     for c, n in zip(survivors, noise):
       c["noise"] = float(n)
     survivors = [survivors[i] for i in sorted(order[:keep])]
-  return survivors, dict(removed)
+  return survivors, {k: n for k, n in removed.items() if n}
 
 
 def candidate_record(request: Request, text: str, prompt_text: str, method: str, decoding: dict) -> dict:
   """One generated candidate with everything denoising and the output file need."""
   exemplars = {normalise(line.split(") ", 1)[1]) for line in prompt_text.split("\n") if re.match(r"^\d+\) .", line)}
   return {"request": request.index, "text": text, "attributes": {k: list(v) for k, v in request.attributes.items()},
-          "values": list(request.values), "spans": find_spans(text, request.typed_values) if request.typed_values else [],
+          "values": list(request.values), "typed_values": [list(tv) for tv in request.typed_values],
           "domain": request.seed.domain, "seed_id": request.seed.uid, "seed_text": request.seed.text,
           "kind": request.kind, "method": method, "decoding": decoding, "exemplars": sorted(exemplars)}
 
@@ -225,6 +244,9 @@ def synthesize(c, backbone=None) -> dict:
 
   if c.method not in ("msp", "in_context"):
     raise ConfigError(f"config.method={c.method!r}: valid: msp, in_context")
+  if not 0 < c.keep_fraction <= 1 or not 0 <= c.min_value_coverage <= 1:
+    raise ConfigError(f"config.keep_fraction={c.keep_fraction}, config.min_value_coverage={c.min_value_coverage}: "
+                      "valid: 0 < keep_fraction <= 1, 0 <= min_value_coverage <= 1")
   run = trainer.build(c, backbone)
   step = trainer.restore_prompts(run, c.checkpoint) if c.method == "msp" else None
   tok, ontology = run.backbone.tokenizer, run.task.ontology
@@ -273,8 +295,10 @@ def synthesize(c, backbone=None) -> dict:
     append_progress(progress_path, [candidate_record(r, cut(t), s.text, c.method, decoding)
                                     for r, t, s in zip(chunk, texts, segments)])
   records = read_progress(progress_path)
+  for r in records:  # progress files written before candidates stored their typed values
+    r.setdefault("typed_values", [list(tv) for tv in requests[r["request"]].typed_values])
   kept, removed = denoise(records, seeds, c.keep_fraction, lambda t: features.text_embeddings(run.backbone, t),
-                          c.rarity_weight)
+                          c.rarity_weight, c.min_value_coverage)
   write_jsonl_atomic(output, [output_record(r) for r in kept])
   summary = {"output": output, "method": c.method, "checkpoint_step": step, "seeds": len(seeds),
              "candidates": len(records), "kept": len(kept), "removed": removed,

@@ -48,6 +48,8 @@ def test_spans_are_recomputed_on_the_generated_text():
   assert spans == [{"type": "band", "value": "queen", "start": 11, "end": 16},
                    {"type": "award", "value": "Grammy", "start": 29, "end": 35}]
   assert synthesis.find_spans("Queens of the Stone Age", [("band", "Queen")]) is None  # whole words only
+  assert synthesis.found_spans("Queen sang", [("band", "Queen"), ("award", "Grammy")]) == [
+      {"type": "band", "value": "Queen", "start": 0, "end": 5}]
 
 
 def record(request_index, text, seed=SEEDS[0], prompt="music:\n1) Freddie sang at Wembley\n2) ", typed=None):
@@ -78,6 +80,20 @@ def test_denoising_removes_each_kind_of_noise_and_counts_it():
   assert kept[0]["noise"] == pytest.approx(1 - 1 / np.sqrt(1.01))
 
 
+def test_value_coverage_keeps_partial_outputs_labelled_with_what_they_contain():
+  candidates = [record(0, "Queen played a song in Paris"),   # 1 of 2 values: the song is missing
+                record(1, "Some band played a song"),        # 0 of 2
+                record(2, "Queen played Bohemian Rhapsody in Paris")]
+  embed = lambda texts: np.ones((len(texts), 2))
+  strict, removed = synthesis.denoise([dict(c) for c in candidates], SEEDS, 1.0, embed)
+  assert [r["request"] for r in strict] == [2] and removed == {"missing_value": 2}
+  half, removed = synthesis.denoise([dict(c) for c in candidates], SEEDS, 1.0, embed, min_value_coverage=0.5)
+  assert [r["request"] for r in half] == [0, 2] and removed == {"missing_value": 1}
+  assert half[0]["spans"] == [{"type": "band", "value": "Queen", "start": 0, "end": 5}]
+  assert half[0]["attributes"] == {"entities": ["band"]}  # the missing song is not claimed as a label
+  assert half[1]["attributes"] == {"entities": ["band", "song"]} and len(half[1]["spans"]) == 2
+
+
 def test_rarity_term_prefers_common_attributes():
   rare = SEEDS[1]  # musicalartist appears once, band twice
   candidates = [record(0, "Queen played Bohemian Rhapsody twice"), record(1, "Adele won a Grammy again", seed=rare)]
@@ -96,6 +112,8 @@ def test_progress_file_drops_a_torn_last_line(tmp_path):
 
 
 def test_output_records_have_the_schema():
-  r = synthesis.output_record(dict(record(3, "Queen played Bohemian Rhapsody in Paris"), noise=0.1))
+  c = dict(record(3, "Queen played Bohemian Rhapsody in Paris"), noise=0.1)
+  synthesis.label_found_values(c)  # what denoising does to every kept candidate
+  r = synthesis.output_record(c)
   assert set(r) == {"text", "attributes", "values", "spans", "domain", "seed_id", "kind", "method", "decoding", "noise"}
   json.dumps(r)
