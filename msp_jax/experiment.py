@@ -220,7 +220,7 @@ def run(c, backbone=None) -> str:
   if c.num_seeds < 1 or c.synthetic_per_example < 1:
     raise ExperimentError(f"config.num_seeds={c.num_seeds}, config.synthetic_per_example={c.synthetic_per_example}: both must be >= 1")
   backbone = backbone or load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
-  cache, start = FeatureCache(backbone), time.time()
+  cache, clock = FeatureCache(backbone), WallTime(c.workdir)
   synonyms = augment.embedding_synonyms(trainer.embedding_table(backbone.model), backbone.tokenizer) if "eda" in methods else None
   for dataset, domain in grid_tasks:
     task = load_task(dataset, domain, "few_shot", seed=c.seed, data_dir=c.data_dir or None)
@@ -252,8 +252,8 @@ def run(c, backbone=None) -> str:
         write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
         print(f"[{dataset}/{domain}] {method} seed {k}: {MAIN_METRIC[dataset]} "
               f"{result['scores'][MAIN_METRIC[dataset]]:.3f} ({len(synthetic)} synthetic)", flush=True)
-    write_table(c, grid_tasks, methods, time.time() - start)  # a partial table after every task
-  path = write_table(c, grid_tasks, methods, time.time() - start)
+    write_table(c, grid_tasks, methods, clock.save())  # a partial table after every task
+  path = write_table(c, grid_tasks, methods, clock.save())
   print(f"wrote {path}", flush=True)
   return path
 
@@ -277,13 +277,27 @@ def mean_std(values) -> str:
   return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
 
 
-def write_table(c, grid_tasks, methods, seconds: float) -> str:
+class WallTime:
+  """The grid's wall time summed over the invocations that built its workdir (a resumed grid adds up)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "wall_time.json")
+    prior = json.load(open(self.path)) if os.path.exists(self.path) else {"seconds": 0.0, "invocations": 0}
+    self.prior, self.invocations, self.start = prior["seconds"], prior["invocations"] + 1, time.time()
+
+  def save(self) -> dict:
+    value = {"seconds": round(self.prior + time.time() - self.start, 1), "invocations": self.invocations}
+    write_json_atomic(self.path, value)
+    return value
+
+
+def write_table(c, grid_tasks, methods, wall: dict) -> str:
   """results.md: downstream scores (mean ± std over seeds, x100) and data quality per method."""
   results = load_results(c, grid_tasks, methods)
   lines = [f"# MSP downstream experiment ({c.model}, few-shot, {c.num_seeds} seeds)", "",
            f"Scores x100 on the real test split, mean ± std over seeds; {c.synthetic_per_example} synthetic "
-           f"examples per seed example; prompt training {c.max_steps} steps. Wall time of this invocation: "
-           f"{seconds / 60:.1f} min.", ""]
+           f"examples per seed example; prompt training {c.max_steps} steps. Wall time: "
+           f"{wall['seconds'] / 60:.1f} min over {wall['invocations']} invocation(s) of evaluate.py.", ""]
   for dataset, domain in grid_tasks:
     metrics = list(next((r[0]["scores"] for r in [results[dataset, domain, m][0] for m in methods] if r), {}))
     lines += [f"## {dataset}/{domain}", "", "| method | synthetic | " + " | ".join(metrics) + " |",

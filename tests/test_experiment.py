@@ -35,9 +35,14 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, raw_da
   table = open(os.path.join(workdir, "results.md")).read()
   assert "## nlupp/hotels" in table and "## crossner/music" in table
   assert all(f"| {m} |" in table for m in METHODS) and "partial_span_f1 (paper)" in table
+  first = json.load(open(os.path.join(workdir, "wall_time.json")))
+  assert first["invocations"] == 1 and first["seconds"] > 0
 
   rc, out = evaluate(f"--config.model={tiny_model_dir}", f"--config.workdir={workdir}")
   assert rc == 0 and " seed 0: " not in out and "training prompts" not in out  # everything was done
+  again = json.load(open(os.path.join(workdir, "wall_time.json")))  # the resumed grid's time adds up
+  assert again["invocations"] == 2 and again["seconds"] > first["seconds"]
+  assert f"Wall time: {again['seconds'] / 60:.1f} min over 2 invocation(s)" in open(os.path.join(workdir, "results.md")).read()
 
 
 @pytest.mark.parametrize("flag,message", [
