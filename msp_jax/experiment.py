@@ -310,10 +310,11 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
     q_rows = [(m, results[dataset, domain, m][1]) for m in methods if results[dataset, domain, m][1]]
     if q_rows:
       keys = [k for k in q_rows[0][1] if k != "examples"]
-      lines += ["", "Synthetic data quality (whole denoised set; EDA: seed 0's copies):", "",
+      lines += ["", "Synthetic data quality (whole denoised set; EDA: seed 0's copies; '-': undefined, e.g. "
+                "self-BLEU of one text):", "",
                 "| method | examples | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
       for m, q in q_rows:
-        lines.append(f"| {m} | {q['examples']} | " + " | ".join("-" if q.get(k) is None else f"{q[k]:.3f}" for k in keys) + " |")
+        lines.append(f"| {m} | {q['examples']} | " + " | ".join("-" if q.get(k) is None or np.isnan(q[k]) else f"{q[k]:.3f}" for k in keys) + " |")
     lines.append("")
   path = os.path.join(c.workdir, "results.md")
   os.makedirs(c.workdir, exist_ok=True)
