@@ -7,7 +7,8 @@ For each task (dataset/domain, few-shot setting) and method
   prompt_tuning  seed + generations after plain prompt tuning (instruction prompt only)
   concat | pooling | attention | bottleneck | cnn   seed + MSP generations with that mixer
 a downstream model on frozen-backbone features (NLU++: multi-label intent classifier on pooled
-states; CrossNER: per-word BIO tagger) is trained with each of `num_seeds` seeds and scored on the
+states; CrossNER: per-word BIO tagger; TOPv2: multi-label intent and slot-type classifiers on pooled
+states, which is not TOPv2's exact-match semantic parsing) is trained with each of `num_seeds` seeds and scored on the
 real test split. Every synthetic method adds the same number of examples: `synthetic_per_example`
 x the seed examples, a seeded subsample of its (denoised) output; fewer only when a generator kept
 fewer, which the results record. Prompts are trained and data generated once per task and method
@@ -33,7 +34,7 @@ from msp_jax.prompts import MIXERS
 
 BASELINES = ("seed", "eda", "in_context", "prompt_tuning")
 METHODS = (*BASELINES, *MIXERS)
-DOWNSTREAM_DATASETS = ("nlupp", "crossner")
+DOWNSTREAM_DATASETS = ("nlupp", "crossner", "topv2")
 
 
 class ExperimentError(MspError):
@@ -55,7 +56,7 @@ def tasks_of(c) -> list[tuple[str, str]]:
     dataset, _, domain = item.partition("/")
     if dataset not in DOWNSTREAM_DATASETS or not domain:
       raise ExperimentError(f"config.tasks item {item!r}: expected dataset/domain with dataset in "
-                            f"{', '.join(DOWNSTREAM_DATASETS)} (TOPv2 has no downstream model here)")
+                            f"{', '.join(DOWNSTREAM_DATASETS)}")
     out.append((dataset, domain))
   return out
 
@@ -133,6 +134,7 @@ class FeatureCache:
 
 class IntentModel:
   """NLU++: multi-label intents from pooled features."""
+  attribute_sets = ("intents",)
 
   def __init__(self, task, cache: FeatureCache, c, seed: int):
     self.labels = list(task.ontology["intents"].names)
@@ -149,6 +151,9 @@ class IntentModel:
     pred = self.model.predict(self.cache.sentence(texts))
     return [{self.labels[j] for j in np.flatnonzero(row)} for row in pred]
 
+  def predict_keys(self, texts) -> list[set]:
+    return [{("intents", n) for n in names} for names in self.predict_sets(texts)]
+
   def score(self, examples) -> dict:
     gold = [set(ex.attributes["intents"]) for ex in examples]
     pred = self.predict_sets([ex.text for ex in examples])
@@ -159,6 +164,7 @@ class IntentModel:
 
 class EntityModel:
   """CrossNER: a per-word BIO tagger on word features."""
+  attribute_sets = ("entities",)
 
   def __init__(self, task, cache: FeatureCache, c, seed: int):
     self.types = list(task.ontology["entities"].names)
@@ -176,8 +182,8 @@ class EntityModel:
   def predict_spans(self, texts) -> list[list]:
     return [scores.bio_to_spans([self.tags[i] for i in row]) for row in self.model.predict(self.cache.per_word(texts))]
 
-  def predict_sets(self, texts) -> list[set]:
-    return [{t for t, _, _ in spans} for spans in self.predict_spans(texts)]
+  def predict_keys(self, texts) -> list[set]:
+    return [{("entities", t) for t, _, _ in spans} for spans in self.predict_spans(texts)]
 
   def score(self, examples) -> dict:
     gold = [scores.bio_to_spans(downstream.bio_tags(ex.text, example_record(ex)["spans"])) for ex in examples]
@@ -187,8 +193,43 @@ class EntityModel:
             "partial_span_f1 (paper)": partial["f1"]}
 
 
-MODELS = {"nlupp": IntentModel, "crossner": EntityModel}
-MAIN_METRIC = {"nlupp": "micro_f1", "crossner": "span_f1"}
+class ParseModel:
+  """TOPv2: multi-label intents and multi-label slot types from pooled features, two linear heads.
+  Plainly not TOPv2's exact-match semantic parsing (no tree, no slot values)."""
+  attribute_sets = ("intents", "slots")
+
+  def __init__(self, task, cache: FeatureCache, c, seed: int):
+    self.labels = {s: list(task.ontology[s].names) for s in self.attribute_sets}
+    self.cache, self.c, self.seed = cache, c, seed
+
+  def fit(self, records):
+    x = self.cache.sentence([r["text"] for r in records])
+    self.models = {s: downstream.MultiLabelClassifier(hidden=self.c.downstream_hidden, steps=self.c.downstream_steps,
+                                                      seed=self.seed).fit(x, downstream.intent_targets(records, labels, s))
+                   for s, labels in self.labels.items()}
+    return self
+
+  def predict(self, texts) -> dict[str, list[set]]:
+    x = self.cache.sentence(texts)
+    return {s: [{labels[j] for j in np.flatnonzero(row)} for row in self.models[s].predict(x)]
+            for s, labels in self.labels.items()}
+
+  def predict_keys(self, texts) -> list[set]:
+    pred = self.predict(texts)
+    return [{(s, n) for s in self.attribute_sets for n in pred[s][i]} for i in range(len(texts))]
+
+  def score(self, examples) -> dict:
+    pred = self.predict([ex.text for ex in examples])
+    gold = {s: [set(ex.attributes[s]) for ex in examples] for s in self.attribute_sets}
+    intents = scores.multilabel_prf(gold["intents"], pred["intents"], self.labels["intents"])
+    slots = scores.multilabel_prf(gold["slots"], pred["slots"], self.labels["slots"])
+    return {"intent_set_accuracy": scores.intent_set_accuracy(gold["intents"], pred["intents"]),
+            "intent_micro_f1": intents["micro_f1"], "slot_type_micro_f1": slots["micro_f1"],
+            "slot_type_macro_f1": slots["macro_f1"]}
+
+
+MODELS = {"nlupp": IntentModel, "crossner": EntityModel, "topv2": ParseModel}
+MAIN_METRIC = {"nlupp": "micro_f1", "crossner": "span_f1", "topv2": "intent_set_accuracy"}
 
 
 def quality(records, task, seed_model, backbone) -> dict:
@@ -196,9 +237,8 @@ def quality(records, task, seed_model, backbone) -> dict:
   texts = [r["text"] for r in records]
   if not texts:
     return {"examples": 0}
-  set_name = "intents" if task.dataset == "nlupp" else "entities"
-  requested = [set(r["attributes"].get(set_name, ())) for r in records]
-  attribute = scores.attribute_prf(requested, seed_model.predict_sets(texts))
+  requested = [{(s, n) for s in seed_model.attribute_sets for n in r["attributes"].get(s, ())} for r in records]
+  attribute = scores.attribute_prf(requested, seed_model.predict_keys(texts))
   nll, counts = features.text_nll(backbone, texts) if not backbone.is_encoder_decoder else (None, None)
   presence, _ = evaluation.label_presence(records)
   seeds = [ex.text for ex in task.splits["train"]]
