@@ -132,32 +132,43 @@ class FeatureCache:
     return [self.words[t] for t in texts]
 
 
-class IntentModel:
-  """NLU++: multi-label intents from pooled features."""
-  attribute_sets = ("intents",)
+class LabelSetModel:
+  """Multi-label heads on pooled features, one per attribute set (`attribute_sets`)."""
+  attribute_sets: tuple = ()
 
   def __init__(self, task, cache: FeatureCache, c, seed: int):
-    self.labels = list(task.ontology["intents"].names)
-    self.general = {a.name for a in task.ontology["intents"].attributes if a.general}
+    self.labels = {s: list(task.ontology[s].names) for s in self.attribute_sets}
     self.cache, self.c, self.seed = cache, c, seed
 
   def fit(self, records):
     x = self.cache.sentence([r["text"] for r in records])
-    self.model = downstream.MultiLabelClassifier(hidden=self.c.downstream_hidden, steps=self.c.downstream_steps,
-                                                 seed=self.seed).fit(x, downstream.intent_targets(records, self.labels))
+    self.models = {s: downstream.MultiLabelClassifier(hidden=self.c.downstream_hidden, steps=self.c.downstream_steps,
+                                                      seed=self.seed).fit(x, downstream.intent_targets(records, labels, s))
+                   for s, labels in self.labels.items()}
     return self
 
-  def predict_sets(self, texts) -> list[set]:
-    pred = self.model.predict(self.cache.sentence(texts))
-    return [{self.labels[j] for j in np.flatnonzero(row)} for row in pred]
+  def predict(self, texts) -> dict[str, list[set]]:
+    x = self.cache.sentence(texts)
+    return {s: [{labels[j] for j in np.flatnonzero(row)} for row in self.models[s].predict(x)]
+            for s, labels in self.labels.items()}
 
   def predict_keys(self, texts) -> list[set]:
-    return [{("intents", n) for n in names} for names in self.predict_sets(texts)]
+    pred = self.predict(texts)
+    return [{(s, n) for s in self.attribute_sets for n in pred[s][i]} for i in range(len(texts))]
+
+
+class IntentModel(LabelSetModel):
+  """NLU++: multi-label intents from pooled features."""
+  attribute_sets = ("intents",)
+
+  def __init__(self, task, cache: FeatureCache, c, seed: int):
+    super().__init__(task, cache, c, seed)
+    self.general = {a.name for a in task.ontology["intents"].attributes if a.general}
 
   def score(self, examples) -> dict:
     gold = [set(ex.attributes["intents"]) for ex in examples]
-    pred = self.predict_sets([ex.text for ex in examples])
-    prf = scores.multilabel_prf(gold, pred, self.labels)
+    pred = self.predict([ex.text for ex in examples])["intents"]
+    prf = scores.multilabel_prf(gold, pred, self.labels["intents"])
     return {"micro_f1": prf["micro_f1"], "macro_f1": prf["macro_f1"], "micro_precision": prf["micro_precision"],
             "micro_recall": prf["micro_recall"], "general_intent_f1 (paper)": scores.general_intent_f1(gold, pred, self.general)}
 
@@ -193,30 +204,10 @@ class EntityModel:
             "partial_span_f1 (paper)": partial["f1"]}
 
 
-class ParseModel:
+class ParseModel(LabelSetModel):
   """TOPv2: multi-label intents and multi-label slot types from pooled features, two linear heads.
   Plainly not TOPv2's exact-match semantic parsing (no tree, no slot values)."""
   attribute_sets = ("intents", "slots")
-
-  def __init__(self, task, cache: FeatureCache, c, seed: int):
-    self.labels = {s: list(task.ontology[s].names) for s in self.attribute_sets}
-    self.cache, self.c, self.seed = cache, c, seed
-
-  def fit(self, records):
-    x = self.cache.sentence([r["text"] for r in records])
-    self.models = {s: downstream.MultiLabelClassifier(hidden=self.c.downstream_hidden, steps=self.c.downstream_steps,
-                                                      seed=self.seed).fit(x, downstream.intent_targets(records, labels, s))
-                   for s, labels in self.labels.items()}
-    return self
-
-  def predict(self, texts) -> dict[str, list[set]]:
-    x = self.cache.sentence(texts)
-    return {s: [{labels[j] for j in np.flatnonzero(row)} for row in self.models[s].predict(x)]
-            for s, labels in self.labels.items()}
-
-  def predict_keys(self, texts) -> list[set]:
-    pred = self.predict(texts)
-    return [{(s, n) for s in self.attribute_sets for n in pred[s][i]} for i in range(len(texts))]
 
   def score(self, examples) -> dict:
     pred = self.predict([ex.text for ex in examples])
