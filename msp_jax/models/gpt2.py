@@ -115,11 +115,9 @@ class Layers(nnx.Module):
            "mlp_norm", "mlp_norm_bias", "w_up", "b_up", "w_down", "b_down")
 
 
-class GPT2(nnx.Module):
-  """`model(input_ids, attention_mask=None, *, embedded_prefix=None, prefix_mask=None, cache=None)`.
-
-  Returns logits [B, T, V] (fp32) for the token positions (not the prefix), or
-  `(logits, cache)` when a `KVCache` is passed (see `init_cache`).
+class GPT2(L.DecoderLM):
+  """GPT-2; called as `L.DecoderLM` says. Token embeddings carry no positions: `hidden_states` adds
+  them, to the embedded prefix as well.
 
   Positions come from the attention mask and count the prefix's unmasked slots too. A position past the learned
   table (>= `max_positions`, 1024 for the released checkpoints) reuses its last row: a jitted step
@@ -141,18 +139,6 @@ class GPT2(nnx.Module):
   def init_cache(self, batch: int, max_len: int) -> L.KVCache:
     c = self.cfg
     return L.KVCache.create(c.num_layers, batch, max_len, c.num_heads, c.head_dim, self.dtype)
-
-  def embed_tokens(self, input_ids):
-    """Token embeddings only: positions are added in `hidden_states`, to the prefix as well."""
-    return self.embed[...][input_ids].astype(self.dtype)
-
-  def __call__(self, input_ids, attention_mask=None, *, embedded_prefix=None, prefix_mask=None, cache=None):
-    mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
-    x, mask, p = L.join_prefix(self.embed_tokens(input_ids), mask, embedded_prefix, prefix_mask)
-    h, new_cache = self.hidden_states(x, mask, cache)
-    head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    logits = jnp.einsum("btd,dv->btv", h[:, p:], head.astype(self.dtype), preferred_element_type=jnp.float32)
-    return logits if cache is None else (logits, new_cache)
 
   def hidden_states(self, x, mask, cache=None):
     """Final-normed hidden states [B, T, D] of embeddings x (without positions) with mask [B, T]."""

@@ -1,5 +1,5 @@
 """Pieces every backbone shares: parameters with partition metadata, norms, attention with a KV
-cache, the embedded-prefix join and mask-derived positions.
+cache, the embedded-prefix join, mask-derived positions, and the decoder-only calling convention.
 
 Conventions (all model files):
   B batch, T new tokens this call, S cache slots (= T without a cache), D model width,
@@ -150,3 +150,24 @@ def attention(q, k, v, mask, *, scale, bias=None):
 def values(module: nnx.Module, names):
   """The arrays of `module`'s params `names`, as a dict (scan needs plain arrays)."""
   return {n: getattr(module, n)[...] for n in names if getattr(module, n, None) is not None}
+
+
+class DecoderLM(nnx.Module):
+  """The calling convention of the decoder-only backbones (GPT-2, Llama family).
+
+  `model(input_ids, attention_mask=None, *, embedded_prefix=None, prefix_mask=None, cache=None)`
+  returns logits [B, T, V] (fp32) for the token positions (not the prefix), or `(logits, cache)` when
+  a `KVCache` is passed (see `init_cache`). Subclasses own `embed`, `lm_head` (None when tied),
+  `dtype` and `hidden_states(x, mask, cache)`.
+  """
+
+  def embed_tokens(self, input_ids):
+    return self.embed[...][input_ids].astype(self.dtype)
+
+  def __call__(self, input_ids, attention_mask=None, *, embedded_prefix=None, prefix_mask=None, cache=None):
+    mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+    x, mask, p = join_prefix(self.embed_tokens(input_ids), mask, embedded_prefix, prefix_mask)
+    h, new_cache = self.hidden_states(x, mask, cache)
+    head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+    logits = jnp.einsum("btd,dv->btv", h[:, p:], head.astype(self.dtype), preferred_element_type=jnp.float32)
+    return logits if cache is None else (logits, new_cache)

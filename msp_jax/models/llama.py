@@ -129,12 +129,8 @@ class Layers(nnx.Module):
            "w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
 
 
-class Llama(nnx.Module):
-  """`model(input_ids, attention_mask=None, *, embedded_prefix=None, prefix_mask=None, cache=None)`.
-
-  Returns logits [B, T, V] (fp32) for the token positions (not the prefix), or
-  `(logits, cache)` when a `KVCache` is passed (see `init_cache`).
-  """
+class Llama(L.DecoderLM):
+  """Llama family (SmolLM2, Llama, Qwen2); called as `L.DecoderLM` says."""
 
   def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.cfg, self.dtype = cfg, dtype
@@ -148,17 +144,6 @@ class Llama(nnx.Module):
   def init_cache(self, batch: int, max_len: int) -> L.KVCache:
     c = self.cfg
     return L.KVCache.create(c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim, self.dtype)
-
-  def embed_tokens(self, input_ids):
-    return self.embed[...][input_ids].astype(self.dtype)
-
-  def __call__(self, input_ids, attention_mask=None, *, embedded_prefix=None, prefix_mask=None, cache=None):
-    mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
-    x, mask, p = L.join_prefix(self.embed_tokens(input_ids), mask, embedded_prefix, prefix_mask)
-    h, new_cache = self.hidden_states(x, mask, cache)
-    head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    logits = jnp.einsum("btd,dv->btv", h[:, p:], head.astype(self.dtype), preferred_element_type=jnp.float32)
-    return logits if cache is None else (logits, new_cache)
 
   def hidden_states(self, x, mask, cache=None):
     """Final-normed hidden states [B, T, D] of embeddings x with mask [B, T]."""
