@@ -2,8 +2,9 @@
 
 A checkpoint holds only what changes: trainable prompts and mixer, optimizer state, and a JSON
 item (step, RNG, data position, metrics). The frozen backbone is named and fingerprinted in
-`metadata.json` instead, so a restore onto another backbone fails loudly. Orbax keeps the best-k
-checkpoints by the selection metric plus the latest (needed to resume).
+`metadata.json` instead, so a restore onto another backbone fails loudly. The best-k checkpoints by
+the selection metric are kept plus the latest (needed to resume), across restarts; a step that no
+longer reads back whole is named, never a traceback.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from msp_jax.errors import MspError
@@ -25,13 +27,14 @@ class CheckpointError(MspError):
 
 def fingerprint(path: str) -> str:
   """A short content hash of a backbone file or folder: sizes plus the first and last MiB of each
-  weight file (hashing gigabytes at every start would cost more than it protects)."""
+  weight file (hashing gigabytes at every start would cost more than it protects). File names are
+  left out, so the same GGUF renamed or moved still matches."""
   files = [path] if os.path.isfile(path) else sorted(
       os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".gguf", "config.json")))
   h = hashlib.sha256()
   for file in files:
     size = os.path.getsize(file)
-    h.update(f"{os.path.basename(file)}:{size}".encode())
+    h.update(f"{size}:".encode())
     with open(file, "rb") as f:
       h.update(f.read(1 << 20))
       f.seek(max(size - (1 << 20), 0))
@@ -50,8 +53,12 @@ def read_metadata(workdir: str) -> dict | None:
   path = os.path.join(workdir, METADATA)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); train.py writes it "
+                          "at start: delete it and re-run train.py with the run's config and workdir") from None
 
 
 def check_metadata(workdir: str, metadata: dict) -> None:
@@ -68,8 +75,10 @@ def check_metadata(workdir: str, metadata: dict) -> None:
                           f"e.g. {unknown[:3]}); generate with the dataset/domain the prompts were trained on")
   for key in ("backbone_fingerprint", "attributes", "mixture", "n_tokens", "attribute_tokens"):
     if old.get(key) != metadata.get(key):
-      raise CheckpointError(f"{path}: {key} is {_short(old.get(key))} but this run has "
-                            f"{_short(metadata.get(key))}; use another workdir or the original settings")
+      was, now = _short(old.get(key)), _short(metadata.get(key))
+      if key == "backbone_fingerprint":  # two hashes alone do not tell which files to compare
+        was, now = f"{was} (from {old.get('backbone_source')})", f"{now} (from {metadata.get('backbone_source')})"
+      raise CheckpointError(f"{path}: {key} is {was} but this run has {now}; use another workdir or the original settings")
 
 
 def _short(value) -> str:
@@ -77,46 +86,112 @@ def _short(value) -> str:
   return text if len(text) < 80 else text[:77] + "..."
 
 
+def abstract(tree: Any, sharding: Any = None) -> Any:
+  """Shape, dtype and sharding of every array in `tree` (each leaf's own sharding unless `sharding`
+  is given): a restore target that allocates nothing and tells Orbax where each array must land."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if sharding is None else sharding), tree)
+
+
 class Checkpoints:
-  """Orbax CheckpointManager over `workdir/checkpoints`, keeping the best `keep_best` by
-  `metric` (lower is better when `minimize`) and always the latest."""
+  """Orbax CheckpointManager over `workdir/checkpoints`, keeping the best `keep_best` steps by
+  `metric` (lower is better when `minimize`; ties keep the earlier step) and always the latest.
+
+  Keep-best is applied here, from the metrics inside each step's own `meta` item, not by Orbax's
+  BestN policy: Orbax writes the metrics BestN reads only when `best_fn` is set, so after a restart
+  it saw every earlier step as unscored and deleted the best one at the next save."""
 
   def __init__(self, workdir: str, *, metric: str, minimize: bool, keep_best: int = 2):
-    policy = ocp.checkpoint_managers
-    preserve = policy.AnyPreservationPolicy([
-        policy.LatestN(1),
-        policy.BestN(get_metric_fn=lambda m: m[metric], reverse=minimize, n=keep_best,
-                     keep_checkpoints_without_metrics=False),
-    ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=preserve, enable_async_checkpointing=False, create=True)
-    self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
-                                         item_names=("state", "meta"))
-    self.metric, self.minimize = metric, minimize
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False, create=True)
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+    self.metric, self.minimize, self.keep_best = metric, minimize, keep_best
+    self._metrics: dict[int, dict] = {}  # step -> its dev metrics ({} between evals or unreadable)
 
-  def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    """Saves `state` and the JSON `meta` (its "metrics": the dev metrics, {} between evals) as `step`,
+    then deletes every step that is neither the latest nor among the best `keep_best`."""
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                      metrics=metrics, force=True)
+                      force=True)
     self.manager.wait_until_finished()
+    self._metrics[step] = meta.get("metrics") or {}
+    keep = set(self.best_steps()) | {self.latest_step()}
+    for old in self.steps():
+      if old not in keep:
+        self.delete(old)
+
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def best_steps(self) -> list[int]:
+    """The best `keep_best` steps that have the metric, best first."""
+    scored = sorted((m[self.metric] * (1 if self.minimize else -1), step)
+                    for step in self.steps() if self.metric in (m := self.step_metrics(step)))
+    return [step for _, step in scored[:self.keep_best]]
+
   def best_step(self) -> int | None:
     """The kept step with the best metric (the latest if none has metrics)."""
-    scored = []
-    for step in self.manager.all_steps():
-      meta = self.restore_meta(step)
-      if self.metric in meta.get("metrics", {}):
-        scored.append((meta["metrics"][self.metric] * (1 if self.minimize else -1), step))
-    return min(scored)[1] if scored else self.latest_step()
+    best = self.best_steps()
+    return best[0] if best else self.latest_step()
+
+  def step_metrics(self, step: int) -> dict:
+    if step not in self._metrics:
+      try:
+        self._metrics[step] = self.restore_meta(step).get("metrics") or {}
+      except CheckpointError:
+        self._metrics[step] = {}  # an unreadable step is never "best"
+    return self._metrics[step]
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                             meta=ocp.args.JsonRestore()))
+    """(state, meta) of `step`, each array placed as its `abstract_state` leaf says (see `abstract`)."""
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+    out = self._read(step, args)
     return out["state"], out["meta"]
 
   def restore_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return self._read(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore_newest_intact(self, abstract_state: Any, warn=print) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) of the newest step that reads back whole, or None if there is none.
+
+    Every step that does not read back (a truncated file, a partial copy) is deleted with a one-line
+    warning: it holds nothing usable, a step newer than the resumed one would block re-saving that
+    step, and an older one could otherwise be kept as "best" and fail generation later."""
+    newest = None
+    for step in reversed(self.steps()):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except CheckpointError as e:
+        warn(f"warning: {e}; deleted it")
+        self.delete(step)
+        continue
+      newest = newest or (step, state, meta)
+    return newest
+
+  def intact_steps(self, abstract_state: Any) -> list[int]:
+    """The kept steps that read back whole (for error messages: slow on big states, fine on prompts)."""
+    intact = []
+    for step in self.steps():
+      try:
+        self.restore(step, abstract_state)
+        intact.append(step)
+      except CheckpointError:
+        pass
+    return intact
+
+  def delete(self, step: int) -> None:
+    self.manager.delete(step)
+    self._metrics.pop(step, None)
+
+  def _read(self, step: int, args) -> dict:
+    try:
+      return self.manager.restore(step, args=args)
+    except Exception as e:  # Orbax/TensorStore raise many types for a damaged file; the step is what matters
+      reason = (str(e).strip().splitlines() or [""])[0][:200]
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable "
+                            f"({type(e).__name__}: {reason})") from e
 
   def close(self) -> None:
     self.manager.close()

@@ -195,23 +195,44 @@ def checkpoint_store(c) -> ckpt.Checkpoints:
 def restore_prompts(run: Run, which="best") -> int:
   """Loads trained prompts and mixer from `run.config.workdir` into `run.model`; returns the step.
 
-  `which` is "best", "latest" or a step number. The workdir's metadata must name this backbone.
+  `which` is "best", "latest" or a step number. The workdir's metadata must name this backbone. A
+  step that does not read back is an error naming it and the intact steps, even for "best" and
+  "latest": generation never silently uses other prompts than the ones asked for.
   """
   c = run.config
-  meta = ckpt.read_metadata(c.workdir)
-  store = checkpoint_store(c) if meta is not None else None
-  if store is None or store.latest_step() is None:
+  which = str(which)
+  if which not in ("best", "latest") and not which.isdigit():
+    raise ConfigError(f"config.checkpoint={which!r}: valid: best, latest or a step number")
+  folder = os.path.join(c.workdir, "checkpoints")
+  if ckpt.read_metadata(c.workdir) is None:
+    saved = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+    if saved:
+      raise ckpt.CheckpointError(f"{os.path.join(c.workdir, ckpt.METADATA)} is missing, though {folder} holds steps "
+                                 f"{saved}; train.py writes it at start: re-run train.py with this run's config and "
+                                 "workdir (it resumes from the latest step) to rewrite it")
     raise ConfigError(f"config.workdir={c.workdir!r}: no trained checkpoint there; run train.py first "
                       "or use --config.method=in_context")
   ckpt.check_metadata(c.workdir, metadata(run))
-  steps = store.manager.all_steps()
-  step = store.best_step() if which == "best" else store.latest_step() if which == "latest" else int(which)
-  if step not in steps:
-    raise ConfigError(f"config.checkpoint={which!r}: no such step in {c.workdir}; kept steps: {sorted(steps)}")
-  graphdef, trainable, _ = training.split(run.model)
-  tx, _ = make_tx(c, 1)
-  state, _ = store.restore(step, {"trainable": trainable, "opt_state": tx.init(trainable)})
-  store.close()
+  store = checkpoint_store(c)
+  try:
+    steps = store.steps()
+    if not steps:
+      raise ConfigError(f"config.workdir={c.workdir!r}: no trained checkpoint there; run train.py first "
+                        "or use --config.method=in_context")
+    step = store.best_step() if which == "best" else store.latest_step() if which == "latest" else int(which)
+    if step not in steps:
+      raise ConfigError(f"config.checkpoint={which!r}: no such step in {c.workdir}; kept steps: {steps}")
+    graphdef, trainable, _ = training.split(run.model)
+    tx, _ = make_tx(c, 1)
+    where = jax.tree.leaves(trainable)[0].sharding  # generation runs where the model already is
+    target = ckpt.abstract({"trainable": trainable, "opt_state": jax.eval_shape(tx.init, trainable)}, where)
+    try:
+      state, _ = store.restore(step, target)
+    except ckpt.CheckpointError as e:
+      raise ckpt.CheckpointError(f"{e}; intact steps: {store.intact_steps(target) or 'none'}; pick one with "
+                                 "--config.checkpoint=STEP") from None
+  finally:
+    store.close()
   nnx.update(run.model, state["trainable"])
   return step
 
@@ -242,9 +263,11 @@ def train(c, backbone: Backbone | None = None) -> dict:
   minimize = c.select_metric == "dev_loss"
   store = checkpoint_store(c)
   step, best, since_best = 0, None, 0
-  if store.latest_step() is not None:
-    state, saved = store.restore(store.latest_step(), {"trainable": trainable, "opt_state": opt_state})
-    trainable, opt_state = jax.device_put(state["trainable"], rep), jax.device_put(state["opt_state"], rep)
+  resumed = store.restore_newest_intact(ckpt.abstract({"trainable": trainable, "opt_state": opt_state}, rep),
+                                        warn=_say)
+  if resumed is not None:  # restored straight into this mesh's shardings, whatever mesh saved it
+    _, state, saved = resumed
+    trainable, opt_state = state["trainable"], state["opt_state"]
     step, best, since_best = saved["step"], saved.get("best"), saved.get("since_best", 0)
     train_it.set_state(saved["data"])
     print(f"resumed {c.workdir} at step {step}", flush=True)
@@ -252,7 +275,7 @@ def train(c, backbone: Backbone | None = None) -> dict:
   def save(metrics=None):
     saved = {"step": step, "best": best, "since_best": since_best, "data": train_it.get_state(),
              "rng": [c.seed, step], "metrics": metrics or {}}
-    store.save(step, {"trainable": trainable, "opt_state": opt_state}, saved, metrics)
+    store.save(step, {"trainable": trainable, "opt_state": opt_state}, saved)
 
   log = RunLog(c.workdir)
   if step == 0:  # where the prompts start from: the baseline every later eval is compared with
@@ -271,8 +294,10 @@ def train(c, backbone: Backbone | None = None) -> dict:
         tokens += float(batch["attention_mask"].sum()) * jax.process_count()  # real text tokens, all hosts
       loss = float(m["loss"])
       if not math.isfinite(loss):
-        raise MspError(f"loss is {loss} at step {step + 1}; stopped. The last good checkpoint "
-                       f"(step {store.latest_step()}) is kept in {c.workdir}")
+        last = store.latest_step()
+        raise MspError(f"loss is {loss} at step {step + 1}; stopped. " + (
+            f"The last good checkpoint (step {last}) is kept in {c.workdir}" if last is not None else
+            f"No checkpoint had been saved yet, so {c.workdir} has nothing to resume from"))
       step += 1
       speed = tokens / (time.perf_counter() - start)
       if step % c.log_every == 0:
@@ -304,6 +329,11 @@ def train(c, backbone: Backbone | None = None) -> dict:
   if jax.process_index() == 0:
     ckpt.write_json_atomic(os.path.join(c.workdir, "summary.json"), summary)
   return summary
+
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
 
 
 def _progress(total: int, initial: int):
