@@ -78,7 +78,8 @@ def check_metadata(workdir: str, metadata: dict) -> None:
       was, now = _short(old.get(key)), _short(metadata.get(key))
       if key == "backbone_fingerprint":  # two hashes alone do not tell which files to compare
         was, now = f"{was} (from {old.get('backbone_source')})", f"{now} (from {metadata.get('backbone_source')})"
-      raise CheckpointError(f"{path}: {key} is {was} but this run has {now}; use another workdir or the original settings")
+      raise CheckpointError(f"{path}: {key} is {was} but this run has {now}; "
+                            "use another workdir or the original settings")
 
 
 def _short(value) -> str:
@@ -89,7 +90,8 @@ def _short(value) -> str:
 def abstract(tree: Any, sharding: Any = None) -> Any:
   """Shape, dtype and sharding of every array in `tree` (each leaf's own sharding unless `sharding`
   is given): a restore target that allocates nothing and tells Orbax where each array must land."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if sharding is None else sharding), tree)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if sharding is None else sharding), tree)
 
 
 class Checkpoints:
