@@ -90,7 +90,7 @@ def test_resumes_keep_the_best_checkpoints_of_an_uninterrupted_run(tiny_model_di
   # the reference: the best dev loss in the uninterrupted run's log, plus the latest step
   evals = [json.loads(l) for l in open(os.path.join(straight, "metrics.jsonl"))]
   losses = sorted((e["dev_loss"], e["step"]) for e in evals if "dev_loss" in e and e["step"] > 0)
-  assert [step for _, step in losses] != [6, 4, 2], "the test needs a best step other than the latest"
+  assert losses[0][1] != 6, "the test needs a best step other than the latest"
   expected = sorted({losses[0][1], 6})
   assert kept_steps(straight) == expected
   assert kept_steps(resumed) == expected
