@@ -58,6 +58,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
   checkpoints.write_json_atomic(path, {"step": 1})
   with pytest.raises(TypeError):
     checkpoints.write_json_atomic(path, {"step": 2, "bad": object()})
+  assert os.listdir(tmp_path) == ["metadata.json"]
   with pytest.raises(UnicodeEncodeError):
     files.write_text_atomic(path, "half \ud800 written")
   assert json.load(open(path)) == {"step": 1}
