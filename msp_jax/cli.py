@@ -22,7 +22,10 @@ def main(body: Callable[[], None]) -> Callable[[list[str]], None]:
       body()
     except MspError as e:
       sys.exit(f"error: {e}")
-    except KeyboardInterrupt as e:  # an Interrupted run says where it saved; a bare Ctrl-C had nothing to save
-      print(str(e) if isinstance(e, interrupts.Interrupted) else "interrupted", flush=True)
+    except interrupts.Interrupted as e:  # saved and closed: says where, and leaves at once
+      print(e, flush=True)
+      interrupts.exit_now()
+    except KeyboardInterrupt:
+      print("interrupted", flush=True)
       sys.exit(interrupts.EXIT_STATUS)
   return run

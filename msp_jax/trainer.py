@@ -321,7 +321,6 @@ def _train(c, backbone: Backbone | None, guard: interrupts.StopGuard) -> dict:
   progress = None  # opened after the first step, so the compile message does not tear the bar
   status = "finished"
   last_eval = None
-  guard.graceful = True
   compile_start = time.perf_counter()
   say("compiling the train step (the first step includes it) ...")
   try:
@@ -336,6 +335,7 @@ def _train(c, backbone: Backbone | None, guard: interrupts.StopGuard) -> dict:
         raise MspError(f"loss is {loss} at step {step + 1}; stopped. The last good checkpoint "
                        f"(step {store.latest_step()}) is kept in {c.workdir}")
       step += 1
+      guard.graceful = True  # from now on Ctrl-C has a step to save
       speed = tokens / (time.perf_counter() - start)
       if step % c.log_every == 0:
         log.write(step, {"loss": loss, "lr": float(schedule(step)), "tokens_per_s": speed,

@@ -77,7 +77,8 @@ def test_generate_on_a_workdir_in_use_is_refused_and_writes_nothing(tiny_model_d
 
 def test_ctrl_c_saves_the_step_and_the_same_command_resumes(tiny_model_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  flags = tiny_flags(tiny_model_dir, workdir, max_steps=40, eval_every=1000, checkpoint_every=1000)
+  # One bucket: the step in flight at Ctrl-C never compiles a new shape (that would be waited for).
+  flags = tiny_flags(tiny_model_dir, workdir, max_steps=40, eval_every=1000, checkpoint_every=1000, buckets="(256,)")
   proc = run_train(flags)
   wait_for(lambda: logged_steps(workdir, "loss"), proc)
   sent = time.time()
