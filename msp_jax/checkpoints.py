@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from msp_jax import files
 from msp_jax.errors import MspError
 
 METADATA = "metadata.json"
@@ -43,10 +44,7 @@ def fingerprint(path: str) -> str:
 
 
 def write_json_atomic(path: str, data: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  files.write_json_atomic(path, data, sort_keys=True)
 
 
 def read_metadata(workdir: str) -> dict | None:

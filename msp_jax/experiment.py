@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from msp_jax import files
 from msp_jax import augment, downstream, evaluation, features, scores, synthesis, trainer
 from msp_jax.errors import MspError
 from msp_jax.prompts import MIXERS
@@ -74,9 +75,7 @@ def method_config(c, dataset: str, domain: str, method: str):
 
 def write_json_atomic(path: str, value) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(path + ".tmp", path)
+  files.write_json_atomic(path, value)
 
 
 # --- synthetic data -------------------------------------------------------------------------------
@@ -349,9 +348,7 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
     lines.append("")
   path = os.path.join(c.workdir, "results.md")
   os.makedirs(c.workdir, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    f.write("\n".join(lines))
-  os.replace(path + ".tmp", path)
+  files.write_text_atomic(path, "\n".join(lines))
   return path
 
 

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from msp_jax import files
 from msp_jax.data.example import Example
 
 STOP_STRINGS = ("\n", "...")
@@ -203,11 +204,7 @@ def append_progress(path: str, records: list[dict]) -> None:
 
 
 def write_jsonl_atomic(path: str, records: list[dict]) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    for r in records:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
+  files.write_jsonl_atomic(path, records)
 
 
 def summarise(kept: list[dict], removed: dict, total: int, samples_per_attribute: int = 2) -> str:
@@ -235,18 +232,32 @@ def in_context_text(segment_text: str, attributes: dict, ontology, num_shot: int
   return f"{instruction_text(num_shot)} {', '.join(words) or 'same thing'}: {segment_text.lstrip()}"
 
 
+def validate(c) -> None:
+  from msp_jax import trainer
+  trainer.validate(c)
+  if c.method not in ("msp", "in_context"):
+    raise trainer.ConfigError(f"config.method={c.method!r}: valid: msp, in_context")
+  if not 0 < c.keep_fraction <= 1 or not 0 <= c.min_value_coverage <= 1:
+    raise trainer.ConfigError(f"config.keep_fraction={c.keep_fraction}, config.min_value_coverage={c.min_value_coverage}: "
+                              "valid: 0 < keep_fraction <= 1, 0 <= min_value_coverage <= 1")
+
+
 def synthesize(c, backbone=None) -> dict:
-  """Generates, denoises and writes labelled data for the run config `c` describes."""
+  """Generates, denoises and writes labelled data for the run config `c` describes.
+
+  Raises `files.WorkdirBusy` at once if another process holds the workdir. A missing workdir is
+  not created for msp (nothing to generate from there: that is an error further on).
+  """
+  validate(c)  # before the lock may create the workdir: a bad config leaves nothing behind
+  with files.WorkdirLock(c.workdir, create=c.method == "in_context"):
+    return _synthesize(c, backbone)
+
+
+def _synthesize(c, backbone) -> dict:
   import jax
   import jax.numpy as jnp
   from msp_jax import data as msp_data, features, sampling, trainer
-  from msp_jax.trainer import ConfigError
 
-  if c.method not in ("msp", "in_context"):
-    raise ConfigError(f"config.method={c.method!r}: valid: msp, in_context")
-  if not 0 < c.keep_fraction <= 1 or not 0 <= c.min_value_coverage <= 1:
-    raise ConfigError(f"config.keep_fraction={c.keep_fraction}, config.min_value_coverage={c.min_value_coverage}: "
-                      "valid: 0 < keep_fraction <= 1, 0 <= min_value_coverage <= 1")
   run = trainer.build(c, backbone)
   step = trainer.restore_prompts(run, c.checkpoint) if c.method == "msp" else None
   tok, ontology = run.backbone.tokenizer, run.task.ontology

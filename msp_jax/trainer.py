@@ -2,10 +2,12 @@
 
 `train(config)` is what tests call; `train.py` only parses flags. Re-running with the same
 workdir resumes from the latest checkpoint (prompts, optimizer, step, data position), so a killed
-run ends with the prompts an uninterrupted one would have.
+run ends with the prompts an uninterrupted one would have. One process writes a workdir at a time
+(`files.WorkdirLock`); Ctrl-C stops after the current step with a checkpoint (`interrupts`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -20,7 +22,7 @@ from flax import nnx
 
 from msp_jax import checkpoints as ckpt
 from msp_jax import data as msp_data
-from msp_jax import evaluation, sampling, sharding, training
+from msp_jax import evaluation, files, interrupts, sampling, sharding, training
 from msp_jax import prompts as soft_prompts
 from msp_jax.errors import MspError
 from msp_jax.models.weights import Backbone, load_backbone, resolve
@@ -76,13 +78,31 @@ def embedding_table(model) -> np.ndarray:
   return np.asarray(table[...], np.float32)
 
 
+def say(text: str) -> None:
+  """A start-up or end message, from process 0 only."""
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
+@contextlib.contextmanager
+def announce(what: str):
+  """`what ...` before a slow start-up stage and its seconds after, so a long start is not silent."""
+  start = time.perf_counter()
+  say(f"{what} ...")
+  yield
+  say(f"{what}: done in {time.perf_counter() - start:.1f} s")
+
+
 def build(c, backbone: Backbone | None = None) -> Run:
   """Backbone, task and freshly initialised prompts for config `c`."""
   validate(c)
-  backbone = backbone or load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
+  if backbone is None:
+    with announce(f"loading backbone {c.model}"):
+      backbone = load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
   if backbone.tokenizer is None:
     raise ConfigError(f"config.model={c.model!r}: the checkpoint has no tokenizer files")
-  task = msp_data.load_task(c.dataset, c.domain, c.setting, seed=c.seed, data_dir=c.data_dir or None)
+  with announce(f"preparing data {c.dataset}/{c.domain} {c.setting}"):
+    task = msp_data.load_task(c.dataset, c.domain, c.setting, seed=c.seed, data_dir=c.data_dir or None)
   table, tok = embedding_table(backbone.model), backbone.tokenizer
   instruction = soft_prompts.init_instruction(c.instruction_init, c.n_tokens, table, tok,
                                               text=soft_prompts.instruction_text(c.num_shot), seed=c.seed)
@@ -118,19 +138,27 @@ def model_batch(batch: dict, mesh) -> dict:
 
 
 class RunLog:
-  """metrics.jsonl (one JSON object per line) and TensorBoard event files, from process 0 only."""
+  """metrics.jsonl (one strict JSON object per line: NaN/inf as null) and TensorBoard event files,
+  from process 0 only.
 
-  def __init__(self, workdir: str):
+  A run resumed at step N logs steps N+1.. again, so what an earlier run logged from `first_step`
+  (N+1; 0 for a fresh start) on is dropped: metrics.jsonl is cut there (atomically) and TensorBoard
+  is told to hide earlier events from that step on (`purge_step`).
+  """
+
+  def __init__(self, workdir: str, first_step: int = 0):
     self.enabled = jax.process_index() == 0
     if self.enabled:
       from tensorboardX import SummaryWriter
-      self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      path = os.path.join(workdir, "metrics.jsonl")
+      trim_metrics(path, first_step)
+      self.file = open(path, "a")
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=first_step)
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
-    self.file.write(json.dumps({"step": step, **values}) + "\n")
+    self.file.write(files.strict_json({"step": step, **values}) + "\n")
     self.file.flush()
     for k, v in values.items():
       if isinstance(v, (int, float)) and math.isfinite(v):
@@ -140,6 +168,24 @@ class RunLog:
     if self.enabled:
       self.file.close()
       self.tb.close()
+
+
+def trim_metrics(path: str, first_step: int) -> None:
+  """Drops the lines of `path` from `first_step` on, and a torn last line (a kill mid-write)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] >= first_step:
+        break
+    except (ValueError, KeyError, TypeError):
+      break
+    kept.append(line if line.endswith("\n") else line + "\n")
+  if kept != lines:
+    files.write_text_atomic(path, "".join(kept))
 
 
 def evaluate(run: Run, graphdef, trainable, frozen, eval_step, mesh) -> dict:
@@ -238,8 +284,20 @@ def restore_prompts(run: Run, which="best") -> int:
 
 
 def train(c, backbone: Backbone | None = None) -> dict:
-  """Trains (or resumes) the run that config `c` describes; returns a summary dict."""
+  """Trains (or resumes) the run that config `c` describes; returns a summary dict.
+
+  Raises `files.WorkdirBusy` at once if another process holds the workdir, and
+  `interrupts.Interrupted` after saving when Ctrl-C stopped the run.
+  """
   sharding.initialize_distributed(c.coordinator_address, c.num_processes, c.process_id)
+  validate(c)  # before the lock creates the workdir: a bad config leaves nothing behind
+  # Process 0 holds the lock for the whole run: the other hosts write into the same workdir with it.
+  lock = files.WorkdirLock(c.workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, interrupts.StopGuard() as guard:
+    return _train(c, backbone, guard)
+
+
+def _train(c, backbone: Backbone | None, guard: interrupts.StopGuard) -> dict:
   run = build(c, backbone)
   os.makedirs(c.workdir, exist_ok=True)
   meta = metadata(run)
@@ -264,7 +322,7 @@ def train(c, backbone: Backbone | None = None) -> dict:
   store = checkpoint_store(c)
   step, best, since_best = 0, None, 0
   resumed = store.restore_newest_intact(ckpt.abstract({"trainable": trainable, "opt_state": opt_state}, rep),
-                                        warn=_say)
+                                        warn=say)
   if resumed is not None:  # restored straight into this mesh's shardings, whatever mesh saved it
     _, state, saved = resumed
     trainable, opt_state = state["trainable"], state["opt_state"]
@@ -277,14 +335,17 @@ def train(c, backbone: Backbone | None = None) -> dict:
              "rng": [c.seed, step], "metrics": metrics or {}}
     store.save(step, {"trainable": trainable, "opt_state": opt_state}, saved)
 
-  log = RunLog(c.workdir)
+  log = RunLog(c.workdir, first_step=step + 1 if step else 0)
   if step == 0:  # where the prompts start from: the baseline every later eval is compared with
-    first = evaluate(run, graphdef, trainable, frozen, eval_step, mesh)
+    with announce("evaluating the initial prompts"):
+      first = evaluate(run, graphdef, trainable, frozen, eval_step, mesh)
     log.write(0, first)
     print("step 0: " + ", ".join(f"{k} {v:.4g}" for k, v in first.items()), flush=True)
-  progress = _progress(total_steps, step)
+  progress = None  # opened after the first step, so the compile message does not tear the bar
   status = "finished"
   last_eval = None
+  compile_start = time.perf_counter()
+  say("compiling the train step (the first step includes it) ...")
   try:
     while step < total_steps:
       start, tokens = time.perf_counter(), 0.0
@@ -299,10 +360,14 @@ def train(c, backbone: Backbone | None = None) -> dict:
             f"The last good checkpoint (step {last}) is kept in {c.workdir}" if last is not None else
             f"No checkpoint had been saved yet, so {c.workdir} has nothing to resume from"))
       step += 1
+      guard.graceful = True  # from now on Ctrl-C has a step to save
       speed = tokens / (time.perf_counter() - start)
       if step % c.log_every == 0:
         log.write(step, {"loss": loss, "lr": float(schedule(step)), "tokens_per_s": speed,
                          "grad_norm": float(m["grad_norm"])})
+      if progress is None:
+        say(f"compiling the train step: first step done in {time.perf_counter() - compile_start:.1f} s")
+        progress = _progress(total_steps, step - 1) or False
       if progress:
         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:.0f}")
         progress.update(1)
@@ -319,6 +384,12 @@ def train(c, backbone: Backbone | None = None) -> dict:
           break
       elif step % c.checkpoint_every == 0:
         save()
+      if step < total_steps and stop_requested(guard):
+        if store.latest_step() != step:
+          save()
+        store.close()
+        raise interrupts.Interrupted(f"interrupted at step {step}; checkpoint saved in {c.workdir}; "
+                                     "re-run the same command to resume")
   finally:
     if progress:
       progress.close()
@@ -331,9 +402,12 @@ def train(c, backbone: Backbone | None = None) -> dict:
   return summary
 
 
-def _say(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
+def stop_requested(guard: interrupts.StopGuard) -> bool:
+  """Whether Ctrl-C asked to stop, agreed by all processes (they must save the same step)."""
+  if jax.process_count() == 1:
+    return guard.requested
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(guard.requested))))
 
 
 def _progress(total: int, initial: int):
