@@ -2,6 +2,7 @@
 what is valid: no traceback, exit status != 0, nothing written. Each case runs the real main."""
 import importlib.metadata
 import os
+import site
 import subprocess
 import sys
 
@@ -138,11 +139,8 @@ def test_truncated_gguf_file_is_named(tmp_path):
 
 
 def _installed() -> bool:
-  try:
-    importlib.metadata.distribution("msp-jax")
-    return True
-  except importlib.metadata.PackageNotFoundError:
-    return False
+  """Installed in this interpreter's site-packages (an egg-info left in the checkout does not count)."""
+  return any(importlib.metadata.distributions(name="msp-jax", path=site.getsitepackages()))
 
 
 @pytest.mark.skipif(not _installed(), reason="msp-jax is not installed in this interpreter; `make test` installs "
