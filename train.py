@@ -4,12 +4,10 @@
 
 Re-running with the same workdir resumes from its latest checkpoint.
 """
-from absl import app
-from ml_collections import config_flags
 
 from msp_jax import cli, trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/attention.py", "Training config file.")
+_CONFIG = cli.define_config("config", "configs/attention.py", "Training config file.")
 
 
 def run():
@@ -19,4 +17,4 @@ def run():
 
 
 if __name__ == "__main__":
-  app.run(cli.main(run))
+  cli.run(run)

@@ -4,6 +4,8 @@
 """
 import ml_collections
 
+from msp_jax.errors import MspError
+
 
 def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -86,5 +88,14 @@ def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_coll
              max_new_tokens=8, checkpoint_every=2, warmup_steps=1, workdir=f"runs/{mixture}_smoke",
              max_seeds=4, num_generations=2, gen_batch_size=4)
   elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; valid: smoke")
+    unknown_argument(arg, ("smoke",))
   return c
+
+
+class ConfigArgumentError(MspError):
+  """An unknown ARG in `--config=FILE:ARG`. Deliberately not a ValueError: ml_collections would wrap
+  that in a multi-line traceback; the mains print this as one line."""
+
+
+def unknown_argument(arg: str, valid: tuple[str, ...]):
+  raise ConfigArgumentError(f"unknown config argument {arg!r}; valid: {', '.join(valid)} (or no ':ARG')")

@@ -38,5 +38,5 @@ def get_config(arg=None):
              eval_batches=1, warmup_steps=1, checkpoint_every=2, max_seeds=6, num_generations=2, gen_batch_size=6,
              max_new_tokens=12, workdir="results_smoke", synthetic_per_example=1)
   elif arg:
-    raise ValueError(f"unknown config argument {arg!r}; valid: smoke")
+    common.unknown_argument(arg, ("smoke",))
   return c

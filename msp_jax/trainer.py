@@ -35,7 +35,9 @@ class ConfigError(MspError):
   """A config value that cannot work; the message names the field and the valid values."""
 
 
-def validate(c) -> None:
+def validate(c, backbone: Backbone | None = None) -> None:
+  """Refuses a config that cannot work, before anything is loaded or written. Without a loaded
+  `backbone`, the prompt layout and one step's memory are checked against `c.model`'s header."""
   def fail(field, why):
     raise ConfigError(f"config.{field}={getattr(c, field)!r}: {why}")
   if c.mixture not in soft_prompts.MIXTURES:
@@ -59,6 +61,20 @@ def validate(c) -> None:
     fail("select_metric", "valid: dev_loss, dev_bleu")
   if c.select_metric == "dev_bleu" and c.bleu_examples == 0:
     fail("bleu_examples", "must be > 0 when select_metric is dev_bleu")
+  if not (math.isfinite(c.learning_rate) and c.learning_rate > 0):
+    fail("learning_rate", "must be a finite number > 0")
+  if c.optimizer not in ("adamw", "adafactor"):
+    fail("optimizer", "valid: adamw, adafactor")
+  if c.decay not in ("cosine", "constant"):
+    fail("decay", "valid: cosine, constant")
+  for field in ("dtype", "param_dtype"):
+    if getattr(c, field) not in ("", "float32", "bfloat16", "float16"):
+      fail(field, "valid: float32, bfloat16, float16, or '' (fp32 on CPU, bf16 on accelerators)")
+  if not c.buckets or min(c.buckets) < 1:
+    fail("buckets", "must be one or more padded lengths >= 1")
+  if backbone is None:
+    from msp_jax import capacity
+    capacity.check_fits(c, fail)
 
 
 @dataclasses.dataclass
@@ -95,7 +111,7 @@ def announce(what: str):
 
 def build(c, backbone: Backbone | None = None) -> Run:
   """Backbone, task and freshly initialised prompts for config `c`."""
-  validate(c)
+  validate(c, backbone)
   if backbone is None:
     with announce(f"loading backbone {c.model}"):
       backbone = load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)

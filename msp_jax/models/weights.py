@@ -5,6 +5,7 @@ its config and its tokenizer. No torch: safetensors are read as arrays, GGUF is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import importlib
 import importlib.util
@@ -128,6 +129,67 @@ def resolve(name_or_path: str) -> str:
   return _download(name_or_path)
 
 
+@dataclasses.dataclass(frozen=True)
+class BackboneShape:
+  """A backbone's sizes, read from its config.json or GGUF header without loading any tensor."""
+  source: str
+  model_type: str
+  context_length: int | None   # most positions it attends over; None: no fixed limit (T5's relative positions)
+  num_layers: int              # encoder + decoder layers for T5
+  hidden_size: int
+  num_heads: int
+  vocab_size: int
+  num_params: int
+
+
+def read_shape(name_or_path: str = DEFAULT_BACKBONE) -> BackboneShape:
+  """The sizes a run is checked against before `load_backbone` (which takes minutes and gigabytes)."""
+  path = resolve(name_or_path)
+  if path.endswith(".gguf"):
+    reader = open_gguf(path)
+    hf_config, _ = gguf_config(reader, path)
+    num_params = sum(int(np.prod(t.shape)) for t in reader.tensors)
+  else:
+    hf_config, num_params = _read_json(os.path.join(path, "config.json")), _safetensors_params(path)
+  first = lambda *keys: next((hf_config[k] for k in keys if hf_config.get(k) is not None), None)
+  model_type = hf_config.get("model_type")
+  if model_type not in FAMILIES:
+    raise BackboneError(f"{path}: model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
+  sizes = {"num_layers": first("num_hidden_layers", "n_layer", "num_layers"),
+           "hidden_size": first("hidden_size", "n_embd", "d_model"),
+           "num_heads": first("num_attention_heads", "n_head", "num_heads"), "vocab_size": first("vocab_size")}
+  missing = [k for k, v in sizes.items() if not v]
+  if missing:
+    raise BackboneError(f"{path}: config has no {', '.join(missing)}; expected a {model_type} config")
+  if model_type == "t5":
+    sizes["num_layers"] += first("num_decoder_layers") or sizes["num_layers"]
+  context = None if model_type == "t5" else first("max_position_embeddings", "n_positions", "n_ctx")
+  return BackboneShape(source=path, model_type=model_type, context_length=context and int(context),
+                       num_params=num_params, **{k: int(v) for k, v in sizes.items()})
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise BackboneError(f"{path}: not valid JSON ({e}); expected a Hugging Face config") from None
+
+
+def _safetensors_params(folder: str) -> int:
+  """Parameters in a folder's *.safetensors, from each file's JSON header (8-byte length, then JSON)."""
+  total = 0
+  for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+    with open(file, "rb") as f:
+      size = int.from_bytes(f.read(8), "little")
+      try:
+        header = json.loads(f.read(size))
+      except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError) as e:
+        raise BackboneError(f"{file}: not a safetensors file (bad header: {e})") from None
+    total += sum(int(np.prod(t["shape"])) for name, t in header.items() if name != "__metadata__")
+  return total
+
+
 def _download(repo_id: str) -> str:
   from huggingface_hub import snapshot_download
   try:
@@ -175,24 +237,11 @@ def read_gguf(path: str) -> tuple[dict, Callable[[str], np.ndarray], dict]:
   Tensors are dequantised to float32 on first use. llama.cpp stores q/k rows permuted for its
   RoPE kernel; they are un-permuted here so the HF (rotate_half) convention holds.
   """
-  from gguf import GGUFReader, GGMLQuantizationType, dequantize
-  reader = GGUFReader(path)
-  fields = {k: f.contents() for k, f in reader.fields.items()}
-  arch = fields.get("general.architecture")
-  if arch not in ("llama", "qwen2"):
-    raise BackboneError(f"{path}: GGUF general.architecture={arch!r} is not supported; supported: llama, qwen2")
-  meta = lambda key, default=None: fields.get(f"{arch}.{key}", default)
+  from gguf import GGMLQuantizationType, dequantize
+  reader = open_gguf(path)
+  hf_config, fields = gguf_config(reader, path)
   tensors = {t.name: t for t in reader.tensors}
-  heads, kv_heads = meta("attention.head_count"), meta("attention.head_count_kv") or meta("attention.head_count")
-  hf_config = {
-      "model_type": arch, "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
-      "hidden_size": meta("embedding_length"), "intermediate_size": meta("feed_forward_length"),
-      "num_hidden_layers": meta("block_count"), "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-      "rope_theta": meta("rope.freq_base", 10000.0), "rms_norm_eps": meta("attention.layer_norm_rms_epsilon", 1e-5),
-      "tie_word_embeddings": "output.weight" not in tensors, "max_position_embeddings": meta("context_length"),
-  }
-  if "blk.0.attn_q.bias" in tensors:
-    hf_config["attention_bias"] = True
+  heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
   hf_to_gguf = {}
   for name in tensors:
     if name in _GGUF_TOP:
@@ -219,6 +268,53 @@ def read_gguf(path: str) -> tuple[dict, Callable[[str], np.ndarray], dict]:
     return w
 
   return hf_config, get, {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
+
+
+def open_gguf(path: str):
+  """A `GGUFReader` over `path` (header parsed, tensors memory-mapped), or a one-line BackboneError."""
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic != b"GGUF":
+    raise BackboneError(f"{path}: not a GGUF file (starts with {magic!r}, expected the magic b'GGUF'); "
+                        "pass a llama.cpp .gguf file or a folder with config.json + *.safetensors")
+  try:
+    stat = os.stat(path)
+    return _gguf_reader(path, stat.st_mtime_ns, stat.st_size)
+  except (ValueError, IndexError, OSError) as e:  # gguf reports a short file as a failed reshape or view
+    raise BackboneError(f"{path}: truncated or corrupt GGUF file ({os.path.getsize(path)} bytes; {e}); "
+                        "expected a complete GGUF file, download it again") from None
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: str, mtime_ns: int, size: int):
+  """Cached by file version: parsing a header with a 49k-token vocabulary takes seconds, and a run
+  reads it twice (`read_shape` before loading, then `load_backbone`)."""
+  from gguf import GGUFReader
+  return GGUFReader(path)
+
+
+def gguf_config(reader, path: str) -> tuple[dict, dict]:
+  """(HF-style config dict, raw metadata fields) from a GGUF header; no tensor is read."""
+  fields = {k: f.contents() for k, f in reader.fields.items()}
+  arch = fields.get("general.architecture")
+  if arch not in ("llama", "qwen2"):
+    raise BackboneError(f"{path}: GGUF general.architecture={arch!r} is not supported; supported: llama, qwen2")
+  meta = lambda key, default=None: fields.get(f"{arch}.{key}", default)
+  tensors = {t.name: t for t in reader.tensors}
+  if "token_embd.weight" not in tensors:
+    raise BackboneError(f"{path}: GGUF file has no tensor 'token_embd.weight'; expected a llama.cpp language model")
+  heads = meta("attention.head_count")
+  hf_config = {
+      "model_type": arch, "vocab_size": int(tensors["token_embd.weight"].shape[-1]),
+      "hidden_size": meta("embedding_length"), "intermediate_size": meta("feed_forward_length"),
+      "num_hidden_layers": meta("block_count"), "num_attention_heads": heads,
+      "num_key_value_heads": meta("attention.head_count_kv") or heads,
+      "rope_theta": meta("rope.freq_base", 10000.0), "rms_norm_eps": meta("attention.layer_norm_rms_epsilon", 1e-5),
+      "tie_word_embeddings": "output.weight" not in tensors, "max_position_embeddings": meta("context_length"),
+  }
+  if "blk.0.attn_q.bias" in tensors:
+    hf_config["attention_bias"] = True
+  return hf_config, fields
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
