@@ -39,14 +39,14 @@ def read_conll(path: Path) -> Iterator[dict]:
   """Sentences {tokens, tags, entities, text, spans}: each entity {type, text, start, end} in token
   offsets; `text` is the tokens joined by single spaces and `spans` the same entities {type, start,
   end} in character offsets into it."""
-  tokens, tags, first_line = [], [], 1
+  tokens, tags = [], []
   with open(path, encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
       line = line.rstrip("\n")
       if not line.strip():
         if tokens:
           yield _sentence(tokens, tags)
-        tokens, tags, first_line = [], [], number + 1
+        tokens, tags = [], []
         continue
       fields = line.split("\t")
       if len(fields) != 2 or not fields[0]:
