@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from msp_jax.data.example import Example
+from msp_jax.data.spans import whole_word, word_spans
 
 Synonyms = Callable[[str], Sequence[str]]
 
@@ -40,7 +41,7 @@ class _Unit:
 
 
 def _units(text: str, protected_spans: Sequence[tuple[int, int]]) -> list[_Unit]:
-  words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+  words = word_spans(text)
   groups = list(range(len(words)))  # word -> first word of its unit
   for start, end in protected_spans:
     inside = [k for k, (ws, we) in enumerate(words) if ws < end and start < we]
@@ -192,7 +193,7 @@ def _locate(text: str, typed_values: Sequence[tuple[str, str]]) -> list[tuple[in
   """(index into typed_values, span) of each value found as whole words, spans not overlapping."""
   found: list[tuple[int, tuple[int, int]]] = []
   for i, (_, value) in enumerate(typed_values):
-    for m in re.finditer(r"(?<!\w)" + re.escape(value) + r"(?!\w)", text, flags=re.IGNORECASE):
+    for m in whole_word(value).finditer(text):
       if m.end() > m.start() and all(m.end() <= s or e <= m.start() for _, (s, e) in found):
         found.append((i, (m.start(), m.end())))
         break
@@ -203,17 +204,27 @@ def augment_examples(examples: Sequence[Example], num_per_example: int, rng: np.
                      synonyms: Synonyms | None, alpha: float = 0.1) -> list[Example]:
   """EDA copies of each example ("{uid}/eda{j}") with the same attributes.
 
-  Typed values (CrossNER entities, TOPv2 slot values) are protected, so their labels stay true;
-  typed_values, and values when they are exactly those values, are reordered by their new position
-  (both are "in order of appearance"). A typed value not found in the text has nothing to protect.
+  Labelled values are protected, so their labels stay true: the gold spans when the example has them
+  (every mention; they come back at their new offsets; a zero-width span, an empty TOPv2 slot, has no
+  words and is dropped), else its typed values found in the text. typed_values, and values when they
+  are exactly those values, are reordered by their new position (both are "in order of appearance").
+  A typed value not found in the text has nothing to protect.
   """
   out = []
   for ex in examples:
-    located = _locate(ex.text, ex.typed_values)
-    variants = eda(ex.text, rng, alpha=alpha, num_aug=num_per_example,
-                   protected_spans=[span for _, span in located], synonyms=synonyms)
+    gold = [s for s in ex.spans if s["start"] < s["end"]]
+    if ex.spans:
+      protected = [(s["start"], s["end"]) for s in gold]
+      keys = [(s["type"], ex.text[s["start"]:s["end"]]) for s in gold]
+    else:
+      located = _locate(ex.text, ex.typed_values)
+      protected = [span for _, span in located]
+      keys = [ex.typed_values[i] for i, _ in located]
+    variants = eda(ex.text, rng, alpha=alpha, num_aug=num_per_example, protected_spans=protected, synonyms=synonyms)
     for j, variant in enumerate(variants):
-      position = {ex.typed_values[i]: variant.spans[n][0] for n, (i, _) in enumerate(located)}
+      position = {}
+      for key, (start, _) in zip(keys, variant.spans):
+        position[key] = min(start, position.get(key, start))
       typed = tuple(sorted(ex.typed_values, key=lambda tv: position.get(tv, len(variant.text))))
       values = ex.values
       if ex.typed_values and set(values) == {v for _, v in ex.typed_values}:
@@ -221,6 +232,8 @@ def augment_examples(examples: Sequence[Example], num_per_example: int, rng: np.
         for t, v in typed:
           first.setdefault(v, len(first))
         values = tuple(sorted(values, key=first.__getitem__))
+      spans = tuple(sorted(({"type": s["type"], "start": a, "end": b} for s, (a, b) in zip(gold, variant.spans)),
+                           key=lambda s: s["start"]))
       out.append(dataclasses.replace(ex, uid=f"{ex.uid}/eda{j}", text=variant.text, values=values,
-                                     typed_values=typed))
+                                     typed_values=typed, spans=spans))
   return out

@@ -20,8 +20,6 @@ import optax
 from flax import nnx
 
 from msp_jax.data.example import Example
-from msp_jax.features import word_spans
-from msp_jax.synthesis import find_spans
 
 
 class _Head(nnx.Module):
@@ -149,7 +147,7 @@ class BIOTagger(_Trainer):
   decoding turns an I-x that does not continue an x entity (after O, after another type, or first)
   into B-x, so every predicted entity starts with B, as the tagging scheme requires.
   """
-  tags: Sequence[str]  # tag names by id, e.g. from `bio_labels`
+  tags: Sequence[str]  # tag names by id, e.g. from `data.spans.bio_labels`
   repair: bool = True
 
   def __post_init__(self):
@@ -196,43 +194,6 @@ def repair_bio(tags: Sequence[str]) -> list[str]:
     out.append(t)
     prev = t
   return out
-
-
-def bio_labels(types: Sequence[str]) -> list[str]:
-  """Tag names by id: "O", then B-/I- of each type in sorted order."""
-  return ["O"] + [f"{p}-{t}" for t in sorted(set(types)) for p in ("B", "I")]
-
-
-def bio_tags(text: str, spans: Sequence[Mapping[str, Any]]) -> list[str]:
-  """One tag per whitespace word of `text` from character spans [{"type", "start", "end"}].
-
-  A word is inside a span when any of its characters is ("Paris." is tagged for the span "Paris").
-  A span touching a word already tagged by an earlier span (by start) is dropped, so tags never
-  interleave two entities.
-  """
-  if spans is None:
-    raise ValueError(f"bio_tags: no spans for {text!r} (a value was not found in the text)")
-  words = word_spans(text)
-  tags = ["O"] * len(words)
-  for s in sorted(spans, key=lambda s: (s["start"], -s["end"])):
-    start, end = int(s["start"]), int(s["end"])
-    if not 0 <= start < end <= len(text):
-      raise ValueError(f"bio_tags: span {dict(s)} is outside {text!r} (length {len(text)})")
-    inside = [w for w, (ws, we) in enumerate(words) if ws < end and start < we]
-    if any(tags[w] != "O" for w in inside):
-      continue
-    for k, w in enumerate(inside):
-      tags[w] = ("B-" if k == 0 else "I-") + s["type"]
-  return tags
-
-
-def example_bio_tags(example: Example) -> list[str]:
-  """Tags of an Example from its `typed_values`, each found in the text case-insensitively as whole words."""
-  spans = find_spans(example.text, example.typed_values)
-  if spans is None:
-    missing = [v for t, v in example.typed_values if find_spans(example.text, [(t, v)]) is None]
-    raise ValueError(f"example {example.uid}: typed values {missing} are not whole words of {example.text!r}")
-  return bio_tags(example.text, spans)
 
 
 def intent_targets(examples: Sequence[Example | Mapping[str, Any]], labels: Sequence[str],

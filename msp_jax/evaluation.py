@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import collections
 import math
-import re
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+
+from msp_jax.data.spans import whole_word
 
 
 def ngrams(tokens: Sequence[str], n: int) -> collections.Counter:
@@ -134,7 +135,7 @@ def ngram_overlap(generated: Iterable[str], seeds: Iterable[str], n: int) -> flo
 
 def contains_word(text: str, value: str) -> bool:
   """Whether value occurs in text as whole words, case-insensitively ("art" is not in "party")."""
-  return re.search(r"(?<!\w)" + re.escape(value) + r"(?!\w)", text, flags=re.IGNORECASE) is not None
+  return whole_word(value).search(text) is not None
 
 
 def label_presence(records: Iterable[Mapping]) -> tuple[float, list[bool | None]]:

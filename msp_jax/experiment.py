@@ -30,6 +30,7 @@ import numpy as np
 
 from msp_jax import files
 from msp_jax import augment, downstream, evaluation, features, scores, synthesis, trainer
+from msp_jax.data.spans import bio_labels, bio_tags, example_bio_tags
 from msp_jax.errors import MspError
 from msp_jax.prompts import MIXERS
 
@@ -81,9 +82,11 @@ def write_json_atomic(path: str, value) -> None:
 # --- synthetic data -------------------------------------------------------------------------------
 
 def example_record(ex) -> dict:
-  """An Example in the generator's record shape (text, attributes, values, spans)."""
+  """An Example in the generator's record shape (text, attributes, values, spans): its gold spans, with
+  the text each covers as `value`."""
   return {"text": ex.text, "attributes": {k: list(v) for k, v in ex.attributes.items()}, "values": list(ex.values),
-          "spans": synthesis.found_spans(ex.text, ex.typed_values)}
+          "spans": [{"type": s["type"], "value": ex.text[s["start"]:s["end"]], "start": s["start"], "end": s["end"]}
+                    for s in ex.spans]}
 
 
 def generated_records(c, backbone, dataset, domain, method) -> list[dict]:
@@ -178,13 +181,13 @@ class EntityModel:
 
   def __init__(self, task, cache: FeatureCache, c, seed: int):
     self.types = list(task.ontology["entities"].names)
-    self.tags = downstream.bio_labels(self.types)
+    self.tags = bio_labels(self.types)
     self.cache, self.c, self.seed = cache, c, seed
 
   def fit(self, records):
     texts = [r["text"] for r in records]
     index = {t: i for i, t in enumerate(self.tags)}
-    tags = [[index[t] for t in downstream.bio_tags(r["text"], r["spans"] or [])] for r in records]
+    tags = [[index[t] for t in bio_tags(r["text"], r["spans"] or [])] for r in records]
     self.model = downstream.BIOTagger(tags=self.tags, hidden=self.c.downstream_hidden, steps=self.c.downstream_steps,
                                       seed=self.seed).fit(self.cache.per_word(texts), tags)
     return self
@@ -196,7 +199,7 @@ class EntityModel:
     return [{("entities", t) for t, _, _ in spans} for spans in self.predict_spans(texts)]
 
   def score(self, examples) -> dict:
-    gold = [scores.bio_to_spans(downstream.example_bio_tags(ex)) for ex in examples]  # raises if a gold value is not in its text
+    gold = [scores.bio_to_spans(example_bio_tags(ex)) for ex in examples]
     pred = self.predict_spans([ex.text for ex in examples])
     exact, partial = scores.span_f1(gold, pred), scores.partial_span_f1(gold, pred)
     return {"span_f1": exact["f1"], "span_precision": exact["precision"], "span_recall": exact["recall"],

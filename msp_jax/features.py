@@ -7,7 +7,6 @@ padded to a few fixed lengths so a run compiles a handful of times.
 from __future__ import annotations
 
 import functools
-import re
 import warnings
 from typing import Iterator, Sequence
 
@@ -16,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from msp_jax.data.batching import pad_id
+from msp_jax.data.spans import word_spans
 from msp_jax.errors import BackboneError
 
 LENGTH_BUCKETS = (32, 64, 128, 256)
@@ -46,8 +47,7 @@ def _padded_batches(backbone, encoded: Sequence[Sequence[int]], batch_size: int,
   last tokens (keep="end", what sentence embeddings have always done) or its first (keep="start",
   so token indices stay those of the whole text).
   """
-  tok = backbone.tokenizer
-  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+  pad = pad_id(backbone.tokenizer)
   order = np.argsort([len(e) for e in encoded], kind="stable")
   for start in range(0, len(encoded), batch_size):
     rows = order[start:start + batch_size]
@@ -71,11 +71,6 @@ def text_embeddings(backbone, texts: Sequence[str], batch_size: int = 32) -> np.
       out = np.zeros((len(texts), pooled.shape[-1]), np.float32)
     out[rows] = pooled[:len(rows)]
   return out if out is not None else np.zeros((0, 0), np.float32)
-
-
-def word_spans(text: str) -> list[tuple[int, int]]:
-  """Character (start, end) of each whitespace-separated word: the unit BIO tags are given on."""
-  return [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
 
 
 def _first_tokens(words: list[tuple[int, int]], offsets: Sequence[tuple[int, int]]) -> np.ndarray:

@@ -30,6 +30,7 @@ import numpy as np
 
 from msp_jax import files
 from msp_jax.data.example import Example
+from msp_jax.data.spans import label_found_values
 
 STOP_STRINGS = ("\n", "...")
 
@@ -95,32 +96,6 @@ def cut(text: str, stop_strings: Sequence[str] = STOP_STRINGS) -> str:
     if stop in text:
       text = text[:text.index(stop)]
   return re.sub(r"^\s*\d+\)\s*", "", text).strip()
-
-
-def found_spans(text: str, typed_values: Sequence[tuple[str, str]]) -> list[dict]:
-  """Character spans of the (type, value) pairs that occur in text (case-insensitive, whole words)."""
-  spans = []
-  for t, value in typed_values:
-    m = re.search(r"(?<!\w)" + re.escape(value) + r"(?!\w)", text, flags=re.IGNORECASE)
-    if m is not None:
-      spans.append({"type": t, "value": text[m.start():m.end()], "start": m.start(), "end": m.end()})
-  return spans
-
-
-def find_spans(text: str, typed_values: Sequence[tuple[str, str]]) -> list[dict] | None:
-  """Spans of every (type, value) in text; None if one is missing."""
-  spans = found_spans(text, typed_values)
-  return spans if len(spans) == len(typed_values) else None
-
-
-def label_found_values(c: dict) -> float:
-  """Sets a candidate's spans to the requested values found in its text and drops requested types with
-  none found from its attributes; returns the share of requested values found (1.0 if none requested)."""
-  typed = [tuple(tv) for tv in c["typed_values"]]
-  c["spans"] = found_spans(c["text"], typed)
-  missing = {t for t, _ in typed} - {s["type"] for s in c["spans"]}
-  c["attributes"] = {k: [n for n in names if n not in missing] for k, names in c["attributes"].items()}
-  return len(c["spans"]) / len(typed) if typed else 1.0
 
 
 def normalise(text: str) -> str:

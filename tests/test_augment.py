@@ -149,3 +149,21 @@ def test_augment_examples_keep_labels_and_order_of_appearance():
                   attributes={"intents": ("wifi",), "slots": ()}, values=("room",))
   got = augment.augment_examples([plain], 2, np.random.default_rng(0), None)
   assert [g.values for g in got] == [("room",), ("room",)] and got[0].text != plain.text  # a swap
+
+
+def test_augment_examples_move_every_gold_span_with_its_words():
+  text = "Queen met queen Elizabeth and Queen played"
+  gold = ({"type": "band", "start": 0, "end": 5}, {"type": "person", "start": 10, "end": 25},
+          {"type": "band", "start": 30, "end": 35})
+  ex = Example(uid="m/0", domain="music", text=text, attributes={"entities": ("band", "person")},
+               values=("Queen", "queen Elizabeth"), typed_values=(("band", "Queen"), ("person", "queen Elizabeth")),
+               spans=gold)
+  out = augment.augment_examples([ex], 12, np.random.default_rng(0), table_synonyms, alpha=0.3)
+  moved = 0
+  for o in out:
+    found = [(s["type"], o.text[s["start"]:s["end"]]) for s in o.spans]
+    assert sorted(found) == sorted([("band", "Queen"), ("person", "queen Elizabeth"), ("band", "Queen")])
+    assert [s["start"] for s in o.spans] == sorted(s["start"] for s in o.spans)  # in order of appearance
+    assert o.typed_values[0] == found[0]
+    moved += o.text != text
+  assert moved > 0

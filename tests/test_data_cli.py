@@ -32,6 +32,24 @@ def test_text_with_decoded_row(run):
   assert "decoded batch row" in out and "«In 2003 , the Stade de France" in out and "<|im_end|>»" in out
 
 
+def test_jsonl_prints_each_example_with_the_raw_files_gold_spans(run, raw_data_dir):
+  out = run("--dataset=crossner", "--domain=politics", "--setting=few_shot", "--split=test", "--jsonl")
+  examples = [json.loads(line) for line in out.splitlines()]
+  # ner_data/politics/test.txt, parsed here: a sentence per blank-line block, an entity per B- tag
+  blocks = (raw_data_dir / "crossner/ner_data/politics/test.txt").read_text(encoding="utf-8").strip().split("\n\n")
+  assert len(examples) == len(blocks) == 651
+  for example, block in zip(examples, blocks):
+    tokens, tags = zip(*(line.split("\t") for line in block.split("\n")))
+    gold = []
+    for i, tag in enumerate(tags):
+      if tag.startswith("B-"):
+        end = next((j for j in range(i + 1, len(tags)) if tags[j] != "I-" + tag[2:]), len(tags))
+        gold.append((tag[2:], " ".join(tokens[i:end])))
+    assert example["text"] == " ".join(tokens)
+    assert [(s["type"], example["text"][s["start"]:s["end"]]) for s in example["spans"]] == gold
+    assert all(set(s) == {"type", "start", "end"} for s in example["spans"])
+
+
 def test_bad_domain_is_one_line(run):
   with pytest.raises(SystemExit, match=r"^error: crossner: unknown domain 'jazz'; valid: ai, conll2003, literature, music, politics, science$"):
     run("--dataset=crossner", "--domain=jazz")

@@ -142,19 +142,35 @@ def test_topv2_quotes_are_kept(raw_data_dir):
   assert '"In The End" is a song by Linkin Park.' in starts
 
 
+PARSE = ("[IN:CREATE_REMINDER remind [SL:PERSON_REMINDED me ] to [SL:TODO take my meds ] [SL:RECURRING_DATE_TIME "
+         "[IN:GET_RECURRING_DATE_TIME [SL:DATE_TIME at 8 am ] and [SL:DATE_TIME 6 pm ] [SL:FREQUENCY daily ] ] ] ]")
+
+
 def test_topv2_nested_parse_by_hand():
-  intents, slots = topv2.parse_labels(
-      "[IN:CREATE_REMINDER remind [SL:PERSON_REMINDED me ] to [SL:TODO take my meds ] [SL:RECURRING_DATE_TIME "
-      "[IN:GET_RECURRING_DATE_TIME [SL:DATE_TIME at 8 am ] and [SL:DATE_TIME 6 pm ] [SL:FREQUENCY daily ] ] ] ]")
+  intents, slots = topv2.parse_labels(PARSE)
   assert intents == ["CREATE_REMINDER", "GET_RECURRING_DATE_TIME"]
   assert slots == [{"type": "PERSON_REMINDED", "value": "me"}, {"type": "TODO", "value": "take my meds"},
                    {"type": "RECURRING_DATE_TIME", "value": "at 8 am and 6 pm daily"},
                    {"type": "DATE_TIME", "value": "at 8 am"}, {"type": "DATE_TIME", "value": "6 pm"},
                    {"type": "FREQUENCY", "value": "daily"}]
-  example = topv2.to_example({"utterance": "u", "intents": intents, "slots": slots}, "x", "reminder")
+  utterance = "remind me to take my meds at 8am and 6pm daily"  # as TOPv2 writes utterances: "8am", not "8 am"
+  spans = topv2.slot_spans(utterance, PARSE)
+  assert [(s["type"], utterance[s["start"]:s["end"]]) for s in spans] == [
+      ("PERSON_REMINDED", "me"), ("TODO", "take my meds"), ("RECURRING_DATE_TIME", "at 8am and 6pm daily"),
+      ("DATE_TIME", "at 8am"), ("DATE_TIME", "6pm"), ("FREQUENCY", "daily")]
+  example = topv2.to_example({"utterance": utterance, "intents": intents, "slots": slots, "spans": spans}, "x", "reminder")
   assert example.attributes == {"intents": ("CREATE_REMINDER", "GET_RECURRING_DATE_TIME"),
                                 "slots": ("DATE_TIME", "FREQUENCY", "PERSON_REMINDED", "RECURRING_DATE_TIME", "TODO")}
-  assert example.values == ("me", "take my meds", "at 8 am and 6 pm daily", "at 8 am", "6 pm", "daily")
+  assert example.values == ("me", "take my meds", "at 8am and 6pm daily", "at 8am", "6pm", "daily")
+  assert example.spans == tuple(spans)
+
+
+def test_topv2_empty_slot_is_zero_width_where_the_next_word_starts():
+  utterance = "set alarms for 30,32 and 35 minutes"  # alarm_eval.tsv
+  spans = topv2.slot_spans(utterance, "[IN:CREATE_ALARM set alarms [SL:DATE_TIME for 30,32 ] [SL:DATE_TIME ] and "
+                                      "[SL:DATE_TIME 35 minutes ] ]")
+  assert [(s["type"], s["start"], s["end"]) for s in spans] == [
+      ("DATE_TIME", 11, 20), ("DATE_TIME", 21, 21), ("DATE_TIME", 25, 35)]
 
 
 def test_topv2_inventory_and_general_labels_from_all_domains(raw_data_dir):
@@ -182,6 +198,9 @@ def test_topv2_bad_rows_name_file_line_and_field(tmp_path):
     list(topv2.read_tsv(path))
   path.write_text("domain\tutterance\tsemantic_parse\nweather\thi\t[IN:GET_WEATHER [SL:DATE_TIME hi ]\n")
   with pytest.raises(DataError, match=r"x_train.tsv:2: field 'semantic_parse' is .* expected one balanced"):
+    list(topv2.read_tsv(path))
+  path.write_text("domain\tutterance\tsemantic_parse\nweather\tis it hot\t[IN:GET_WEATHER is it [SL:WEATHER_ATTRIBUTE cold ] ]\n")
+  with pytest.raises(DataError, match=r"x_train.tsv:2: parse word 'cold' is not at character 6 of the utterance 'is it hot'"):
     list(topv2.read_tsv(path))
   path.write_text("domain\ttext\tparse\n")
   with pytest.raises(DataError, match=r"x_train.tsv:1: header is .* expected domain, utterance"):

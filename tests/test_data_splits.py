@@ -93,6 +93,9 @@ def test_crossner_cross_trains_on_conll_and_tests_its_types(load_task):
   assert task.ontology["entities"].names == ("location", "misc", "organisation", "person")
   labels = {n for s in ("dev", "test") for ex in task.splits[s] for n in ex.attributes["entities"]}
   assert labels == {"location", "misc", "organisation", "person"}
+  full = load_task("crossner", "music", "full").splits["test"]
+  for ex, whole in zip(task.splits["test"], full):  # gold spans of the other types go with their labels
+    assert ex.spans == tuple(s for s in whole.spans if s["type"] in labels)
   assert (len(task.splits["dev"]), len(task.splits["test"])) == (380, 465)
 
 

@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from msp_jax import downstream, features
+from msp_jax.data import spans as spans_lib
 from msp_jax.data.example import Example
 from msp_jax.models import llama, weights
 
@@ -41,7 +42,7 @@ def test_same_seed_same_model_other_seed_other_model():
 
 # --- BIO tagger ---------------------------------------------------------------------------------
 
-TAGS = downstream.bio_labels(["per", "loc"])
+TAGS = spans_lib.bio_labels(["per", "loc"])
 
 
 def tagging_toy(n, seed, dim=24):
@@ -83,24 +84,14 @@ def test_bio_tags_entity_at_end_multiword_and_punctuation():
   text = "I want to fly to New York."
   start = text.index("New")
   spans = [{"type": "loc", "start": start, "end": start + len("New York")}]
-  assert downstream.bio_tags(text, spans) == ["O"] * 5 + ["B-loc", "I-loc"]
+  assert spans_lib.bio_tags(text, spans) == ["O"] * 5 + ["B-loc", "I-loc"]
 
 
 def test_bio_tags_overlapping_span_is_dropped():
   text = "Ada Lovelace met Babbage"
   spans = [{"type": "per", "start": 0, "end": 12}, {"type": "loc", "start": 4, "end": 12},
            {"type": "per", "start": 17, "end": 24}]
-  assert downstream.bio_tags(text, spans) == ["B-per", "I-per", "O", "B-per"]
-
-
-def test_example_bio_tags_case_insensitive_whole_words():
-  ex = Example(uid="music/train/0", domain="music", text="martin saw The beatles in LIVERPOOL art museum",
-               attributes={}, typed_values=(("band", "the Beatles"), ("misc", "art"), ("city", "liverpool")))
-  assert downstream.example_bio_tags(ex) == ["O", "O", "B-band", "I-band", "O", "B-city", "B-misc", "O"]
-  missing = Example(uid="music/train/1", domain="music", text="nothing here", attributes={},
-                    typed_values=(("band", "queen"),))
-  with pytest.raises(ValueError, match=r"music/train/1.*'queen'"):
-    downstream.example_bio_tags(missing)
+  assert spans_lib.bio_tags(text, spans) == ["B-per", "I-per", "O", "B-per"]
 
 
 def test_intent_targets_from_examples_and_records():

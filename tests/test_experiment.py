@@ -91,3 +91,18 @@ def test_topv2_model_learns_separable_intents_and_slot_types(load_task):
   assert result["intent_set_accuracy"] >= 0.95 and result["slot_type_micro_f1"] >= 0.95, result
   keys = model.predict_keys([examples[0].text])[0]
   assert keys == {(s, n) for s in labels for n in examples[0].attributes[s]}
+
+
+def test_seed_records_carry_every_gold_mention(load_task, raw_data_dir):
+  from msp_jax import experiment
+  from msp_jax.data import crossner
+  train = load_task("crossner", "politics", "full").splits["train"]
+  raw = list(crossner.read_conll(raw_data_dir / "crossner/ner_data/politics/train.txt"))
+  for ex, sentence in zip(train, raw):
+    record = experiment.example_record(ex)
+    tokens = sentence["tokens"]
+    # the raw tags, entity by entity: B- opens one, I- of its type continues it
+    gold = [(t[2:], i) for i, t in enumerate(sentence["tags"]) if t.startswith("B-")]
+    ends = [next((j for j in range(i + 1, len(tokens)) if sentence["tags"][j] != "I-" + t), len(tokens)) for t, i in gold]
+    assert [(s["type"], s["value"]) for s in record["spans"]] == [(t, " ".join(tokens[i:e])) for (t, i), e in zip(gold, ends)]
+    assert all(record["text"][s["start"]:s["end"]] == s["value"] for s in record["spans"])

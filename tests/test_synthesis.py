@@ -6,6 +6,7 @@ import pytest
 
 from msp_jax import synthesis
 from msp_jax.data.example import Example
+from msp_jax.data.spans import label_found_values
 
 SEEDS = [
     Example("m/0", "music", "Queen played Bohemian Rhapsody live", {"entities": ("band", "song")},
@@ -41,15 +42,6 @@ def test_cut_at_stop_strings():
   assert synthesis.cut(" book a room please\n4) another") == "book a room please"
   assert synthesis.cut("so... anyway") == "so"
   assert synthesis.cut("2) how can I get a refund?\n3) x") == "how can I get a refund?"
-
-
-def test_spans_are_recomputed_on_the_generated_text():
-  spans = synthesis.find_spans("Last night queen sang at the Grammy", [("band", "Queen"), ("award", "Grammy")])
-  assert spans == [{"type": "band", "value": "queen", "start": 11, "end": 16},
-                   {"type": "award", "value": "Grammy", "start": 29, "end": 35}]
-  assert synthesis.find_spans("Queens of the Stone Age", [("band", "Queen")]) is None  # whole words only
-  assert synthesis.found_spans("Queen sang", [("band", "Queen"), ("award", "Grammy")]) == [
-      {"type": "band", "value": "Queen", "start": 0, "end": 5}]
 
 
 def record(request_index, text, seed=SEEDS[0], prompt="music:\n1) Freddie sang at Wembley\n2) ", typed=None):
@@ -113,7 +105,7 @@ def test_progress_file_drops_a_torn_last_line(tmp_path):
 
 def test_output_records_have_the_schema():
   c = dict(record(3, "Queen played Bohemian Rhapsody in Paris"), noise=0.1)
-  synthesis.label_found_values(c)  # what denoising does to every kept candidate
+  label_found_values(c)  # what denoising does to every kept candidate
   r = synthesis.output_record(c)
   assert set(r) == {"text", "attributes", "values", "spans", "domain", "seed_id", "kind", "method", "decoding", "noise"}
   json.dumps(r)

@@ -2,6 +2,8 @@
 
   python -m msp_jax.data --dataset=crossner --domain=music --setting=full [--json]
   [--tokenizer=default|PATH.gguf|HF_FOLDER] shows the example as a batch row decoded back to text.
+  --split=test --jsonl prints every example of a split instead, one JSON object a line, with its gold
+  spans [{"type", "start", "end"}] in character offsets into its text.
 Raw files come from $MSP_DATA_DIR (or --download); prepared data is kept in --data_dir.
 """
 import argparse
@@ -26,6 +28,12 @@ def summary(task, segments, decoded: str | None) -> dict:
   return {"dataset": task.dataset, "domain": task.domain, "setting": task.setting, "seed": task.seed,
           "splits": {name: len(examples) for name, examples in task.splits.items()},
           "provenance": dict(task.provenance), "attributes": task.ontology.to_json()["sets"], "example": example}
+
+
+def example_json(example) -> dict:
+  return {"uid": example.uid, "domain": example.domain, "text": example.text,
+          "attributes": {k: list(v) for k, v in example.attributes.items()}, "values": list(example.values),
+          "spans": [dict(s) for s in example.spans]}
 
 
 def decode_row(tokenizer, segments) -> str:
@@ -54,10 +62,16 @@ def main(argv=None):
   parser.add_argument("--download", action="store_true", help="fetch raw files from their public URLs")
   parser.add_argument("--tokenizer", default=None, help="also decode the example as a batch row")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
+  parser.add_argument("--split", default="train", choices=("train", "dev", "test"), help="the split --jsonl prints")
+  parser.add_argument("--jsonl", action="store_true", help="print the split's examples, one JSON object a line")
   args = parser.parse_args(argv)
   try:
     task = load_task(args.dataset, args.domain, args.setting, seed=args.seed, data_dir=args.data_dir,
                      download=args.download)
+    if args.jsonl:
+      for example in task.splits[args.split]:
+        print(json.dumps(example_json(example), ensure_ascii=False))
+      return
     layout = PromptLayout(task.ontology, task.splits["train"])
     segments = layout.segments(task.splits["train"][0], np.random.default_rng(args.seed))
     decoded = decode_row(load_tokenizer(args.tokenizer), segments) if args.tokenizer else None

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from msp_jax.data.example import Example, unique_in_order, unique_sorted
 from msp_jax.data.sources import DataError, RawFilesBuilder, rows
+from msp_jax.data.spans import gold_spans
 
 DOMAINS = ("ai", "conll2003", "literature", "music", "politics", "science")
 SPLITS = ("train", "dev", "test")
@@ -35,15 +36,17 @@ def split_file(domain: str, split: str) -> str:
 
 
 def read_conll(path: Path) -> Iterator[dict]:
-  """Sentences {tokens, tags, entities}; each entity {type, text, start, end} in token offsets."""
-  tokens, tags, first_line = [], [], 1
+  """Sentences {tokens, tags, entities, text, spans}: each entity {type, text, start, end} in token
+  offsets; `text` is the tokens joined by single spaces and `spans` the same entities {type, start,
+  end} in character offsets into it."""
+  tokens, tags = [], []
   with open(path, encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
       line = line.rstrip("\n")
       if not line.strip():
         if tokens:
           yield _sentence(tokens, tags)
-        tokens, tags, first_line = [], [], number + 1
+        tokens, tags = [], []
         continue
       fields = line.split("\t")
       if len(fields) != 2 or not fields[0]:
@@ -59,7 +62,12 @@ def read_conll(path: Path) -> Iterator[dict]:
 
 
 def _sentence(tokens: list[str], tags: list[str]) -> dict:
-  return {"tokens": tokens, "tags": tags, "entities": entity_spans(tokens, tags)}
+  entities = entity_spans(tokens, tags)
+  starts = [0]
+  for token in tokens:
+    starts.append(starts[-1] + len(token) + 1)  # +1: the joining space
+  spans = [{"type": e["type"], "start": starts[e["start"]], "end": starts[e["end"]] - 1} for e in entities]
+  return {"tokens": tokens, "tags": tags, "entities": entities, "text": " ".join(tokens), "spans": spans}
 
 
 def entity_spans(tokens: list[str], tags: list[str]) -> list[dict]:
@@ -80,18 +88,18 @@ def entity_attributes(types) -> dict[str, dict]:
 
 
 def to_example(record: dict, uid: str, domain: str) -> Example:
-  """Attributes: the entity types. Values: the entity strings."""
-  entities = rows(record["entities"])
-  return Example(uid=uid, domain=domain, text=" ".join(record["tokens"]),
-                 attributes={"entities": unique_sorted(e["type"] for e in entities)},
-                 values=unique_in_order(e["text"] for e in entities),
-                 typed_values=unique_in_order((e["type"], e["text"]) for e in entities))
+  """Attributes: the entity types. Values: the entity strings. Spans: the gold entities, every mention."""
+  spans, typed_values = gold_spans(record["text"], rows(record["spans"]), uid)
+  return Example(uid=uid, domain=domain, text=record["text"],
+                 attributes={"entities": unique_sorted(s["type"] for s in spans)},
+                 values=unique_in_order(v for _, v in typed_values), typed_values=typed_values, spans=spans)
 
 
 class Crossner(RawFilesBuilder):
   """CrossNER as TFDS: one config per domain; splits train, dev, test."""
   name = "crossner"
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "text and gold entity spans in character offsets"}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=d, description=f"CrossNER {d} domain") for d in DOMAINS]
   FOLDER = "crossner"
   SOURCE = "https://github.com/zliucr/CrossNER (folder ner_data/)"
@@ -104,6 +112,11 @@ class Crossner(RawFilesBuilder):
             "tags": tfds.features.Sequence(tfds.features.Text()),
             "entities": tfds.features.Sequence({
                 "type": tfds.features.Text(), "text": tfds.features.Text(),
+                "start": tfds.features.Scalar(np.int32), "end": tfds.features.Scalar(np.int32),
+            }),
+            "text": tfds.features.Text(),
+            "spans": tfds.features.Sequence({
+                "type": tfds.features.Text(),
                 "start": tfds.features.Scalar(np.int32), "end": tfds.features.Scalar(np.int32),
             }),
         }),

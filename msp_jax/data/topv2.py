@@ -12,11 +12,13 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from msp_jax.data.example import Example, unique_in_order, unique_sorted
 from msp_jax.data.ontology import readable
 from msp_jax.data.sources import DataError, RawFilesBuilder, rows
+from msp_jax.data.spans import gold_spans
 
 DOMAINS = ("alarm", "event", "messaging", "music", "navigation", "reminder", "timer", "weather")
 SPLITS = ("train", "eval", "test")
@@ -43,7 +45,7 @@ def low_resource_splits(domain: str) -> dict[str, str]:
 
 
 def read_tsv(path: Path) -> Iterator[dict]:
-  """Records {utterance, semantic_parse, intents, slots}, checked line by line."""
+  """Records {utterance, semantic_parse, intents, slots, spans}, checked line by line."""
   with open(path, encoding="utf-8", newline="") as f:
     reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
     header = next(reader, None)
@@ -55,7 +57,8 @@ def read_tsv(path: Path) -> Iterator[dict]:
       if len(row) != 3:
         raise DataError(f"{where}: {len(row)} tab-separated fields; expected 3 ({', '.join(header)})")
       intents, slots = parse_labels(row[2], where)
-      yield {"utterance": row[1], "semantic_parse": row[2], "intents": intents, "slots": slots}
+      yield {"utterance": row[1], "semantic_parse": row[2], "intents": intents, "slots": slots,
+             "spans": slot_spans(row[1], row[2], where)}
 
 
 def parse_labels(parse: str, where: str = "parse") -> tuple[list[str], list[dict]]:
@@ -64,7 +67,39 @@ def parse_labels(parse: str, where: str = "parse") -> tuple[list[str], list[dict
   A slot's value is the words inside it, nested labels left out:
   `[SL:RECURRING_DATE_TIME [IN:GET_RECURRING_DATE_TIME [SL:DATE_TIME at 8 am ] ] ]` has value "at 8 am".
   """
-  intents, slots, stack = [], [], []  # stack: (kind, slot index, words)
+  intents, slots, words = _parse(parse, where)
+  return intents, [{"type": t, "value": " ".join(words[first:end])} for t, first, end in slots]
+
+
+def slot_spans(utterance: str, parse: str, where: str = "parse") -> list[dict]:
+  """The slots of a parse as character spans {type, start, end} of the utterance, in parse order.
+
+  The parse's words are the utterance tokenized ("7:20am" is `7 : 20 am`), so each is found where the
+  previous one ended, past whitespace only; a slot covers its first word's start to its last word's
+  end. An empty slot (`[SL:DATE_TIME ]`, 24 in the release) is zero-width where its next word starts.
+  """
+  _, slots, words = _parse(parse, where)
+  starts, ends, position = [], [], 0
+  for word in words:
+    while position < len(utterance) and utterance[position].isspace():
+      position += 1
+    if not utterance.startswith(word, position):
+      raise DataError(f"{where}: parse word {word!r} is not at character {position} of the utterance "
+                      f"{utterance!r}; expected the parse's words to be the utterance's, in order")
+    starts.append(position)
+    position += len(word)
+    ends.append(position)
+  if utterance[position:].strip():
+    raise DataError(f"{where}: utterance {utterance!r} goes on after the parse's last word ({utterance[position:]!r})")
+  starts.append(len(utterance.rstrip()))  # where an empty slot at the very end sits
+  return [{"type": t, "start": starts[first], "end": ends[end - 1] if end > first else starts[first]}
+          for t, first, end in slots]
+
+
+def _parse(parse: str, where: str) -> tuple[list[str], list[tuple[str, int, int]], list[str]]:
+  """(intents, slots as (type, first word, end word), words) of a TOP bracket parse; slots in reading
+  order (by opening bracket), word indices into the parse's words, labels left out."""
+  intents, slots, words, stack = [], [], [], []  # stack: (kind, slot index)
   for token in parse.split():
     if token.startswith("["):
       match = _LABEL.fullmatch(token)
@@ -73,21 +108,20 @@ def parse_labels(parse: str, where: str = "parse") -> tuple[list[str], list[dict
       kind, label = match.groups()
       if kind == "IN":
         intents.append(label)
-      else:  # listed where it opens, filled where it closes: slots in reading order
-        slots.append({"type": label, "value": ""})
-      stack.append((kind, len(slots) - 1, []))
+      else:  # listed where it opens, closed where it closes: slots in reading order
+        slots.append([label, len(words), len(words)])
+      stack.append((kind, len(slots) - 1))
     elif token == "]":
       if not stack:
         raise DataError(f"{where}: field 'semantic_parse' closes more brackets than it opens: {parse!r}")
-      kind, slot, words = stack.pop()
+      kind, slot = stack.pop()
       if kind == "SL":
-        slots[slot]["value"] = " ".join(words)
+        slots[slot][2] = len(words)
     else:
-      for _, _, words in stack:  # a word belongs to every bracket around it
-        words.append(token)
+      words.append(token)
   if stack or not intents:
     raise DataError(f"{where}: field 'semantic_parse' is {parse!r}; expected one balanced [IN:...] tree")
-  return intents, slots
+  return intents, [tuple(s) for s in slots], words
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,17 +143,18 @@ def label_attributes(used: dict[str, dict[str, frozenset[str]]], domain: str) ->
 
 
 def to_example(record: dict, uid: str, domain: str) -> Example:
-  """Attributes: intents and slot types, two sets. Values: the slot values."""
-  slots = rows(record["slots"])
+  """Attributes: intents and slot types, two sets. Spans: the gold slots. Values: the slots' text as
+  the utterance writes it ("at 8am", where the parse's tokens read "at 8 am")."""
+  spans, typed_values = gold_spans(record["utterance"], rows(record["spans"]), uid)
   return Example(uid=uid, domain=domain, text=record["utterance"],
-                 attributes={"intents": unique_sorted(record["intents"]), "slots": unique_sorted(s["type"] for s in slots)},
-                 values=unique_in_order(s["value"] for s in slots),
-                 typed_values=unique_in_order((s["type"], s["value"]) for s in slots))
+                 attributes={"intents": unique_sorted(record["intents"]), "slots": unique_sorted(s["type"] for s in spans)},
+                 values=unique_in_order(v for _, v in typed_values), typed_values=typed_values, spans=spans)
 
 
 class Topv2(RawFilesBuilder):
   """TOPv2 as TFDS: one config per domain; splits train, eval, test (+ train_/valid_<K>spis)."""
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "gold slot spans in character offsets of the utterance"}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=d, description=f"TOPv2 {d} domain") for d in DOMAINS]
   FOLDER = "topv2"
   SOURCE = f"{_URL} (Meta's official TOPv2 release; unzip it as <root>/topv2/)"
@@ -132,6 +167,10 @@ class Topv2(RawFilesBuilder):
             "semantic_parse": tfds.features.Text(),
             "intents": tfds.features.Sequence(tfds.features.Text()),
             "slots": tfds.features.Sequence({"type": tfds.features.Text(), "value": tfds.features.Text()}),
+            "spans": tfds.features.Sequence({
+                "type": tfds.features.Text(),
+                "start": tfds.features.Scalar(np.int32), "end": tfds.features.Scalar(np.int32),
+            }),
         }),
         metadata=tfds.core.MetadataDict(), disable_shuffling=True)
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from msp_jax import sampling
+from msp_jax.data.batching import pad_id
 from msp_jax.errors import MspError
 from msp_jax.models.weights import DEFAULT_BACKBONE, load_backbone
 
@@ -31,10 +32,9 @@ def main(argv=None):
     sys.exit(f"error: {args.model}: greedy continuation needs a decoder-only model with a tokenizer")
   print(f"loaded {backbone.source} ({backbone.model_type}) in {time.perf_counter() - start:.1f}s")
   batch = tok(prompts, return_tensors="np", padding=True, padding_side="left")
-  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
   start = time.perf_counter()
   new = sampling.greedy(backbone.model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
-                        max_new_tokens=args.max_new_tokens, eos_id=tok.eos_token_id, pad_id=pad)
+                        max_new_tokens=args.max_new_tokens, eos_id=tok.eos_token_id, pad_id=pad_id(tok))
   new = np.asarray(new)
   print(f"generated {new.shape[0]} x {args.max_new_tokens} tokens in {time.perf_counter() - start:.1f}s "
         "(including compilation)")
