@@ -50,11 +50,18 @@ def set_aside(path: str, old_key: str | None) -> str:
   return target
 
 
-def changed_fields(old: dict | None, new: dict) -> list[str]:
-  """Names of the fields whose values differ (added or removed count as changed)."""
+def changed_fields(old: dict | None, new: dict, prefix: str = "") -> list[str]:
+  """Dotted names of the fields whose values differ (added or removed count as changed)."""
   old = json.loads(json.dumps(old or {}, default=repr))  # tuples -> lists, as stored
   new = json.loads(json.dumps(new, default=repr))
-  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  names = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      names += changed_fields(a, b, f"{prefix}{k}.")
+    elif a != b:
+      names.append(prefix + k)
+  return names
 
 
 def describe_change(old: dict | None, new: dict) -> str:
