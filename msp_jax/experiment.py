@@ -16,9 +16,11 @@ fewer, which the results record. Prompts are trained and data generated once per
 
 Outputs in `c.workdir`: {task}/{method}/seed{k}.json (scores), {task}/{method}/quality.json
 (data-quality metrics of the synthetic set), runs/ (prompt training), synthetic/ (generations),
-results.md (tables). Resumable: finished pieces are skipped; training and generation resume. `rescore=True` redoes the
-downstream runs and quality metrics only (e.g. after changing the downstream model), reusing the
-trained prompts and generations.
+results.md (tables). Resumable: finished pieces are skipped; training and generation resume. Each
+piece is keyed by the config fields it depends on (`<file>.key.json`; a prompt run by its metadata):
+after a change that matters it is recomputed, the old copy moved aside as `*.stale-<key>`, with one
+line saying which fields changed. `rescore=True` redoes the downstream runs and quality metrics only
+(e.g. after changing the downstream model's code), reusing the trained prompts and generations.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ import time
 
 import numpy as np
 
-from msp_jax import files
-from msp_jax import augment, downstream, evaluation, features, scores, synthesis, trainer
+from msp_jax import augment, downstream, evaluation, features, files, provenance, scores, synthesis, trainer
+from msp_jax import checkpoints as ckpt
 from msp_jax.data.spans import bio_labels, bio_tags, example_bio_tags
 from msp_jax.errors import MspError
 from msp_jax.prompts import MIXERS
@@ -74,6 +76,54 @@ def method_config(c, dataset: str, domain: str, method: str):
   return m
 
 
+# --- what made each cached artifact ---------------------------------------------------------------
+# Every artifact of the grid is keyed by the config fields it depends on (see provenance.py); a field in
+# none of the groups below counts as a training field, so an unknown field can cost a rerun, never a
+# stale result.
+
+NEUTRAL_FIELDS = ("workdir", "output", "data_dir", "tasks", "methods", "num_seeds", "rescore", "log_every",
+                  "checkpoint_every", "model_parallel", "coordinator_address", "num_processes", "process_id")
+GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fraction", "keep_fraction", "rarity_weight",
+                     "min_value_coverage", "max_seeds", "gen_batch_size", "do_sample", "temperature", "top_k", "top_p",
+                     "repetition_penalty", "num_beams")
+DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "downstream_hidden", "downstream_steps")
+INPUT_FIELDS = ("model", "dtype", "param_dtype", "dataset", "domain", "setting", "seed")  # every artifact's inputs
+IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "num_shot", "max_mixture", "buckets", "max_new_tokens", *GENERATION_FIELDS)
+
+
+def training_fields(config: dict) -> dict:
+  """The fields trained prompts depend on, from a config dict (a method config's or a workdir's metadata)."""
+  return {k: v for k, v in config.items() if k not in (*NEUTRAL_FIELDS, *GENERATION_FIELDS, *DOWNSTREAM_FIELDS)}
+
+
+def generation_fields(m) -> dict:
+  """The fields a method config's generated file depends on (in-context: no prompt training)."""
+  config = m.to_dict()
+  if m.method == "in_context":
+    return {k: config[k] for k in IN_CONTEXT_FIELDS}
+  return {k: v for k, v in config.items() if k not in (*NEUTRAL_FIELDS, *DOWNSTREAM_FIELDS)}
+
+
+def result_fields(c, dataset: str, domain: str, method: str, seed: int | None) -> dict:
+  """The fields a downstream result (seed{k}.json; seed None: quality.json) depends on."""
+  config = dict(c.to_dict(), dataset=dataset, domain=domain, setting="few_shot")
+  data = None if method in ("seed", "eda") else generation_fields(method_config(c, dataset, domain, method))
+  return {"method": method, "seed": seed, "inputs": {k: config[k] for k in INPUT_FIELDS},
+          "downstream": {k: config[k] for k in DOWNSTREAM_FIELDS}, "synthetic": data}
+
+
+def set_aside_stale_prompts(m, label: str) -> None:
+  """Moves a prompt workdir trained with other settings aside (its metadata records the config)."""
+  meta = ckpt.read_metadata(m.workdir) if os.path.isdir(m.workdir) else None
+  if meta is None:
+    return
+  old, new = training_fields(meta.get("config") or {}), training_fields(m.to_dict())
+  if provenance.stable_key(old) != provenance.stable_key(new):
+    aside = provenance.set_aside(m.workdir, provenance.stable_key(old))
+    why = provenance.describe_change({"fields": old}, new)
+    print(f"{label} prompts: {m.workdir} was {why}; retraining (old run: {aside})", flush=True)
+
+
 def write_json_atomic(path: str, value) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   files.write_json_atomic(path, value)
@@ -90,14 +140,19 @@ def example_record(ex) -> dict:
 
 
 def generated_records(c, backbone, dataset, domain, method) -> list[dict]:
-  """Train the prompts (unless in-context) and generate, each only if not done; the denoised records."""
+  """Train the prompts (unless in-context) and generate, each only if not done with these settings;
+  the denoised records."""
   m = method_config(c, dataset, domain, method)
-  if not os.path.exists(m.output):
-    if method != "in_context" and not os.path.exists(os.path.join(m.workdir, "summary.json")):
-      print(f"[{dataset}/{domain}] training prompts: {method}", flush=True)
-      trainer.train(m, backbone)
+  label = f"[{dataset}/{domain}] {method}"
+  if not provenance.reusable(m.output, generation_fields(m), f"{label} generations"):
+    if method != "in_context":
+      set_aside_stale_prompts(m, label)
+      if not os.path.exists(os.path.join(m.workdir, "summary.json")):
+        print(f"[{dataset}/{domain}] training prompts: {method}", flush=True)
+        trainer.train(m, backbone)
     print(f"[{dataset}/{domain}] generating: {method}", flush=True)
     synthesis.synthesize(m, backbone)
+    provenance.write_key(m.output, generation_fields(m))
   return [json.loads(line) for line in open(m.output)]
 
 
@@ -263,19 +318,23 @@ def run(c, backbone=None) -> str:
     name = f"{dataset}_{domain}"
     seed_model = MODELS[dataset](task, cache, c, c.seed).fit(seeds)
     for method in methods:
-      folder = os.path.join(c.workdir, name, method)
-      todo = [k for k in range(c.num_seeds) if c.rescore or not os.path.exists(os.path.join(folder, f"seed{k}.json"))]
+      folder, label = os.path.join(c.workdir, name, method), f"[{dataset}/{domain}] {method}"
+      quality_path, quality_fields = os.path.join(folder, "quality.json"), result_fields(c, dataset, domain, method, None)
+      todo = [k for k in range(c.num_seeds) if c.rescore or not provenance.reusable(
+          os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k), f"{label} seed {k}")]
       if not todo:
         continue
       pool = [] if method == "seed" else None if method == "eda" else generated_records(c, backbone, dataset, domain, method)
-      if pool and (c.rescore or not os.path.exists(os.path.join(folder, "quality.json"))):
-        write_json_atomic(os.path.join(folder, "quality.json"), quality(pool, task, seed_model, backbone))
+      if pool and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
+        write_json_atomic(quality_path, quality(pool, task, seed_model, backbone))
+        provenance.write_key(quality_path, quality_fields)
       for k in todo:
         t0 = time.time()
         if method == "eda":
           synthetic = subsample(eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n_synthetic, k)
-          if k == 0 and (c.rescore or not os.path.exists(os.path.join(folder, "quality.json"))):
-            write_json_atomic(os.path.join(folder, "quality.json"), quality(synthetic, task, seed_model, backbone))
+          if k == 0 and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
+            write_json_atomic(quality_path, quality(synthetic, task, seed_model, backbone))
+            provenance.write_key(quality_path, quality_fields)
         else:
           synthetic = subsample(pool, n_synthetic, k)
         model = MODELS[dataset](task, cache, c, k).fit(seeds + synthetic)
@@ -283,6 +342,7 @@ def run(c, backbone=None) -> str:
                   "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
                   "test_examples": len(test), "scores": model.score(test), "seconds": round(time.time() - t0, 1)}
         write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
+        provenance.write_key(os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k))
         print(f"[{dataset}/{domain}] {method} seed {k}: {MAIN_METRIC[dataset]} "
               f"{result['scores'][MAIN_METRIC[dataset]]:.3f} ({len(synthetic)} synthetic)", flush=True)
     write_table(c, grid_tasks, methods, clock.save())  # a partial table after every task
@@ -291,15 +351,21 @@ def run(c, backbone=None) -> str:
   return path
 
 
+def current(path: str, fields: dict) -> bool:
+  """`path` exists and was made from `fields` (a table never mixes in results of other settings)."""
+  key = provenance.read_key(path)
+  return os.path.exists(path) and key is not None and key.get("key") == provenance.stable_key(fields)
+
+
 def load_results(c, grid_tasks, methods) -> dict:
   out = {}
   for dataset, domain in grid_tasks:
     for method in methods:
       folder = os.path.join(c.workdir, f"{dataset}_{domain}", method)
       runs = [json.load(open(os.path.join(folder, f"seed{k}.json"))) for k in range(c.num_seeds)
-              if os.path.exists(os.path.join(folder, f"seed{k}.json"))]
+              if current(os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k))]
       q = os.path.join(folder, "quality.json")
-      out[dataset, domain, method] = (runs, json.load(open(q)) if os.path.exists(q) else None)
+      out[dataset, domain, method] = (runs, json.load(open(q)) if current(q, result_fields(c, dataset, domain, method, None)) else None)
   return out
 
 

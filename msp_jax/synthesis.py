@@ -14,8 +14,10 @@
    LM rarely fits all of a CrossNER sentence's ~6 entities into one generation).
 4. Labels are the requested attributes, and for CrossNER/TOPv2 spans found in the generated text,
    never copied from the seed; a requested type none of whose values occur is dropped from the labels.
-Progress is appended to `candidates.jsonl` after every chunk, so an interrupted run resumes; the
-output file is written atomically at the end.
+Progress is appended to `{output}.candidates` after every chunk, so an interrupted run resumes; the
+file's header line names what made the candidates (checkpoint step, a hash of the restored prompts,
+backbone, decoding, seeds, requests), and a run made by anything else is moved aside, not resumed.
+The output file is written atomically at the end; its summary.json records the same key.
 """
 from __future__ import annotations
 
@@ -28,11 +30,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from msp_jax import files
+from msp_jax import files, provenance
 from msp_jax.data.example import Example
 from msp_jax.data.spans import label_found_values
 
 STOP_STRINGS = ("\n", "...")
+PROGRESS_KEY = "progress_key"  # marks a progress file's header line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +155,8 @@ def output_record(c: dict) -> dict:
 
 
 def read_progress(path: str) -> list[dict]:
-  """Candidates already generated; a torn last line (killed mid-write) is dropped and the file mended."""
+  """Candidates already generated (the header line is not one); a torn last line (killed mid-write) is
+  dropped and the file mended."""
   if not os.path.exists(path):
     return []
   records, good = [], 0
@@ -167,7 +171,44 @@ def read_progress(path: str) -> list[dict]:
   if good != len(data):
     with open(path, "r+b") as f:
       f.truncate(good)
-  return records
+  return [r for r in records if PROGRESS_KEY not in r]
+
+
+def progress_header(path: str) -> dict | None:
+  """The first line of a progress file if it is a header ({PROGRESS_KEY: key, "made_by": fields})."""
+  try:
+    with open(path) as f:
+      first = json.loads(f.readline())
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+  return first if isinstance(first, dict) and PROGRESS_KEY in first else None
+
+
+def open_progress(path: str, made_by: dict) -> list[dict]:
+  """The candidates in `path` if exactly `made_by` (checkpoint, prompts, decoding, requests, ...) produced
+  them. A progress file made by anything else is moved aside, with one line saying why, and a fresh one
+  is started whose header names `made_by`."""
+  key = provenance.stable_key(made_by)
+  header = progress_header(path)
+  if os.path.exists(path) and (header or {}).get(PROGRESS_KEY) != key:
+    aside = provenance.set_aside(path, header and header[PROGRESS_KEY])
+    why = provenance.describe_change(header and {"fields": header.get("made_by")}, made_by)
+    print(f"{path}: the candidates there were {why}; generating afresh (old file: {aside})", flush=True)
+  if not os.path.exists(path):
+    write_jsonl_atomic(path, [{PROGRESS_KEY: key, "made_by": made_by}])
+    return []
+  return read_progress(path)
+
+
+def drop_torn_chunks(path: str, records: list[dict], num_requests: int) -> list[dict]:
+  """Drops the records of chunks only partly written (killed mid-write), so that a resumed run with the
+  same gen_batch_size regenerates each such chunk whole and writes what a straight run writes."""
+  counts = collections.Counter(tuple(r["chunk"]) for r in records)
+  whole = {(size, i) for (size, i), n in counts.items() if n == len(range(num_requests)[i * size:(i + 1) * size])}
+  kept = [r for r in records if tuple(r["chunk"]) in whole]
+  if len(kept) != len(records):
+    write_jsonl_atomic(path, [progress_header(path)] + kept)
+  return kept
 
 
 def append_progress(path: str, records: list[dict]) -> None:
@@ -217,6 +258,28 @@ def validate(c) -> None:
                               "valid: 0 < keep_fraction <= 1, 0 <= min_value_coverage <= 1")
 
 
+def prompts_fingerprint(model) -> str:
+  """A hash of the trained prompt and mixer values: it changes whenever training went on."""
+  import hashlib
+  import jax
+  from msp_jax import training
+  _, trainable, _ = training.split(model)
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(trainable):
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return h.hexdigest()[:16]
+
+
+def candidates_made_by(c, run, step: int | None) -> dict:
+  """Everything the generated candidates depend on (not gen_batch_size: resumption is per request)."""
+  from msp_jax import checkpoints
+  return {"method": c.method, "checkpoint_step": step, "prompts": prompts_fingerprint(run.model) if step is not None else None,
+          "backbone": checkpoints.fingerprint(run.backbone.source), "dtype": c.dtype, "param_dtype": c.param_dtype,
+          "task": [c.dataset, c.domain, c.setting], "seed": c.seed, "num_shot": c.num_shot,
+          "max_mixture": c.max_mixture, "buckets": list(c.buckets), "num_generations": c.num_generations,
+          "combination_fraction": c.combination_fraction, "max_seeds": c.max_seeds, "decoding": decoding_settings(c)}
+
+
 def synthesize(c, backbone=None) -> dict:
   """Generates, denoises and writes labelled data for the run config `c` describes.
 
@@ -241,17 +304,13 @@ def _synthesize(c, backbone) -> dict:
   output = c.output or os.path.join(c.workdir, "synthetic", f"{c.method}.jsonl")
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   progress_path = output + ".candidates"
+  made_by = candidates_made_by(c, run, step)
+  records = open_progress(progress_path, made_by)
+  records = drop_torn_chunks(progress_path, records, len(requests))
+  done = {r["request"] for r in records}  # resume by request: a changed gen_batch_size regroups only what is left
   chunks = [requests[i:i + c.gen_batch_size] for i in range(0, len(requests), c.gen_batch_size)]
-  done = collections.Counter()
-  records = read_progress(progress_path)
-  for r in records:
-    done[r["request"] // c.gen_batch_size] += 1
-  complete = {i for i, n in done.items() if n == len(chunks[i])}
-  if len(complete) != len(done):  # a chunk cut short by a kill: redo it whole
-    records = [r for r in records if r["request"] // c.gen_batch_size in complete]
-    write_jsonl_atomic(progress_path, records)
-  if complete:
-    print(f"resuming: {len(complete)} of {len(chunks)} chunks already generated", flush=True)
+  if done:
+    print(f"resuming: {len(done)} of {len(requests)} requests already generated", flush=True)
 
   layout = msp_data.PromptLayout(ontology, run.task.splits["train"], c.num_shot)
   decoding = decoding_settings(c)
@@ -262,9 +321,9 @@ def _synthesize(c, backbone) -> dict:
   model = run.model
   from tqdm import tqdm
   for i in tqdm(range(len(chunks)), desc=f"generate ({c.method})", unit="chunk"):
-    if i in complete:
+    chunk = [r for r in chunks[i] if r.index not in done]
+    if not chunk:
       continue
-    chunk = chunks[i]
     rng = np.random.default_rng([c.seed, 2, i])
     segments = [layout.for_generation(r.attributes, r.seed.domain, rng, r.values, uid=str(r.index)) for r in chunk]
     if c.method == "in_context":
@@ -278,17 +337,18 @@ def _synthesize(c, backbone) -> dict:
                             rng=jax.random.fold_in(jax.random.key(c.seed), i), embedded_prefix=prefix,
                             prefix_mask=prefix_mask)
     texts = tok.batch_decode(np.asarray(new)[:len(chunk)].tolist(), skip_special_tokens=True)
-    append_progress(progress_path, [candidate_record(r, cut(t), s.text, c.method, decoding)
+    append_progress(progress_path, [dict(candidate_record(r, cut(t), s.text, c.method, decoding), chunk=[c.gen_batch_size, i])
                                     for r, t, s in zip(chunk, texts, segments)])
-  records = read_progress(progress_path)
-  for r in records:  # progress files written before candidates stored their typed values
-    r.setdefault("typed_values", [list(tv) for tv in requests[r["request"]].typed_values])
+  records = sorted(read_progress(progress_path), key=lambda r: r["request"])
   kept, removed = denoise(records, seeds, c.keep_fraction, lambda t: features.text_embeddings(run.backbone, t),
                           c.rarity_weight, c.min_value_coverage)
   write_jsonl_atomic(output, [output_record(r) for r in kept])
+  output_made_by = dict(made_by, keep_fraction=c.keep_fraction, rarity_weight=c.rarity_weight,
+                        min_value_coverage=c.min_value_coverage)
   summary = {"output": output, "method": c.method, "checkpoint_step": step, "seeds": len(seeds),
              "candidates": len(records), "kept": len(kept), "removed": removed,
-             "compilations": sampling.compilations()}
+             "compilations": sampling.compilations(), "key": provenance.stable_key(output_made_by),
+             "made_by": output_made_by}
   with open(output + ".summary.json", "w") as f:
     json.dump(summary, f, indent=1)
   print(summarise(kept, removed, len(records)), flush=True)

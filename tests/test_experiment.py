@@ -106,3 +106,66 @@ def test_seed_records_carry_every_gold_mention(load_task, raw_data_dir):
     ends = [next((j for j in range(i + 1, len(tokens)) if sentence["tags"][j] != "I-" + t), len(tokens)) for t, i in gold]
     assert [(s["type"], s["value"]) for s in record["spans"]] == [(t, " ".join(tokens[i:e])) for (t, i), e in zip(gold, ends)]
     assert all(record["text"][s["start"]:s["end"]] == s["value"] for s in record["spans"])
+
+
+# --- no stale reuse: every cached piece is keyed by the config fields that made it ------------------
+
+def tiny_grid(model_dir, workdir, tfds_dir, **extra):
+  from configs import experiment as experiment_config
+  c = experiment_config.get_config("smoke")
+  c.update(model=model_dir, workdir=str(workdir), data_dir=tfds_dir, tasks="nlupp/hotels", methods="seed,attention",
+           num_seeds=1, max_test=16, max_seeds=4, gen_batch_size=8, max_new_tokens=6, downstream_steps=20)
+  c.update(extra)
+  return c
+
+
+def run_grid(c, capsys):
+  from msp_jax import experiment
+  capsys.readouterr()
+  experiment.run(c)
+  return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def base_grid(tiny_model_dir, tmp_path_factory, tfds_dir):
+  from msp_jax import experiment
+  c = tiny_grid(tiny_model_dir, tmp_path_factory.mktemp("grid") / "results", tfds_dir)
+  experiment.run(c)
+  return c
+
+
+@pytest.mark.parametrize("change,retrains,regenerates,rescores_seed", [
+    (dict(max_steps=3), True, True, False),
+    (dict(temperature=1.1), False, True, False),
+    (dict(downstream_steps=30), False, False, True)])
+def test_grid_recomputes_what_a_changed_field_affects_and_only_that(change, retrains, regenerates, rescores_seed,
+                                                                     base_grid, tmp_path, capsys):
+  import shutil
+  workdir = str(tmp_path / "results")
+  shutil.copytree(base_grid.workdir, workdir)
+  c = base_grid.copy_and_resolve_references()
+  c.update(workdir=workdir, log_every=7, checkpoint_every=5)  # fields that change no result
+  out = run_grid(c, capsys)
+  assert " seed 0: " not in out and "generating" not in out and "recomputing" not in out, out
+  before = json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", "seed0.json")))
+
+  c.update(change)
+  out = run_grid(c, capsys)
+  assert ("training prompts: attention" in out) == retrains and ("generating: attention" in out) == regenerates, out
+  assert "attention seed 0: " in out and ("seed seed 0: " in out) == rescores_seed, out
+  field = next(iter(change))
+  why = [line for line in out.splitlines() if "recomputing it" in line or "retraining" in line]
+  assert why and all(field in line for line in why), why  # one line per stale piece, naming the field
+  stale = sorted(f for f in os.listdir(os.path.join(workdir, "nlupp_hotels", "attention")) if f.startswith("seed0.json.stale-"))
+  assert len(stale) == 2 and stale[1] == stale[0] + ".key.json"  # the old result and its key, kept aside
+  assert json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", stale[0]))) == before
+  if retrains:
+    assert [d for d in os.listdir(os.path.join(workdir, "runs")) if ".stale-" in d]
+    out = run_grid(dict_update(c, rescore=True), capsys)  # rescoring reuses prompts and generations
+    assert "training prompts" not in out and "generating" not in out and "attention seed 0: " in out, out
+
+
+def dict_update(c, **extra):
+  copy = c.copy_and_resolve_references()
+  copy.update(extra)
+  return copy

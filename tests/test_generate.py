@@ -2,6 +2,7 @@
 the same file; bad input is a one-line error with nothing written."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,3 +146,83 @@ def test_t5_backbone_trains_evaluates_and_generates(tiny_t5_tokenizer, tmp_path)
   assert "dev_bleu" in summary["last_eval"]
   result = synthesis.synthesize(c)
   assert result["candidates"] == 4 and result["kept"] + sum(result["removed"].values()) == 4
+
+
+# --- no stale reuse: the progress file is keyed by what made it --------------------------------------
+
+def tiny_config(model_dir, workdir, tfds_dir, **extra):
+  c = common.get_config(mixture="pooling")
+  c.update(model=model_dir, workdir=str(workdir), data_dir=tfds_dir, n_tokens=4, batch_size=2, max_steps=2, eval_every=2,
+           eval_batches=1, bleu_examples=0, max_new_tokens=6, checkpoint_every=1, warmup_steps=1, max_seeds=4,
+           num_generations=2, gen_batch_size=4, checkpoint="latest")
+  c.update(extra)
+  return c
+
+
+def progress_lines(path):
+  return [json.loads(line) for line in open(path)]
+
+
+def test_more_training_regenerates_and_keeps_the_old_candidates_aside(trained_in_process, tmp_path, capsys):
+  c = trained_in_process.copy_and_resolve_references()
+  shutil.copytree(c.workdir, tmp_path / "run")
+  c.workdir = str(tmp_path / "run")
+  first = synthesis.synthesize(c)
+  c.max_steps = 4
+  trainer.train(c)  # training goes on in the same workdir
+  capsys.readouterr()
+  second = synthesis.synthesize(c)
+  out = capsys.readouterr().out
+  assert (first["checkpoint_step"], second["checkpoint_step"]) == (2, 4)
+  assert "resuming" not in out and "checkpoint_step" in out and "generating afresh" in out
+  progress = second["output"] + ".candidates"
+  (stale,) = [f for f in os.listdir(os.path.dirname(progress)) if ".candidates.stale-" in f]
+  assert first["key"][:8] != second["key"][:8]
+  header, *records = progress_lines(progress)
+  assert header["made_by"]["checkpoint_step"] == 4 and header["made_by"]["prompts"] != first["made_by"]["prompts"]
+  assert sorted(r["request"] for r in records) == list(range(8))
+  assert len(progress_lines(os.path.join(os.path.dirname(progress), stale))) == 1 + 8  # the old run, untouched
+
+
+@pytest.fixture(scope="module")
+def trained_in_process(tiny_model_dir, tmp_path_factory, tfds_dir):
+  c = tiny_config(tiny_model_dir, tmp_path_factory.mktemp("trained") / "run", tfds_dir)
+  trainer.train(c)
+  return c
+
+
+@pytest.mark.parametrize("change,regenerates", [
+    (dict(temperature=1.3), True), (dict(seed=1), True), (dict(num_generations=3), True),
+    (dict(keep_fraction=0.5), False), (dict(gen_batch_size=2), False)])
+def test_changed_settings_regenerate_unless_they_only_denoise_or_batch(change, regenerates, trained_in_process, tmp_path,
+                                                                       capsys):
+  c = trained_in_process.copy_and_resolve_references()
+  c.output = str(tmp_path / "out.jsonl")
+  first = synthesis.synthesize(c)
+  c.update(change)
+  capsys.readouterr()
+  second = synthesis.synthesize(c)
+  out = capsys.readouterr().out
+  assert ("generating afresh" in out) == regenerates and ("resuming: 8 of 8" in out) == (not regenerates), out
+  assert (second["key"] != first["key"]) == ("gen_batch_size" not in change)  # batching is not what made the output
+  assert json.load(open(second["output"] + ".summary.json"))["made_by"] == second["made_by"]
+
+
+def test_resume_with_another_gen_batch_size_keeps_the_done_requests(trained_in_process, tmp_path, capsys):
+  c = trained_in_process.copy_and_resolve_references()
+  c.update(output=str(tmp_path / "out.jsonl"), gen_batch_size=2)
+  first = synthesis.synthesize(c)
+  progress = first["output"] + ".candidates"
+  lines = open(progress).readlines()
+  by_request = {json.loads(line).get("request"): json.loads(line) for line in lines}
+  with open(progress, "w") as f:  # killed after request 2 of chunk (2, 3) was written
+    f.writelines(line for line in lines if json.loads(line).get("request", -1) <= 2)
+  c.gen_batch_size = 4
+  capsys.readouterr()
+  synthesis.synthesize(c)
+  out = capsys.readouterr().out
+  assert "resuming: 2 of 8 requests" in out, out
+  records = [r for r in progress_lines(progress) if "request" in r]
+  assert sorted(r["request"] for r in records) == list(range(8))  # each request once, none mis-assigned
+  assert [records[0], records[1]] == [by_request[0], by_request[1]]  # the done ones were kept, not redone
+  assert {tuple(r["chunk"]) for r in records[2:]} == {(4, 0), (4, 1)}

@@ -103,6 +103,7 @@ class Crossner(RawFilesBuilder):
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=d, description=f"CrossNER {d} domain") for d in DOMAINS]
   FOLDER = "crossner"
   SOURCE = "https://github.com/zliucr/CrossNER (folder ner_data/)"
+  FILE_URL = _URL
 
   def _info(self):
     return tfds.core.DatasetInfo(

@@ -88,6 +88,7 @@ class Nlupp(RawFilesBuilder):
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=d, description=f"NLU++ {d} domain") for d in DOMAINS]
   FOLDER = "nlupp"
   SOURCE = "https://github.com/PolyAI-LDN/task-specific-datasets (folder nlupp/)"
+  FILE_URL = _URL
 
   def _info(self):
     return tfds.core.DatasetInfo(
