@@ -73,7 +73,7 @@ class SelectionGrid:
   Each L2 strength is trained once for the trainer's `steps`; every `eval_every` steps (and at the
   last) the dev score is taken and the best (l2, step) snapshot is kept: early stopping on dev.
   Multi-label heads also pick their decision threshold on dev at each snapshot. Ties keep the
-  earlier candidate (smaller L2, fewer steps) and the threshold nearest 0.5.
+  earlier candidate (L2 in grid order, then fewer steps) and the threshold nearest 0.5.
   """
   l2: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
   eval_every: int = 50

@@ -9,8 +9,9 @@ For each task (dataset/domain, few-shot setting) and method
 a downstream model on frozen-backbone features (NLU++: multi-label intent classifier on pooled
 states; CrossNER: per-word BIO tagger; TOPv2: multi-label intent and slot-type classifiers on pooled
 states, which is not TOPv2's exact-match semantic parsing) is trained with each of `num_seeds` seeds and scored on the
-real test split. Each run chooses its head's L2 penalty, training steps and decision threshold on the real dev
-split (`downstream.SelectionGrid`) and records the choice; the test split is scored once and never enters selection. Every synthetic method adds the same number of examples: `synthetic_per_example`
+real test split. Each run chooses its head's L2 penalty, training steps and decision threshold on the
+real dev split (`downstream.SelectionGrid`) and records the choice; the test split is scored once and
+never enters selection. Every synthetic method adds the same number of examples: `synthetic_per_example`
 x the seed examples, a seeded subsample of its (denoised) output; fewer only when a generator kept
 fewer, which the results record. Prompts are trained and data generated once per task and method
 (seed `c.seed`); the seeds vary the subsample, the EDA draw and the downstream model's init.
