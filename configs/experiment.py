@@ -24,6 +24,16 @@ def get_config(arg=None):
   c.min_value_coverage = 0.5     # CrossNER requests carry ~6.5 entities; 40 new tokens rarely fit all
   c.rescore = False              # redo downstream runs and quality metrics, reuse prompts and generations
 
+  # Selection on the real dev split, per downstream run (the test split is scored once, never selects).
+  c.max_dev = 0                  # 0 = the whole dev split
+  c.downstream_l2 = (1e-4, 1e-3, 1e-2)  # L2 penalties tried; each trains downstream_steps steps
+  c.downstream_eval_every = 50   # steps between dev scores: the best step is kept (early stopping)
+  c.downstream_thresholds = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # multi-label decision thresholds tried
+  # Data quality: distinct-n and self-BLEU depend on corpus size, so each set is measured on samples of
+  # one size (a smaller set shows '-').
+  c.quality_sample = 30          # texts per sample (the smallest CrossNER MSP sets keep ~30-40)
+  c.quality_draws = 5            # samples averaged
+
   # Prompt training for the grid: shorter than a standalone run (CPU budget); see README.
   c.n_tokens = 20
   c.max_steps = 100
@@ -37,6 +47,7 @@ def get_config(arg=None):
              num_seeds=2, max_test=48, downstream_steps=50, n_tokens=4, batch_size=2, max_steps=2, eval_every=2,
              eval_batches=1, warmup_steps=1, checkpoint_every=2, max_seeds=6, num_generations=2, gen_batch_size=6,
              max_new_tokens=12, workdir="results_smoke", synthetic_per_example=1)
+    c.update(max_dev=48, downstream_eval_every=25, quality_sample=4)
   elif arg:
     common.unknown_argument(arg, ("smoke",))
   return c

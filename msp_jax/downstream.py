@@ -5,13 +5,14 @@ AdamW, so comparing training sets (seed data alone vs seed + generated) costs se
 Intents (NLU++, TOPv2) are multi-label: sigmoid per label on pooled sentence features
 (`features.text_embeddings`). CrossNER is BIO tagging on per-word features
 (`features.token_features`). Everything is deterministic given `seed`: the init key and the
-numpy shuffling both come from it.
+numpy shuffling both come from it. `fit_selected` chooses the L2 strength, the number of steps (early
+stopping) and, for multi-label heads, the decision threshold on a dev split (`SelectionGrid`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from msp_jax import scores
 from msp_jax.data.example import Example
 
 
@@ -62,6 +64,25 @@ def _logits(model, x):
   return model(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class SelectionGrid:
+  """What `fit_selected` chooses on the dev split, per run (the test split never enters selection).
+
+  Each L2 strength is trained once for the trainer's `steps`; every `eval_every` steps (and at the
+  last) the dev score is taken and the best (l2, step) snapshot is kept: early stopping on dev.
+  Multi-label heads also pick their decision threshold on dev at each snapshot. Ties keep the
+  earlier candidate (L2 in grid order, then fewer steps) and the threshold nearest 0.5.
+  """
+  l2: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+  eval_every: int = 50
+  thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+  def __post_init__(self):
+    if not self.l2 or min(self.l2) < 0 or self.eval_every < 1 or not self.thresholds \
+        or not all(0 < t < 1 for t in self.thresholds):
+      raise ValueError(f"SelectionGrid: need L2 values >= 0, eval_every >= 1 and thresholds in (0, 1); got {self}")
+
+
 @dataclasses.dataclass(eq=False)
 class _Trainer:
   """Shared hyperparameters and fitting of a head on standardized features."""
@@ -70,17 +91,36 @@ class _Trainer:
   learning_rate: float = 1e-2
   weight_decay: float = 0.0
   # A few-shot set is linearly separable in D=576 features: without an L2 penalty in the loss the
-  # weights grow without bound along directions that separate the seeds by chance and a test row
-  # gets ~15 of 40 intents (NLU++ hotels, micro F1 0.15); l2=1e-3 gives 0.52 there. AdamW's
-  # decoupled weight decay is too weak to stop it.
+  # weights grow without bound along directions that separate the seeds by chance, and AdamW's
+  # decoupled weight decay is too weak to stop it. Its strength is chosen on dev (`fit_selected`).
   l2: float = 1e-3
   batch_size: int = 0           # 0 (or >= N): full batch
   seed: int = 0
   model: Any = dataclasses.field(default=None, init=False, repr=False)
   mean: Any = dataclasses.field(default=None, init=False, repr=False)
   std: Any = dataclasses.field(default=None, init=False, repr=False)
+  selection: dict | None = dataclasses.field(default=None, init=False)  # what fit_selected chose, with its dev score
 
-  def _fit(self, x: np.ndarray, y: np.ndarray, d_out: int, loss_fn) -> None:
+  def _select(self, fit: Callable, dev_score: Callable, grid: SelectionGrid, metric: str) -> None:
+    """For each L2 in the grid, `fit(trainer, on_eval)` trains a copy that calls `on_eval(step)`;
+    `dev_score(trainer)` -> (score, other choices). Keeps the best snapshot as this trainer's model."""
+    best = None
+    for l2 in grid.l2:
+      trainer = dataclasses.replace(self, l2=l2)
+
+      def on_eval(step, trainer=trainer, l2=l2):
+        nonlocal best
+        score, chosen = dev_score(trainer)
+        if best is None or score > best[0]:
+          best = (score, {"l2": l2, "steps": step, **chosen}, nnx.clone(trainer.model), trainer.mean, trainer.std)
+
+      fit(trainer, on_eval)
+    score, chosen, self.model, self.mean, self.std = best
+    self.l2 = chosen["l2"]
+    self.selection = {**chosen, "dev_metric": metric, "dev_score": float(score)}
+
+  def _fit(self, x: np.ndarray, y: np.ndarray, d_out: int, loss_fn, on_eval: Callable | None = None,
+           eval_every: int = 0) -> None:
     # Backbone features have a few huge dimensions; standardizing lets one learning rate fit all.
     self.mean = x.mean(0)
     self.std = np.maximum(x.std(0), 1e-6)
@@ -92,13 +132,15 @@ class _Trainer:
     n = len(x)
     b = n if self.batch_size <= 0 or self.batch_size >= n else self.batch_size
     rng, order = np.random.default_rng(self.seed), np.zeros(0, np.int64)
-    for _ in range(self.steps):
+    for step in range(1, self.steps + 1):
       idx = None
       if b < n:  # fixed-size batches from reshuffled epochs: one compile
         if len(order) < b:
           order = np.concatenate([order, rng.permutation(n)])
         idx, order = jnp.asarray(order[:b]), order[b:]
       _train_step(self.model, optimizer, xs, ys, idx, self.l2, loss_fn)
+      if on_eval is not None and (step % eval_every == 0 or step == self.steps):
+        on_eval(step)
 
   def _forward(self, x: np.ndarray) -> np.ndarray:
     if self.model is None:
@@ -113,20 +155,47 @@ class _Trainer:
 class MultiLabelClassifier(_Trainer):
   """Independent sigmoid per label (sigmoid BCE); a label is predicted when its probability > threshold.
 
-  0.5 is the Bayes threshold for calibrated probabilities; it is kept fixed rather than tuned, as
-  few-shot dev sets are too small to tune it reliably. A row with no label above it predicts the
-  empty set (NLU++ utterances without intents).
+  0.5 is the Bayes threshold for calibrated probabilities, but an L2-penalised few-shot head is not
+  calibrated: `fit_selected` chooses the threshold on dev. A row with no label above it predicts
+  the empty set (NLU++ utterances without intents).
   """
   threshold: float = 0.5
 
-  def fit(self, X: np.ndarray, Y: np.ndarray) -> "MultiLabelClassifier":
-    """X [N, D] features, Y [N, L] 0/1 targets (rows may be all zero)."""
+  @staticmethod
+  def _checked(X: np.ndarray, Y: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
     X, Y = np.asarray(X, np.float32), np.asarray(Y)
     if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y):
-      raise ValueError(f"MultiLabelClassifier.fit: X {X.shape} and Y {Y.shape} must be [N, D] and [N, L]")
+      raise ValueError(f"MultiLabelClassifier.{where}: X {X.shape} and Y {Y.shape} must be [N, D] and [N, L]")
     if not np.isin(Y, (0, 1)).all():
-      raise ValueError("MultiLabelClassifier.fit: Y must hold only 0 and 1")
-    self._fit(X, Y.astype(np.float32), Y.shape[1], _bce)
+      raise ValueError(f"MultiLabelClassifier.{where}: Y must hold only 0 and 1")
+    return X, Y.astype(np.float32)
+
+  def fit(self, X: np.ndarray, Y: np.ndarray) -> "MultiLabelClassifier":
+    """X [N, D] features, Y [N, L] 0/1 targets (rows may be all zero)."""
+    X, Y = self._checked(X, Y, "fit")
+    self._fit(X, Y, Y.shape[1], _bce)
+    return self
+
+  def fit_selected(self, X: np.ndarray, Y: np.ndarray, X_dev: np.ndarray, Y_dev: np.ndarray,
+                   grid: SelectionGrid = SelectionGrid(), metric: str = "micro_f1") -> "MultiLabelClassifier":
+    """`fit` with L2, steps and threshold chosen by `metric` on (X_dev, Y_dev) over `grid`.
+
+    metric: micro_f1 (labels pooled over rows) or set_accuracy (rows whose label set is exactly
+    right). The choice and its dev score are in `selection`."""
+    X, Y = self._checked(X, Y, "fit_selected")
+    X_dev, Y_dev = self._checked(X_dev, Y_dev, "fit_selected (dev)")
+    if metric not in MULTILABEL_METRICS:
+      raise ValueError(f"MultiLabelClassifier.fit_selected: metric {metric!r}; valid: {', '.join(MULTILABEL_METRICS)}")
+    gold, score_fn = Y_dev.astype(bool), MULTILABEL_METRICS[metric]
+
+    def dev_score(trainer):
+      probs = trainer.probabilities(X_dev)
+      score, _, threshold = max((score_fn(gold, probs > t), -abs(t - 0.5), t) for t in grid.thresholds)
+      return score, {"threshold": threshold}
+
+    self._select(lambda trainer, on_eval: trainer._fit(X, Y, Y.shape[1], _bce, on_eval, grid.eval_every),
+                 dev_score, grid, metric)
+    self.threshold = self.selection["threshold"]
     return self
 
   def probabilities(self, X: np.ndarray) -> np.ndarray:
@@ -155,8 +224,10 @@ class BIOTagger(_Trainer):
     if bad:
       raise ValueError(f"BIOTagger: tags {bad} are not 'O', 'B-<type>' or 'I-<type>'")
 
-  def fit(self, features: Sequence[np.ndarray], tag_ids: Sequence[Sequence[int]]) -> "BIOTagger":
-    """features: per sentence [n_i, D]; tag_ids: per sentence n_i ids into `tags`."""
+  def fit(self, features: Sequence[np.ndarray], tag_ids: Sequence[Sequence[int]], on_eval: Callable | None = None,
+          eval_every: int = 0) -> "BIOTagger":
+    """features: per sentence [n_i, D]; tag_ids: per sentence n_i ids into `tags`. `on_eval(step)` is
+    called every `eval_every` steps (for `fit_selected`)."""
     if len(features) != len(tag_ids):
       raise ValueError(f"BIOTagger.fit: {len(features)} feature arrays but {len(tag_ids)} tag lists")
     for i, (f, t) in enumerate(zip(features, tag_ids)):
@@ -166,7 +237,24 @@ class BIOTagger(_Trainer):
     if len(y) == 0 or y.min() < 0 or y.max() >= len(self.tags):
       raise ValueError(f"BIOTagger.fit: tag ids must be in [0, {len(self.tags)}) and there must be words")
     x = np.concatenate([np.asarray(f, np.float32) for f in features if len(f)])
-    self._fit(x, y, len(self.tags), _cross_entropy)
+    self._fit(x, y, len(self.tags), _cross_entropy, on_eval, eval_every)
+    return self
+
+  def fit_selected(self, features: Sequence[np.ndarray], tag_ids: Sequence[Sequence[int]],
+                   dev_features: Sequence[np.ndarray], dev_tag_ids: Sequence[Sequence[int]],
+                   grid: SelectionGrid = SelectionGrid()) -> "BIOTagger":
+    """`fit` with L2 and steps chosen by exact span F1 on the dev sentences over `grid` (its
+    thresholds do not apply). The choice and its dev score are in `selection`."""
+    if len(dev_features) != len(dev_tag_ids):
+      raise ValueError(f"BIOTagger.fit_selected: {len(dev_features)} dev feature arrays but {len(dev_tag_ids)} tag lists")
+    gold = [scores.bio_to_spans([self.tags[i] for i in row]) for row in dev_tag_ids]
+
+    def dev_score(trainer):
+      pred = [scores.bio_to_spans([self.tags[i] for i in row]) for row in trainer.predict(dev_features)]
+      return scores.span_f1(gold, pred)["f1"], {}
+
+    self._select(lambda trainer, on_eval: trainer.fit(features, tag_ids, on_eval, grid.eval_every), dev_score, grid,
+                 "span_f1")
     return self
 
   def predict(self, features: Sequence[np.ndarray]) -> list[list[int]]:
@@ -183,6 +271,19 @@ class BIOTagger(_Trainer):
         row = [ids.get(t, ids.get("O", 0)) for t in repair_bio([self.tags[i] for i in row])]
       out.append(row)
     return out
+
+
+def _micro_f1(gold: np.ndarray, pred: np.ndarray) -> float:
+  """Micro F1 of [N, L] bool matrices, with `scores.multilabel_prf`'s conventions."""
+  tp, fp, fn = int((gold & pred).sum()), int((~gold & pred).sum()), int((gold & ~pred).sum())
+  return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def _set_accuracy(gold: np.ndarray, pred: np.ndarray) -> float:
+  return float((gold == pred).all(1).mean()) if len(gold) else float("nan")
+
+
+MULTILABEL_METRICS = {"micro_f1": _micro_f1, "set_accuracy": _set_accuracy}
 
 
 def repair_bio(tags: Sequence[str]) -> list[str]:

@@ -117,6 +117,26 @@ def self_bleu(texts: Sequence[str], max_order: int = 4, max_texts: int | None = 
   return float(np.mean(scores))
 
 
+def sampled_diversity(texts: Sequence[str], sample_size: int, draws: int = 5, seed: int = 0) -> dict:
+  """distinct_1/2/3 and self_bleu as means over `draws` random samples of `sample_size` texts.
+
+  Both depend on how much text there is: a larger corpus repeats more n-grams (lower distinct-n) and
+  gives each text more references (higher self-BLEU). So sets of different sizes compare only on
+  samples of one size. Samples are drawn without replacement from `seed`; a set of exactly
+  `sample_size` texts is its own (only) sample, and a smaller one gives nan: undefined at that size.
+  """
+  if sample_size < 2 or draws < 1:
+    raise ValueError(f"sample_size must be >= 2 and draws >= 1, got {sample_size} and {draws}")
+  keys = ("distinct_1", "distinct_2", "distinct_3", "self_bleu")
+  if len(texts) < sample_size:
+    return dict.fromkeys(keys, math.nan)
+  rng = np.random.default_rng(seed)
+  samples = [list(texts)] if len(texts) == sample_size else \
+      [[texts[i] for i in rng.choice(len(texts), sample_size, replace=False)] for _ in range(draws)]
+  per_sample = [[distinct_n(s, 1), distinct_n(s, 2), distinct_n(s, 3), self_bleu(s)] for s in samples]
+  return dict(zip(keys, np.mean(per_sample, axis=0).tolist()))
+
+
 def ngram_overlap(generated: Iterable[str], seeds: Iterable[str], n: int) -> float:
   """Fraction of the generated n-gram occurrences (lowercased tokens) that occur anywhere in the seeds.
 

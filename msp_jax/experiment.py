@@ -9,12 +9,14 @@ For each task (dataset/domain, few-shot setting) and method
 a downstream model on frozen-backbone features (NLU++: multi-label intent classifier on pooled
 states; CrossNER: per-word BIO tagger; TOPv2: multi-label intent and slot-type classifiers on pooled
 states, which is not TOPv2's exact-match semantic parsing) is trained with each of `num_seeds` seeds and scored on the
-real test split. Every synthetic method adds the same number of examples: `synthetic_per_example`
+real test split. Each run chooses its head's L2 penalty, training steps and decision threshold on the
+real dev split (`downstream.SelectionGrid`) and records the choice; the test split is scored once and
+never enters selection. Every synthetic method adds the same number of examples: `synthetic_per_example`
 x the seed examples, a seeded subsample of its (denoised) output; fewer only when a generator kept
 fewer, which the results record. Prompts are trained and data generated once per task and method
 (seed `c.seed`); the seeds vary the subsample, the EDA draw and the downstream model's init.
 
-Outputs in `c.workdir`: {task}/{method}/seed{k}.json (scores), {task}/{method}/quality.json
+Outputs in `c.workdir`: {task}/{method}/seed{k}.json (scores, selection), {task}/{method}/quality.json
 (data-quality metrics of the synthetic set), runs/ (prompt training), synthetic/ (generations),
 results.md (tables). Resumable: finished pieces are skipped; training and generation resume. Each
 piece is keyed by the config fields it depends on (`<file>.key.json`; a prompt run by its metadata):
@@ -86,7 +88,8 @@ NEUTRAL_FIELDS = ("workdir", "output", "data_dir", "tasks", "methods", "num_seed
 GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fraction", "keep_fraction", "rarity_weight",
                      "min_value_coverage", "max_seeds", "gen_batch_size", "do_sample", "temperature", "top_k", "top_p",
                      "repetition_penalty", "num_beams")
-DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "downstream_hidden", "downstream_steps")
+DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "max_dev", "downstream_hidden", "downstream_steps",
+                     "downstream_l2", "downstream_eval_every", "downstream_thresholds", "quality_sample", "quality_draws")
 INPUT_FIELDS = ("model", "dtype", "param_dtype", "dataset", "domain", "setting", "seed")  # every artifact's inputs
 IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "num_shot", "max_mixture", "buckets", "max_new_tokens", *GENERATION_FIELDS)
 
@@ -197,12 +200,21 @@ class LabelSetModel:
     self.labels = {s: list(task.ontology[s].names) for s in self.attribute_sets}
     self.cache, self.c, self.seed = cache, c, seed
 
-  def fit(self, records):
-    x = self.cache.sentence([r["text"] for r in records])
+  selection_metric = {"intents": "micro_f1", "slots": "micro_f1"}  # each head's dev score
+
+  def fit(self, records, dev):
+    """Train on records; L2, steps and threshold of each head chosen on the dev Examples."""
+    x, x_dev = self.cache.sentence([r["text"] for r in records]), self.cache.sentence([ex.text for ex in dev])
     self.models = {s: downstream.MultiLabelClassifier(hidden=self.c.downstream_hidden, steps=self.c.downstream_steps,
-                                                      seed=self.seed).fit(x, downstream.intent_targets(records, labels, s))
+                                                      seed=self.seed).fit_selected(
+                          x, downstream.intent_targets(records, labels, s), x_dev, downstream.intent_targets(dev, labels, s),
+                          selection_grid(self.c), self.selection_metric[s])
                    for s, labels in self.labels.items()}
     return self
+
+  @property
+  def selection(self) -> dict:
+    return {s: m.selection for s, m in self.models.items()}
 
   def predict(self, texts) -> dict[str, list[set]]:
     x = self.cache.sentence(texts)
@@ -223,11 +235,15 @@ class IntentModel(LabelSetModel):
     self.general = {a.name for a in task.ontology["intents"].attributes if a.general}
 
   def score(self, examples) -> dict:
+    """Standard micro/macro F1, and the original code's per-utterance formulas (all intents, and its
+    cross-domain general-intent restriction) beside the standard micro F1 on that restriction."""
     gold = [set(ex.attributes["intents"]) for ex in examples]
     pred = self.predict([ex.text for ex in examples])["intents"]
     prf = scores.multilabel_prf(gold, pred, self.labels["intents"])
     return {"micro_f1": prf["micro_f1"], "macro_f1": prf["macro_f1"], "micro_precision": prf["micro_precision"],
-            "micro_recall": prf["micro_recall"], "general_intent_f1 (paper)": scores.general_intent_f1(gold, pred, self.general)}
+            "micro_recall": prf["micro_recall"], "intent_f1_original": scores.intent_f1_original(gold, pred)["f1"],
+            "general_intent_f1": scores.general_intent_f1(gold, pred, self.general),
+            "general_intent_f1_original": scores.intent_f1_original(gold, pred, self.general)["f1"]}
 
 
 class EntityModel:
@@ -239,13 +255,21 @@ class EntityModel:
     self.tags = bio_labels(self.types)
     self.cache, self.c, self.seed = cache, c, seed
 
-  def fit(self, records):
+  def fit(self, records, dev):
+    """Train on records; L2 and steps chosen by span F1 on the dev Examples."""
     texts = [r["text"] for r in records]
     index = {t: i for i, t in enumerate(self.tags)}
     tags = [[index[t] for t in bio_tags(r["text"], r["spans"] or [])] for r in records]
+    dev_tags = [[index[t] for t in example_bio_tags(ex)] for ex in dev]
     self.model = downstream.BIOTagger(tags=self.tags, hidden=self.c.downstream_hidden, steps=self.c.downstream_steps,
-                                      seed=self.seed).fit(self.cache.per_word(texts), tags)
+                                      seed=self.seed).fit_selected(self.cache.per_word(texts), tags,
+                                                                   self.cache.per_word([ex.text for ex in dev]), dev_tags,
+                                                                   selection_grid(self.c))
     return self
+
+  @property
+  def selection(self) -> dict:
+    return {"entities": self.model.selection}
 
   def predict_spans(self, texts) -> list[list]:
     return [scores.bio_to_spans([self.tags[i] for i in row]) for row in self.model.predict(self.cache.per_word(texts))]
@@ -254,17 +278,21 @@ class EntityModel:
     return [{("entities", t) for t, _, _ in spans} for spans in self.predict_spans(texts)]
 
   def score(self, examples) -> dict:
-    gold = [scores.bio_to_spans(example_bio_tags(ex)) for ex in examples]
+    """Standard exact span F1, and the original code's partial-match F1 on the entity strings."""
+    gold = [scores.bio_to_spans(example_bio_tags(ex)) for ex in examples]  # raises if a gold value is not in its text
     pred = self.predict_spans([ex.text for ex in examples])
-    exact, partial = scores.span_f1(gold, pred), scores.partial_span_f1(gold, pred)
+    exact = scores.span_f1(gold, pred)
+    partial = scores.span_partial_f1_original([scores.span_texts(ex.text, g) for ex, g in zip(examples, gold)],
+                                              [scores.span_texts(ex.text, p) for ex, p in zip(examples, pred)])
     return {"span_f1": exact["f1"], "span_precision": exact["precision"], "span_recall": exact["recall"],
-            "partial_span_f1 (paper)": partial["f1"]}
+            "span_partial_f1_original": partial["f1"]}
 
 
 class ParseModel(LabelSetModel):
   """TOPv2: multi-label intents and multi-label slot types from pooled features, two linear heads.
   Plainly not TOPv2's exact-match semantic parsing (no tree, no slot values)."""
   attribute_sets = ("intents", "slots")
+  selection_metric = {"intents": "set_accuracy", "slots": "micro_f1"}  # the intents head by the main metric
 
   def score(self, examples) -> dict:
     pred = self.predict([ex.text for ex in examples])
@@ -280,8 +308,33 @@ MODELS = {"nlupp": IntentModel, "crossner": EntityModel, "topv2": ParseModel}
 MAIN_METRIC = {"nlupp": "micro_f1", "crossner": "span_f1", "topv2": "intent_set_accuracy"}
 
 
-def quality(records, task, seed_model, backbone) -> dict:
-  """Data-quality metrics of one synthetic set (attribute correctness from a model trained on real data)."""
+def selection_grid(c) -> downstream.SelectionGrid:
+  try:
+    return downstream.SelectionGrid(l2=tuple(c.downstream_l2), eval_every=c.downstream_eval_every,
+                                    thresholds=tuple(c.downstream_thresholds))
+  except (ValueError, TypeError) as e:
+    raise ExperimentError(f"config.downstream_l2={c.downstream_l2!r}, config.downstream_eval_every="
+                          f"{c.downstream_eval_every!r}, config.downstream_thresholds={c.downstream_thresholds!r}: {e}")
+
+
+def fit_judge(dataset, task, cache, c, dev) -> tuple:
+  """The attribute judge of generated text: a downstream model on the real seeds, chosen on the even
+  half of the dev Examples; (judge, its precision/recall/F1 on the odd half), so its own error rate
+  is measured on dev examples its selection never saw."""
+  judge = MODELS[dataset](task, cache, c, c.seed).fit([example_record(ex) for ex in task.splits["train"]], dev[0::2])
+  held_out = dev[1::2]
+  gold = [{k for k in ex.keys() if k[0] in judge.attribute_sets} for ex in held_out]
+  prf = scores.attribute_prf(gold, judge.predict_keys([ex.text for ex in held_out]))
+  return judge, {"judge_dev_examples": len(held_out), "judge_dev_precision": prf["precision"],
+                 "judge_dev_recall": prf["recall"], "judge_dev_f1": prf["f1"]}
+
+
+def quality(records, task, seed_model, backbone, sample_size: int = 30, draws: int = 5) -> dict:
+  """Data-quality metrics of one synthetic set (attribute correctness from a model trained on real data).
+
+  Distinct-n and self-BLEU grow or shrink with the amount of text, so they are means over `draws`
+  random samples of `sample_size` texts (nan for a smaller set) and compare across methods; the
+  other metrics are per text or per token averages over the whole set."""
   texts = [r["text"] for r in records]
   if not texts:
     return {"examples": 0}
@@ -290,12 +343,18 @@ def quality(records, task, seed_model, backbone) -> dict:
   nll, counts = features.text_nll(backbone, texts) if not backbone.is_encoder_decoder else (None, None)
   presence, _ = evaluation.label_presence(records)
   seeds = [ex.text for ex in task.splits["train"]]
-  return {"examples": len(texts), "distinct_1": evaluation.distinct_n(texts, 1), "distinct_2": evaluation.distinct_n(texts, 2),
-          "distinct_3": evaluation.distinct_n(texts, 3), "self_bleu": evaluation.self_bleu(texts, max_texts=200),
+  return {"examples": len(texts), **evaluation.sampled_diversity(texts, sample_size, draws),
+          "quality_sample": sample_size, "quality_draws": draws,
           "seed_overlap_2": evaluation.ngram_overlap(texts, seeds, 2),
           "perplexity": evaluation.perplexity_from_nll(nll, counts) if nll is not None else None,
           "label_presence": presence, "attribute_precision": attribute["precision"],
           "attribute_recall": attribute["recall"], "attribute_f1": attribute["f1"]}
+
+
+def downstream_run(dataset, task, cache, c, seed: int, records, dev, test) -> dict:
+  """One downstream run: train on records with hyper-parameters chosen on dev, then score test once."""
+  model = MODELS[dataset](task, cache, c, seed).fit(records, dev)
+  return {"selection": model.selection, "scores": model.score(test)}
 
 
 # --- the grid -------------------------------------------------------------------------------------
@@ -307,6 +366,9 @@ def run(c, backbone=None) -> str:
   grid_tasks, methods = tasks_of(c), parse_list("methods", c.methods, METHODS)
   if c.num_seeds < 1 or c.synthetic_per_example < 1:
     raise ExperimentError(f"config.num_seeds={c.num_seeds}, config.synthetic_per_example={c.synthetic_per_example}: both must be >= 1")
+  selection_grid(c)  # a bad grid fails before the backbone loads
+  if c.quality_sample < 2 or c.quality_draws < 1:
+    raise ExperimentError(f"config.quality_sample={c.quality_sample}, config.quality_draws={c.quality_draws}: need >= 2 and >= 1")
   backbone = backbone or load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
   cache, clock = FeatureCache(backbone), WallTime(c.workdir)
   synonyms = augment.embedding_synonyms(trainer.embedding_table(backbone.model), backbone.tokenizer) if "eda" in methods else None
@@ -314,9 +376,11 @@ def run(c, backbone=None) -> str:
     task = load_task(dataset, domain, "few_shot", seed=c.seed, data_dir=c.data_dir or None)
     seeds = [example_record(ex) for ex in task.splits["train"]]
     test = list(task.splits["test"])[:c.max_test or None]
+    dev = list(task.splits["dev"])[:c.max_dev or None]
     n_synthetic = c.synthetic_per_example * min(len(seeds), c.max_seeds or len(seeds))  # generators see max_seeds
     name = f"{dataset}_{domain}"
-    seed_model = MODELS[dataset](task, cache, c, c.seed).fit(seeds)
+    seed_model, judge_scores = fit_judge(dataset, task, cache, c, dev)
+    measure = lambda records: {**quality(records, task, seed_model, backbone, c.quality_sample, c.quality_draws), **judge_scores}
     for method in methods:
       folder, label = os.path.join(c.workdir, name, method), f"[{dataset}/{domain}] {method}"
       quality_path, quality_fields = os.path.join(folder, "quality.json"), result_fields(c, dataset, domain, method, None)
@@ -326,21 +390,22 @@ def run(c, backbone=None) -> str:
         continue
       pool = [] if method == "seed" else None if method == "eda" else generated_records(c, backbone, dataset, domain, method)
       if pool and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
-        write_json_atomic(quality_path, quality(pool, task, seed_model, backbone))
+        write_json_atomic(quality_path, measure(pool))
         provenance.write_key(quality_path, quality_fields)
       for k in todo:
         t0 = time.time()
         if method == "eda":
           synthetic = subsample(eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n_synthetic, k)
           if k == 0 and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
-            write_json_atomic(quality_path, quality(synthetic, task, seed_model, backbone))
+            write_json_atomic(quality_path, measure(synthetic))
             provenance.write_key(quality_path, quality_fields)
         else:
           synthetic = subsample(pool, n_synthetic, k)
-        model = MODELS[dataset](task, cache, c, k).fit(seeds + synthetic)
         result = {"task": f"{dataset}/{domain}", "method": method, "seed": k, "seed_examples": len(seeds),
                   "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
-                  "test_examples": len(test), "scores": model.score(test), "seconds": round(time.time() - t0, 1)}
+                  "dev_examples": len(dev), "test_examples": len(test),
+                  **downstream_run(dataset, task, cache, c, k, seeds + synthetic, dev, test),
+                  "seconds": round(time.time() - t0, 1)}
         write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
         provenance.write_key(os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k))
         print(f"[{dataset}/{domain}] {method} seed {k}: {MAIN_METRIC[dataset]} "
@@ -390,27 +455,42 @@ class WallTime:
     return value
 
 
+def column_name(key: str) -> str:
+  """Score keys of the original code's formulas read 'name (original)' in the tables."""
+  return f"{key.removesuffix('_original')} (original)" if key.endswith("_original") else key
+
+
 def write_table(c, grid_tasks, methods, wall: dict) -> str:
   """results.md: downstream scores (mean ± std over seeds, x100) and data quality per method."""
   results = load_results(c, grid_tasks, methods)
   lines = [f"# MSP downstream experiment ({c.model}, few-shot, {c.num_seeds} seeds)", "",
            f"Scores x100 on the real test split, mean ± std over seeds; {c.synthetic_per_example} synthetic "
-           f"examples per seed example; prompt training {c.max_steps} steps. Wall time: "
-           f"{wall['seconds'] / 60:.1f} min over {wall['invocations']} invocation(s) of evaluate.py.", ""]
+           f"examples per seed example; prompt training {c.max_steps} steps. Each run chose its head's L2 penalty, "
+           f"training steps and decision threshold on the real dev split (the 'dev' column: its selection score; the "
+           f"choices are in each run's JSON). '(original)': the original MSP code's formula beside the standard "
+           f"score. Wall time: {wall['seconds'] / 60:.1f} min over {wall['invocations']} invocation(s) of evaluate.py.", ""]
   for dataset, domain in grid_tasks:
-    metrics = list(next((r[0]["scores"] for r in [results[dataset, domain, m][0] for m in methods] if r), {}))
-    lines += [f"## {dataset}/{domain}", "", "| method | synthetic | " + " | ".join(metrics) + " |",
-              "| --- | --- | " + " | ".join("---" for _ in metrics) + " |"]
+    first = next((r[0] for r in [results[dataset, domain, m][0] for m in methods] if r), {})
+    metrics = list(first.get("scores", {}))
+    heads = list(first.get("selection", {}))
+    dev_column = [f"dev {first['selection'][heads[0]]['dev_metric']}"] if heads else []
+    lines += [f"## {dataset}/{domain}", "", "| method | synthetic | " + " | ".join(dev_column + [column_name(k) for k in metrics]) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in dev_column + metrics) + " |"]
     for m in methods:
       runs, _ = results[dataset, domain, m]
       if runs:
         synth = f"{runs[0]['synthetic_examples']}/{runs[0]['synthetic_target']}"
-        lines.append(f"| {m} | {synth} | " + " | ".join(mean_std([r["scores"].get(k) for r in runs]) for k in metrics) + " |")
+        dev = [mean_std([r.get("selection", {}).get(heads[0], {}).get("dev_score") for r in runs])] if heads else []
+        lines.append(f"| {m} | {synth} | " + " | ".join(dev + [mean_std([r["scores"].get(k) for r in runs]) for k in metrics]) + " |")
     q_rows = [(m, results[dataset, domain, m][1]) for m in methods if results[dataset, domain, m][1]]
     if q_rows:
-      keys = [k for k in q_rows[0][1] if k != "examples"]
-      lines += ["", "Synthetic data quality (whole denoised set; EDA: seed 0's copies; '-': undefined, e.g. "
-                "self-BLEU of one text):", "",
+      q0 = q_rows[0][1]
+      keys = [k for k in q0 if k not in ("examples", "quality_sample", "quality_draws", "judge_dev_examples")]
+      sampled = (f"distinct-n and self-BLEU: mean over {q0['quality_draws']} random samples of {q0['quality_sample']} "
+                 f"texts each ('-' with fewer texts)" if "quality_sample" in q0 else "all metrics on the whole set")
+      judged = (f"; judge_dev_*: the attribute judge's own precision/recall/F1 on {q0['judge_dev_examples']} real dev "
+                f"examples it was not chosen on, i.e. how far to trust attribute_*" if "judge_dev_examples" in q0 else "")
+      lines += ["", f"Synthetic data quality (denoised set; EDA: seed 0's copies; {sampled}{judged}; '-': undefined):", "",
                 "| method | examples | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
       for m, q in q_rows:
         lines.append(f"| {m} | {q['examples']} | " + " | ".join("-" if q.get(k) is None or np.isnan(q[k]) else f"{q[k]:.3f}" for k in keys) + " |")
@@ -436,7 +516,9 @@ def measure_file(c, path: str) -> dict:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
       raise ExperimentError(f"{path}:{i + 1}: not a generated record ({e!r}); expected JSON with text, attributes")
     records.append(r)
+  selection_grid(c)
   backbone = load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
   task = load_task(dataset, domain, "few_shot", seed=c.seed, data_dir=c.data_dir or None)
-  seed_model = MODELS[dataset](task, FeatureCache(backbone), c, c.seed).fit([example_record(ex) for ex in task.splits["train"]])
-  return quality(records, task, seed_model, backbone)
+  dev = list(task.splits["dev"])[:c.max_dev or None]
+  judge, judge_scores = fit_judge(dataset, task, FeatureCache(backbone), c, dev)
+  return {**quality(records, task, judge, backbone, c.quality_sample, c.quality_draws), **judge_scores}

@@ -1,14 +1,16 @@
 """Task scores of the downstream models: multi-label intent/slot F1 (NLU++, TOPv2), entity F1
 (CrossNER), exact intent-set accuracy and attribute correctness of generated data.
 
-Each standard score sits beside the original MSP code's variant where the two differ, under its own
-name, so results can be reported both ways. Conventions shared by all F1s here: a ratio with a zero
-denominator is 0, F1 with P = R = 0 is 0, and a score over nothing at all (no gold and no predicted
-item anywhere) is 1.0: there was nothing to get wrong.
+Each standard score sits beside the original MSP code's variant where the two differ, under a name
+ending in `_original`, so results can be reported both ways. Conventions shared by the standard F1s:
+a ratio with a zero denominator is 0, F1 with P = R = 0 is 0, and a score over nothing at all (no
+gold and no predicted item anywhere) is 1.0: there was nothing to get wrong. The `_original` scores
+follow the original's own conventions instead (their docstrings say which).
 """
 from __future__ import annotations
 
 import collections
+import re
 from typing import Collection, Hashable, Iterable, Sequence
 
 Span = tuple[str, int, int]  # (type, start, end), end exclusive
@@ -63,8 +65,8 @@ def general_intent_f1(gold: Sequence[Collection[str]], pred: Sequence[Collection
                       general_labels: Iterable[str]) -> float:
   """Micro F1 over the domain-general intents only: the NLU++ cross-domain score.
 
-  The original averaged per-example precision and recall (each with a 1e-4 smoothing term) and took
-  the F1 of the two means; this is the standard micro F1 on the same restriction."""
+  The standard micro F1 on the restriction the original used; its own formula (per-utterance
+  averages) is `intent_f1_original(..., general_labels=...)`."""
   return multilabel_prf(gold, pred, labels=general_labels)["micro_f1"]
 
 
@@ -92,45 +94,6 @@ def span_f1(gold_spans: Sequence[Collection[Span]], pred_spans: Sequence[Collect
     tp, fp, fn = tp + hit, fp + sum(p.values()) - hit, fn + sum(g.values()) - hit
   precision, recall, f1 = _prf(tp, fp, fn)
   return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
-
-
-def _overlaps(a: Span, b: Span) -> bool:
-  return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
-
-
-def _greedy_matches(left: Sequence[Span], right: Sequence[Span]) -> int:
-  """How many of `left` find an overlapping same-type partner in `right`, each partner used once."""
-  free, matched = list(right), 0
-  for a in left:
-    for k, b in enumerate(free):
-      if _overlaps(a, b):
-        matched += 1
-        del free[k]
-        break
-  return matched
-
-
-def partial_span_f1(gold_spans: Sequence[Collection[Span]], pred_spans: Sequence[Collection[Span]]) -> dict:
-  """The original MSP code's lenient entity score: a span is correct if it overlaps a span of the same
-  type on the other side (each span matched at most once, greedily in order).
-
-  Precision counts matched predictions, recall matched gold spans, so the two can differ by the
-  number of many-to-one overlaps. The original worked on entity strings (all tokens of one contained
-  in the other) and averaged per-sentence precision/recall; this is the same leniency on offsets,
-  micro-averaged. Report it only next to `span_f1`. Returns precision, recall, f1."""
-  _check_lengths(gold_spans, pred_spans)
-  matched_pred = matched_gold = n_pred = n_gold = 0
-  for g, p in zip(gold_spans, pred_spans):
-    g, p = sorted(g, key=lambda s: (s[1], s[2], s[0])), sorted(p, key=lambda s: (s[1], s[2], s[0]))
-    matched_pred += _greedy_matches(p, g)
-    matched_gold += _greedy_matches(g, p)
-    n_pred, n_gold = n_pred + len(p), n_gold + len(g)
-  if n_pred + n_gold == 0:
-    return {"precision": 1.0, "recall": 1.0, "f1": 1.0}
-  precision = matched_pred / n_pred if n_pred else 0.0
-  recall = matched_gold / n_gold if n_gold else 0.0
-  f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-  return {"precision": precision, "recall": recall, "f1": f1}
 
 
 def bio_to_spans(tags: Sequence[str]) -> list[Span]:
@@ -165,3 +128,130 @@ def attribute_prf(requested: Sequence[Collection[str]], predicted: Sequence[Coll
   fewer of the requested attributes; recall exposes that."""
   scores = multilabel_prf(requested, predicted)
   return {"precision": scores["micro_precision"], "recall": scores["micro_recall"], "f1": scores["micro_f1"]}
+
+
+# --- the original MSP code's scores ---------------------------------------------------------------
+# Its utils/evaluate.py at commit 6186579 (ORIGINAL.md §8.2), reproduced on the label strings its
+# text-to-label model would have produced for our predictions, so numbers compare with its tables.
+# Report them only beside the standard scores: they are macro averages over sentences of smoothed,
+# rounded per-sentence values, and the F1 is that of the two averages.
+
+_PUNCTUATION = re.compile(r"[!\"#$%&()\*\+\-./:;=?@\\^`{|}~_']")  # all but , [ ] (and < >)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+# The original's CrossNER parser renamed these raw types (ORIGINAL.md §4.3); the names matter because
+# its normalisation keeps only the first 7 tokens of "entity [type]".
+ORIGINAL_ENTITY_TYPES = {
+    "organisation": "organization", "misc": "miscellaneous", "politicalparty": "party", "literarygenre": "genre",
+    "musicgenre": "genre", "musicalinstrument": "instrument", "musicalartist": "artist",
+    "chemicalcompound": "compound", "chemicalelement": "element", "astronomicalobject": "astronomy",
+    "academicjournal": "journal", "programlang": "language",
+}
+
+
+def normalize_original(text: str, max_tokens: int = 7) -> str:
+  """The original's `normalize_text`: lowercase; every punctuation mark except `, [ ]` (underscore
+  included) becomes a space; the articles a/an/the go; the first `max_tokens` tokens stay."""
+  if text in ("none", "<none>", "remove", "<remove>"):
+    return "<none>"
+  text = _ARTICLES.sub(" ", _PUNCTUATION.sub(" ", text.lower().strip()))
+  return " ".join(text.split()[:max_tokens])
+
+
+def _f1_of_means(precisions: Sequence[float], recalls: Sequence[float]) -> dict:
+  if not precisions:
+    return {"precision": float("nan"), "recall": float("nan"), "f1": float("nan")}
+  p, r = sum(precisions) / len(precisions), sum(recalls) / len(recalls)
+  return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+
+def _token_pr_original(pred: Sequence[str], gold: Sequence[str]) -> tuple[float, float]:
+  """`calculate_token_f1`: membership counts over 1e-4-smoothed denominators, rounded to 3 decimals."""
+  precision = sum(p in gold for p in pred) / (len(pred) + 1e-4)
+  recall = sum(g in pred for g in gold) / (len(gold) + 1e-4)
+  return round(precision, 3), round(recall, 3)
+
+
+def intent_f1_original(gold: Sequence[Collection[str]], pred: Sequence[Collection[str]],
+                       general_labels: Iterable[str] | None = None) -> dict:
+  """The original's NLU++ score. Per utterance P = #(predicted in gold) / #predicted and
+  R = #(gold in predicted) / #gold, each denominator + 1e-4 and rounded to 3 decimals; P and R are
+  averaged over utterances and F1 = 2PR / (P + R) of the two averages.
+
+  Names are compared after `normalize_original`, as the original compared label strings.
+  Without `general_labels` every intent counts (its `calculate_token_f1`, the in-domain settings):
+  an utterance with no intent is the label string "", one piece, so empty gold with an empty
+  prediction scores P = R = 1 and with any prediction P = R = 0. With `general_labels` only those
+  intents count on both sides (its cross-domain `calculate_nlu_f1`), and an utterance with no
+  general gold intent and none predicted scores P = R = 0. Returns precision, recall and f1 (nan
+  with no utterances)."""
+  _check_lengths(gold, pred)
+  general = None if general_labels is None else {normalize_original(x) for x in general_labels}
+  pieces = lambda names: [normalize_original(x) for x in (sorted(names) or [""])]  # ";".join(...).split(";")
+  precisions, recalls = [], []
+  for g, p in zip(gold, pred):
+    g, p = pieces(g), pieces(p)
+    if general is not None:
+      g, p = [x for x in g if x in general], [x for x in p if x in general]
+    precision, recall = _token_pr_original(p, g)
+    precisions.append(precision)
+    recalls.append(recall)
+  return _f1_of_means(precisions, recalls)
+
+
+def _entity_pieces(entities: Sequence[tuple[str, str]]) -> list[str]:
+  """The normalized pieces of the label string "entity [type] <sep> ..." ("" when there is none)."""
+  return [normalize_original(f"{text} [{ORIGINAL_ENTITY_TYPES.get(kind, kind)}]") for kind, text in entities] or [""]
+
+
+def _entities_by_type(pieces: Sequence[str]) -> dict[str, list[str]]:
+  out: dict[str, list[str]] = {}
+  for piece in pieces:
+    parts = piece.split("[")
+    if len(parts) == 2:  # a piece without exactly one "[" still counts in the denominator
+      out.setdefault(normalize_original(parts[1].strip("[ ]")), []).append(normalize_original(parts[0].strip()))
+  return out
+
+
+def _greedy_containment(outer: dict[str, list[str]], inner: dict[str, list[str]]) -> int:
+  """How many entities of `outer` contain all tokens of a same-type entity of `inner`, each inner one
+  used once, first come first served (the original's loops)."""
+  free = {kind: list(entities) for kind, entities in inner.items()}
+  matched = 0
+  for kind, entities in outer.items():
+    for entity in entities:
+      tokens = entity.split(" ")
+      for candidate in free.get(kind, []):
+        if all(t in tokens for t in candidate.split(" ")):
+          matched += 1
+          free[kind].remove(candidate)
+          break
+  return matched
+
+
+def span_partial_f1_original(gold: Sequence[Sequence[tuple[str, str]]],
+                             pred: Sequence[Sequence[tuple[str, str]]]) -> dict:
+  """The original's CrossNER score (`calculate_ner_f1`) on per-sentence (type, entity text) lists.
+
+  A predicted entity counts toward precision when it contains every token of a same-type gold
+  entity (pred ⊇ gold); a gold entity counts toward recall when it contains every token of a
+  same-type predicted one (pred ⊆ gold); matching is greedy and one-to-one, separately for the two.
+  Per sentence P = matches / (#pred + 1e-4), R = found / (#gold + 1e-4), rounded to 3 decimals,
+  then averaged over sentences; F1 = 2PR / (P + R) of the averages. Entities are compared as
+  normalized strings, types as the original named them (`ORIGINAL_ENTITY_TYPES`). A sentence
+  without entities is the label string "", one piece that never matches, so it scores P = R = 0
+  whatever is predicted; an empty prediction likewise has P = 0. Returns precision, recall, f1."""
+  _check_lengths(gold, pred)
+  precisions, recalls = [], []
+  for g, p in zip(gold, pred):
+    g_pieces, p_pieces = _entity_pieces(g), _entity_pieces(p)
+    g_types, p_types = _entities_by_type(g_pieces), _entities_by_type(p_pieces)
+    precisions.append(round(_greedy_containment(p_types, g_types) / (len(p_pieces) + 1e-4), 3))
+    recalls.append(round(_greedy_containment(g_types, p_types) / (len(g_pieces) + 1e-4), 3))
+  return _f1_of_means(precisions, recalls)
+
+
+def span_texts(text: str, spans: Sequence[Span]) -> list[tuple[str, str]]:
+  """(type, entity text) of word spans (type, start, end) over the whitespace words of `text`."""
+  words = text.split()
+  return [(kind, " ".join(words[start:end])) for kind, start, end in spans]

@@ -1,10 +1,13 @@
-"""Downstream heads learn separable toy data; BIO tags from spans; word features match direct calls."""
+"""Downstream heads learn separable toy data; selection on dev picks the best snapshot and never sees
+test labels; BIO tags from spans; word features match direct calls."""
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from msp_jax import downstream, features
+from msp_jax import downstream, experiment, features, scores
 from msp_jax.data import spans as spans_lib
 from msp_jax.data.example import Example
 from msp_jax.models import llama, weights
@@ -12,12 +15,12 @@ from msp_jax.models import llama, weights
 
 # --- multi-label classifier ---------------------------------------------------------------------
 
-def multilabel_toy(n, seed, num_labels=5, dim=32):
-  """Features are a noisy sum of one centre per present label: linearly separable."""
+def multilabel_toy(n, seed, num_labels=5, dim=32, noise=0.3):
+  """Features are a noisy sum of one centre per present label: linearly separable at low noise."""
   centres = np.random.default_rng(99).normal(0.0, 3.0, (num_labels, dim))
   rng = np.random.default_rng(seed)
   y = (rng.random((n, num_labels)) < 0.3).astype(np.float32)
-  x = y @ centres + rng.normal(0.0, 0.3, (n, dim)) + 5.0  # an offset: standardizing must cope
+  x = y @ centres + rng.normal(0.0, noise, (n, dim)) + 5.0  # an offset: standardizing must cope
   return x.astype(np.float32), y
 
 
@@ -180,3 +183,115 @@ def test_text_nll_equals_the_numpy_reference(backbone):
     ref_s, ref_n = evaluation.token_nll(logits[:, :-1], ids[:, 1:], np.ones_like(ids[:, 1:], bool))
     assert n == ref_n[0] == ids.shape[1] - 1
     np.testing.assert_allclose(s, ref_s[0], rtol=1e-4)
+
+
+# --- selection on dev ---------------------------------------------------------------------------
+
+def as_sets(matrix):
+  return [set(np.flatnonzero(row).tolist()) for row in np.asarray(matrix)]
+
+
+def test_multilabel_fit_selected_keeps_the_best_dev_snapshot():
+  # few noisy examples: the L2 strength, the step and the threshold all change the dev score
+  x, y = multilabel_toy(30, seed=0, noise=6.0)
+  xd, yd = multilabel_toy(80, seed=1, noise=6.0)
+  grid = downstream.SelectionGrid(l2=(1e-4, 3e-1), eval_every=10, thresholds=(0.3, 0.5, 0.7))
+  clf = downstream.MultiLabelClassifier(steps=30, seed=0).fit_selected(x, y, xd, yd, grid)
+  # reference: every (l2, steps) trained from scratch with plain fit, every threshold scored by scores.py
+  dev = {}
+  for l2 in grid.l2:
+    for steps in (10, 20, 30):
+      probs = downstream.MultiLabelClassifier(steps=steps, l2=l2, seed=0).fit(x, y).probabilities(xd)
+      for t in grid.thresholds:
+        dev[l2, steps, t] = scores.multilabel_prf(as_sets(yd), as_sets(probs > t))["micro_f1"]
+  assert len({round(v, 6) for v in dev.values()}) > 3  # the choice matters
+  chosen = clf.selection
+  assert chosen["dev_score"] == pytest.approx(max(dev.values()))
+  assert dev[chosen["l2"], chosen["steps"], chosen["threshold"]] == pytest.approx(max(dev.values()))
+  assert chosen["dev_metric"] == "micro_f1" and (clf.l2, clf.threshold) == (chosen["l2"], chosen["threshold"])
+  # the kept model is that snapshot, not the last one trained
+  assert scores.multilabel_prf(as_sets(yd), as_sets(clf.predict(xd)))["micro_f1"] == pytest.approx(max(dev.values()))
+
+
+def test_tagger_fit_selected_keeps_the_best_dev_snapshot():
+  x, y = tagging_toy(20, seed=0)
+  x = [f + np.random.default_rng(5).normal(0.0, 3.0, f.shape).astype(np.float32) for f in x]
+  xd, yd = tagging_toy(60, seed=1)
+  xd = [f + np.random.default_rng(6).normal(0.0, 3.0, f.shape).astype(np.float32) for f in xd]
+  grid = downstream.SelectionGrid(l2=(1e-4, 1.0), eval_every=5)
+  tagger = downstream.BIOTagger(tags=TAGS, steps=15, seed=0).fit_selected(x, y, xd, yd, grid)
+  spans = lambda rows: [scores.bio_to_spans([TAGS[i] for i in row]) for row in rows]
+  dev = {(l2, steps): scores.span_f1(spans(yd), spans(downstream.BIOTagger(tags=TAGS, steps=steps, l2=l2, seed=0)
+                                                     .fit(x, y).predict(xd)))["f1"]
+         for l2 in grid.l2 for steps in (5, 10, 15)}
+  assert len({round(v, 6) for v in dev.values()}) > 1
+  chosen = tagger.selection
+  assert chosen["dev_metric"] == "span_f1" and "threshold" not in chosen
+  assert chosen["dev_score"] == pytest.approx(max(dev.values())) == pytest.approx(dev[chosen["l2"], chosen["steps"]])
+  assert scores.span_f1(spans(yd), spans(tagger.predict(xd)))["f1"] == pytest.approx(max(dev.values()))
+
+
+def test_selection_grid_rejects_bad_values():
+  with pytest.raises(ValueError, match="thresholds in"):
+    downstream.SelectionGrid(thresholds=(0.5, 1.0))
+  with pytest.raises(ValueError, match="eval_every >= 1"):
+    downstream.SelectionGrid(eval_every=0)
+
+
+class NoisyLabelFeatures:
+  """Stand-in features: each text's gold labels as first seen (intent one-hots, or one-hot BIO tags
+  per word) plus Gaussian noise. Informative but not separable, so the dev choices matter; a test
+  label changed later does not change the features."""
+
+  def __init__(self, examples, intents=(), tags=(), noise=1.0):
+    rng = np.random.default_rng(0)
+    self.sentences, self.words = {}, {}
+    for ex in examples:
+      if intents:
+        hot = np.array([float(n in ex.attributes["intents"]) for n in intents])
+        self.sentences[ex.text] = np.concatenate([hot, np.zeros(4)]) + rng.normal(0.0, noise, len(intents) + 4)
+      if tags:
+        hot = np.eye(len(tags))[[tags.index(t) for t in downstream.example_bio_tags(ex)]].reshape(-1, len(tags))
+        self.words[ex.text] = np.concatenate([hot, np.zeros((len(hot), 4))], 1) + rng.normal(0.0, noise, (len(hot), len(tags) + 4))
+
+  def sentence(self, texts):
+    return np.stack([self.sentences[t] for t in texts]).astype(np.float32)
+
+  def per_word(self, texts):
+    return [self.words[t].astype(np.float32) for t in texts]
+
+
+def shuffled_test_labels(dataset, test):
+  """The same test texts with other labels: NLU++ intents rotated by one utterance, CrossNER entity
+  types rotated through the type list (the values stay findable in their texts)."""
+  import dataclasses
+  if dataset == "nlupp":
+    return [dataclasses.replace(ex, attributes=test[(i + 1) % len(test)].attributes) for i, ex in enumerate(test)]
+  types = sorted({t for ex in test for t, _ in ex.typed_values})
+  rotate = {t: types[(i + 1) % len(types)] for i, t in enumerate(types)}
+  return [dataclasses.replace(ex, typed_values=tuple((rotate[t], v) for t, v in ex.typed_values)) for ex in test]
+
+
+@pytest.mark.parametrize("dataset,domain", [("nlupp", "hotels"), ("crossner", "music")])
+def test_selection_never_sees_the_test_labels(load_task, dataset, domain):
+  from ml_collections import ConfigDict
+  task = load_task(dataset, domain, "few_shot")
+  train, dev, test = list(task.splits["train"]), list(task.splits["dev"])[:80], list(task.splits["test"])[:80]
+  if dataset == "nlupp":
+    cache = NoisyLabelFeatures(train + dev + test, intents=list(task.ontology["intents"].names))
+  else:
+    cache = NoisyLabelFeatures(train + dev + test, tags=downstream.bio_labels(task.ontology["entities"].names))
+  c = ConfigDict({"downstream_hidden": 0, "downstream_steps": 40, "downstream_l2": (1e-4, 1e-2, 1.0),
+                  "downstream_eval_every": 20, "downstream_thresholds": (0.3, 0.5, 0.7)})
+  records = [experiment.example_record(ex) for ex in train]
+  real = experiment.downstream_run(dataset, task, cache, c, 0, records, dev, test)
+  fake = experiment.downstream_run(dataset, task, cache, c, 0, records, dev, shuffled_test_labels(dataset, test))
+  assert real["selection"] == fake["selection"]  # the same choices and dev scores
+  assert real["scores"] != fake["scores"]  # while the test labels did change the test scores
+  (head, chosen), = real["selection"].items()
+  assert chosen["l2"] in c.downstream_l2 and chosen["steps"] in (20, 40)
+  assert dataset == "crossner" or chosen["threshold"] in c.downstream_thresholds
+  assert json.loads(json.dumps(real)) == real  # goes into the run's JSON as it is
+  # the recorded dev score is the selected model's own score on dev
+  model = experiment.MODELS[dataset](task, cache, c, 0).fit(records, dev)
+  assert model.score(dev)[experiment.MAIN_METRIC[dataset]] == pytest.approx(chosen["dev_score"])

@@ -29,13 +29,18 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, raw_da
         assert 0.0 <= r["scores"][metric] <= 1.0 and r["test_examples"] == 48
         assert method != "seed" or r["synthetic_examples"] == 0
         assert r["synthetic_examples"] <= r["synthetic_target"] == (0 if method == "seed" else 6)
+        (head, chosen), = r["selection"].items()  # chosen on dev, recorded per run
+        assert r["dev_examples"] == 48 and chosen["l2"] in (1e-4, 1e-3, 1e-2) and chosen["steps"] in (25, 50)
+        assert 0.0 <= chosen["dev_score"] <= 1.0 and (task == "crossner_music" or 0 < chosen["threshold"] < 1)
   eda = json.load(open(os.path.join(workdir, "nlupp_hotels", "eda", "seed0.json")))
   assert eda["synthetic_examples"] == 6  # EDA always delivers its share
   quality = json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", "quality.json")))
-  assert {"distinct_2", "self_bleu", "perplexity", "attribute_f1"} <= set(quality) and quality["examples"] >= 1
+  assert {"distinct_2", "self_bleu", "perplexity", "attribute_f1", "judge_dev_f1"} <= set(quality) and quality["examples"] >= 1
+  assert quality["quality_sample"] == 4 and quality["judge_dev_examples"] == 24
   table = open(os.path.join(workdir, "results.md")).read()
   assert "## nlupp/hotels" in table and "## crossner/music" in table
-  assert all(f"| {m} |" in table for m in METHODS) and "partial_span_f1 (paper)" in table
+  assert all(f"| {m} |" in table for m in METHODS) and "span_partial_f1 (original)" in table
+  assert "general_intent_f1 (original)" in table and "(paper)" not in table and "random samples of 4 texts" in table
   first = json.load(open(os.path.join(workdir, "wall_time.json")))
   assert first["invocations"] == 1 and first["seconds"] > 0
 
@@ -85,8 +90,10 @@ def test_topv2_model_learns_separable_intents_and_slot_types(load_task):
   examples = list(task.splits["train"])
   labels = {s: list(task.ontology[s].names) for s in ("intents", "slots")}
   cache = LabelFeatures(examples, labels)
-  model = experiment.ParseModel(task, cache, ConfigDict({"downstream_hidden": 0, "downstream_steps": 300}), 0)
-  model.fit([experiment.example_record(ex) for ex in examples])
+  c = ConfigDict({"downstream_hidden": 0, "downstream_steps": 300, "downstream_l2": (1e-3,), "downstream_eval_every": 300,
+                  "downstream_thresholds": (0.5,)})
+  model = experiment.ParseModel(task, cache, c, 0)
+  model.fit([experiment.example_record(ex) for ex in examples], examples)
   result = model.score(examples)
   assert result["intent_set_accuracy"] >= 0.95 and result["slot_type_micro_f1"] >= 0.95, result
   keys = model.predict_keys([examples[0].text])[0]

@@ -90,3 +90,67 @@ def test_perplexity_weighs_tokens_not_sequences():
   assert math.isnan(evaluation.perplexity_from_nll([0.0], [0]))
   with pytest.raises(ValueError):
     evaluation.perplexity_from_nll([1.0, 2.0], [3])
+
+
+def zipf_pool(n, seed):
+  """n texts of 4-11 words drawn from one Zipf distribution over 300 words."""
+  rng = np.random.default_rng(seed)
+  p = 1 / np.arange(1, 301)
+  return [" ".join(rng.choice([f"w{i}" for i in range(300)], rng.integers(4, 12), p=p / p.sum())) for _ in range(n)]
+
+
+def test_diversity_compares_sets_of_different_sizes_on_equal_samples():
+  # five pairs of a 60-text and a 600-text set from the same distribution
+  pairs = [(zipf_pool(60, s), zipf_pool(600, 100 + s)) for s in range(5)]
+  whole = np.mean([[evaluation.distinct_n(a, 2) - evaluation.distinct_n(b, 2),
+                    evaluation.self_bleu(a) - evaluation.self_bleu(b)] for a, b in pairs], axis=0)
+  assert whole[0] > 0.2 and whole[1] < -8  # on whole sets the larger one looks far less diverse
+  sampled = [(evaluation.sampled_diversity(a, 30, draws=5), evaluation.sampled_diversity(b, 30, draws=5)) for a, b in pairs]
+  gap = {k: np.mean([x[k] - y[k] for x, y in sampled]) for k in ("distinct_1", "distinct_2", "distinct_3", "self_bleu")}
+  assert abs(gap["distinct_1"]) < 0.02 and abs(gap["distinct_2"]) < 0.03 and abs(gap["distinct_3"]) < 0.01
+  assert abs(gap["self_bleu"]) < 2.5
+
+
+def test_sampled_diversity_by_hand():
+  texts = ["a b", "a c", "b c", "a b"]
+  # a set of exactly the sample size is its own sample
+  assert evaluation.sampled_diversity(texts, 4) == {
+      "distinct_1": pytest.approx(3 / 8), "distinct_2": pytest.approx(3 / 4), "distinct_3": 0.0,
+      "self_bleu": pytest.approx(evaluation.self_bleu(texts))}
+  # samples of 2 of the 6 pairs: each one's mean is one of the pairs' values
+  got = evaluation.sampled_diversity(texts, 2, draws=1, seed=3)
+  pairs = [[texts[i], texts[j]] for i in range(4) for j in range(i + 1, 4)]
+  assert any(got["distinct_2"] == pytest.approx(evaluation.distinct_n(p, 2)) and
+             got["self_bleu"] == pytest.approx(evaluation.self_bleu(p)) for p in pairs)
+  assert evaluation.sampled_diversity(texts, 2, draws=3, seed=3) == evaluation.sampled_diversity(texts, 2, draws=3, seed=3)
+  # fewer texts than the sample size: undefined at that size
+  assert all(math.isnan(v) for v in evaluation.sampled_diversity(texts, 5).values())
+  with pytest.raises(ValueError):
+    evaluation.sampled_diversity(texts, 1)
+
+
+def test_quality_reports_diversity_on_equal_size_samples(load_task, smollm2_tokenizer):
+  from flax import nnx
+  from ml_collections import ConfigDict
+  from msp_jax import experiment
+  from msp_jax.models import llama, weights
+  cfg = llama.LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                          num_kv_heads=1, head_dim=8, tie_word_embeddings=True)
+  backbone = weights.Backbone(model=llama.Llama(cfg, rngs=nnx.Rngs(0)), config=cfg, tokenizer=smollm2_tokenizer,
+                              model_type="llama", source="tiny")
+  task = load_task("nlupp", "hotels", "few_shot")
+  c = ConfigDict({"downstream_hidden": 0, "downstream_steps": 10, "downstream_l2": (1e-3,), "downstream_eval_every": 10,
+                  "downstream_thresholds": (0.5,)})
+  judge = experiment.IntentModel(task, experiment.FeatureCache(backbone), c, 0).fit(
+      [experiment.example_record(ex) for ex in task.splits["train"]], list(task.splits["dev"])[:20])
+  records = lambda texts: [{"text": t, "attributes": {"intents": ["affirm"]}, "values": []} for t in texts]
+  small, large = zipf_pool(40, 1), zipf_pool(240, 101)
+  # the two sets differ on the whole: distinct-1 0.365 vs 0.133, distinct-2 0.863 vs 0.725
+  assert evaluation.distinct_n(small, 1) - evaluation.distinct_n(large, 1) > 0.2
+  assert evaluation.distinct_n(small, 2) - evaluation.distinct_n(large, 2) > 0.1
+  small, large = experiment.quality(records(small), task, judge, backbone), experiment.quality(records(large), task, judge, backbone)
+  assert (small["examples"], large["examples"]) == (40, 240)
+  assert (small["quality_sample"], small["quality_draws"]) == (30, 5)
+  # on samples of 30 texts the same distribution measures the same
+  assert abs(small["distinct_1"] - large["distinct_1"]) < 0.04
+  assert abs(small["distinct_2"] - large["distinct_2"]) < 0.04

@@ -1,4 +1,6 @@
-"""Task scores against hand-counted true/false positives."""
+"""Task scores against hand-counted true/false positives, the original code's formulas worked by hand,
+and exact span F1 against seqeval."""
+import numpy as np
 import pytest
 
 from msp_jax import scores
@@ -63,18 +65,91 @@ def test_span_f1_exact():
   assert scores.span_f1([[]], [[]])["f1"] == 1.0
 
 
-def test_partial_span_f1_is_lenient():
-  # loc(4,6) now counts (overlaps loc(5,6)); per(5,6) has no per gold to overlap
-  got = scores.partial_span_f1(GOLD, PRED)
-  assert got["precision"] == pytest.approx(3 / 4) and got["recall"] == 1.0
-  assert got["f1"] == pytest.approx(2 * 0.75 / 1.75)
-  # types must agree, touching spans (end exclusive) do not overlap
-  assert scores.partial_span_f1([[("per", 0, 2)]], [[("org", 0, 2)]])["f1"] == 0.0
-  touching = scores.partial_span_f1([[("per", 0, 2)]], [[("per", 2, 4)]])
-  assert (touching["precision"], touching["recall"]) == (0.0, 0.0)
-  # each gold span matches one prediction only
-  split = scores.partial_span_f1([[("per", 0, 4)]], [[("per", 0, 1), ("per", 2, 3)]])
-  assert (split["precision"], split["recall"]) == (0.5, 1.0)
+def test_span_f1_equals_seqeval():
+  # random BIO sequences, including I- tags that open an entity (after O, at the start, after another type)
+  from seqeval import metrics
+  rng = np.random.default_rng(0)
+  tags = ["O", "B-per", "I-per", "B-loc", "I-loc", "B-musical-artist", "I-musical-artist"]
+  for trial in range(20):
+    gold = [[str(t) for t in rng.choice(tags, rng.integers(1, 12))] for _ in range(30)]
+    pred = [[g if rng.random() < 0.7 else str(rng.choice(tags)) for g in row] for row in gold]
+    got = scores.span_f1([scores.bio_to_spans(r) for r in gold], [scores.bio_to_spans(r) for r in pred])
+    assert got["precision"] == pytest.approx(metrics.precision_score(gold, pred)), trial
+    assert got["recall"] == pytest.approx(metrics.recall_score(gold, pred)), trial
+    assert got["f1"] == pytest.approx(metrics.f1_score(gold, pred)), trial
+
+
+def test_normalize_original():
+  # lowercase; punctuation but , [ ] -> space (underscore and apostrophe too); articles out, even "a"
+  # inside brackets; the first 7 tokens
+  assert scores.normalize_original("The Hotel's_WiFi-password, [a] now!") == "hotel s wifi password, [ ] now"
+  assert scores.normalize_original("one two three four five six seven eight") == "one two three four five six seven"
+  assert scores.normalize_original("none") == "<none>"
+
+
+def test_span_partial_f1_original_by_hand():
+  gold = [[("person", "John Smith"), ("location", "New York")], [], [("misc", "The Beatles")], [("person", "Ann")]]
+  pred = [[("person", "John Smith Jr"), ("location", "York"), ("person", "Mary")], [("person", "Anna")],
+          [("misc", "beatles!")], []]
+  # 1: precision: "john smith jr" contains gold "john smith"; "york" lacks "new"; "mary" has no gold left
+  #    -> 1 / (3 + 1e-4) = 0.33332 -> 0.333. recall: "john smith" contains no prediction ("jr" is not in
+  #    it), "new york" contains "york" -> 1 / (2 + 1e-4) -> 0.5
+  # 2: no gold entity: the gold string "" is one piece that never matches -> P = R = 0
+  # 3: "the" and "!" are normalized away on both sides -> 1 / 1.0001 -> 1.0 each
+  # 4: nothing predicted: the predicted "" is one piece -> P = 0; R = 0
+  precision, recall = (0.333 + 0 + 1 + 0) / 4, (0.5 + 0 + 1 + 0) / 4
+  got = scores.span_partial_f1_original(gold, pred)
+  assert got["precision"] == pytest.approx(precision) and got["recall"] == pytest.approx(recall)
+  assert got["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
+
+
+def test_span_partial_f1_original_entity_free_sentences_score_zero():
+  # the right answer (nothing) for a sentence without entities still scores 0
+  assert scores.span_partial_f1_original([[]], [[]]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+  half = scores.span_partial_f1_original([[], [("person", "Ann")]], [[], [("person", "Ann")]])
+  assert (half["precision"], half["recall"], half["f1"]) == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("gold,pred,precision,recall", [
+    # one-to-one greedy: the prediction is spent on the first gold it contains ("john"), so "john
+    # smith" finds it only for recall (its own pool): P 1/1.0001 -> 1.0, R 1/2.0001 -> 0.5
+    ([("person", "John"), ("person", "John Smith")], [("person", "John Smith")], 1.0, 0.5),
+    # one gold, two predictions containing it: only the first counts for precision
+    ([("person", "John Smith")], [("person", "John Smith"), ("person", "John Smith Jr")], 0.5, 1.0),
+    # types must agree
+    ([("person", "Prince")], [("band", "Prince")], 0.0, 0.0),
+    # the original's type names: music and literary genres are both "genre"
+    ([("musicgenre", "rock")], [("literarygenre", "Rock")], 1.0, 1.0),
+    # "entity [type]" keeps its first 7 tokens: a 7-word entity loses its type and never matches
+    ([("album", "one two three four five six seven")], [("album", "one two three four five six seven")], 0.0, 0.0),
+    ([("album", "one two three four five six")], [("album", "one two three four five six")], 1.0, 1.0),
+])
+def test_span_partial_f1_original_matching(gold, pred, precision, recall):
+  got = scores.span_partial_f1_original([gold], [pred])
+  assert (got["precision"], got["recall"]) == (precision, recall)
+
+
+def test_span_texts():
+  assert scores.span_texts("Ada met Babbage in London .", [("per", 0, 1), ("per", 2, 3), ("loc", 4, 5)]) == \
+      [("per", "Ada"), ("per", "Babbage"), ("loc", "London")]
+
+
+def test_intent_f1_original_by_hand():
+  gold = [{"affirm", "booking"}, set(), {"deny"}, set()]
+  pred = [{"affirm"}, set(), {"deny", "wifi", "parking"}, {"booking"}]
+  # all intents (the original's in-domain formula), per utterance P, R with +1e-4, rounded to 3:
+  # 1: P 1/1.0001 -> 1.0, R 1/2.0001 -> 0.5   2: "" vs "": P = R = 1.0 (the empty string matches itself)
+  # 3: P 1/3.0001 -> 0.333, R 1.0             4: "" vs booking: P = R = 0
+  precision, recall = (1 + 1 + 0.333 + 0) / 4, (0.5 + 1 + 1 + 0) / 4
+  got = scores.intent_f1_original(gold, pred)
+  assert got["precision"] == pytest.approx(precision) and got["recall"] == pytest.approx(recall)
+  assert got["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
+  # general intents only (its cross-domain formula): 1 and 3 are perfect; 2 and 4 keep nothing on
+  # either side and score 0 / 0.0001 = 0
+  general = scores.intent_f1_original(gold, pred, ["affirm", "deny"])
+  assert (general["precision"], general["recall"], general["f1"]) == (0.5, 0.5, 0.5)
+  # the standard micro F1 on the same restriction: tp 2, nothing else
+  assert scores.general_intent_f1(gold, pred, ["affirm", "deny"]) == 1.0
 
 
 @pytest.mark.parametrize("tags,spans", [
