@@ -53,14 +53,16 @@ def prefix_length(mixture: str, n_tokens: int, attribute_tokens: int, max_mixtur
 
 
 def step_bytes(shape: BackboneShape, batch: int, length: int, compute_bytes: int, param_bytes: int) -> int:
-  """A lower bound on the memory of one training step (gradients flow through the frozen backbone
-  to the prompts, so every layer's activations are kept for the backward pass):
-  the weights; per layer and token 8 x hidden values (attention inputs/outputs, MLP, residuals) and
-  heads x length attention probabilities; fp32 logits over the vocabulary for the loss."""
+  """A lower bound on the memory of one training step, so that a refusal is certain, not a guess.
+  Gradients flow through the frozen backbone to the prompts, so the backward pass needs, at least:
+  the weights; each layer's input and output per token (2 x hidden values); the attention scores and
+  their gradient of one layer at a time (2 x heads x length x length per row); fp32 logits over the
+  vocabulary for the loss."""
   weights = shape.num_params * param_bytes
-  per_token = shape.num_layers * (8 * shape.hidden_size + shape.num_heads * length) * compute_bytes
-  logits = shape.vocab_size * 4
-  return weights + batch * length * (per_token + logits)
+  layers = batch * length * shape.num_layers * 2 * shape.hidden_size * compute_bytes
+  attention = batch * 2 * shape.num_heads * length * length * compute_bytes
+  logits = batch * length * shape.vocab_size * 4
+  return weights + layers + attention + logits
 
 
 def available_bytes() -> tuple[int, str]:
