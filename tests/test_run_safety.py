@@ -53,7 +53,8 @@ def test_second_run_on_a_workdir_is_refused_at_once(tiny_model_dir, tmp_path):
   last = out.strip().splitlines()[-1]
   assert re.fullmatch(rf"error: {re.escape(workdir)} is in use by pid {first.pid} on host \S+ \(started .+ UTC\)", last), last
   print(f"second train.py refused in {seconds:.1f} s")
-  assert seconds < 90  # the imports only: the first run's start-up takes longer on this machine
+  assert "loading backbone" not in out  # refused before any work: its time is the imports (tens of s on a busy CPU)
+  assert seconds < 240
   assert first.poll() is None, "the refused run must not have ended the first"
   out, _ = first.communicate(timeout=600)
   assert first.returncode == 0, out[-3000:]
@@ -159,7 +160,7 @@ def test_killed_and_resumed_run_logs_each_step_once(tiny_model_dir, tmp_path):
   wait_for(lambda: max(logged_steps(workdir, "loss")) >= 5, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert checkpoint_steps(workdir) == [2], "killed after the next checkpoint: the test needs it before"
+  assert max(checkpoint_steps(workdir)) == 2, "killed after the next checkpoint: the test needs it before"
   proc = run_train(flags)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0 and f"resumed {workdir} at step 2" in out, out[-3000:]
