@@ -142,7 +142,8 @@ def tensorboard_steps(workdir, tag):
   """The steps of `tag` TensorBoard shows: files read in order of their first event, and a
   SessionLog START at step s hiding earlier events at steps >= s (what TensorBoard does on restart)."""
   folder = os.path.join(workdir, "tensorboard")
-  event_files = sorted((read_events(os.path.join(folder, f)) for f in os.listdir(folder)), key=lambda es: es[0].wall_time)
+  event_files = [read_events(os.path.join(folder, f)) for f in os.listdir(folder)]
+  event_files = sorted((es for es in event_files if es), key=lambda es: es[0].wall_time)
   steps = []
   for event in (e for events in event_files for e in events):
     if event.HasField("session_log") and event.session_log.status == event.session_log.START:
