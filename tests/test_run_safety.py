@@ -53,7 +53,8 @@ def test_second_run_on_a_workdir_is_refused_at_once(tiny_model_dir, tmp_path):
   last = out.strip().splitlines()[-1]
   assert re.fullmatch(rf"error: {re.escape(workdir)} is in use by pid {first.pid} on host \S+ \(started .+ UTC\)", last), last
   print(f"second train.py refused in {seconds:.1f} s")
-  assert seconds < 90  # the imports only: the first run's start-up takes longer on this machine
+  assert "loading backbone" not in out  # refused before any work: its time is the imports (tens of s on a busy CPU)
+  assert seconds < 240
   assert first.poll() is None, "the refused run must not have ended the first"
   out, _ = first.communicate(timeout=600)
   assert first.returncode == 0, out[-3000:]
@@ -141,7 +142,8 @@ def tensorboard_steps(workdir, tag):
   """The steps of `tag` TensorBoard shows: files read in order of their first event, and a
   SessionLog START at step s hiding earlier events at steps >= s (what TensorBoard does on restart)."""
   folder = os.path.join(workdir, "tensorboard")
-  event_files = sorted((read_events(os.path.join(folder, f)) for f in os.listdir(folder)), key=lambda es: es[0].wall_time)
+  event_files = [read_events(os.path.join(folder, f)) for f in os.listdir(folder)]
+  event_files = sorted((es for es in event_files if es), key=lambda es: es[0].wall_time)
   steps = []
   for event in (e for events in event_files for e in events):
     if event.HasField("session_log") and event.session_log.status == event.session_log.START:
@@ -159,7 +161,7 @@ def test_killed_and_resumed_run_logs_each_step_once(tiny_model_dir, tmp_path):
   wait_for(lambda: max(logged_steps(workdir, "loss")) >= 5, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert checkpoint_steps(workdir) == [2], "killed after the next checkpoint: the test needs it before"
+  assert max(checkpoint_steps(workdir)) == 2, "killed after the next checkpoint: the test needs it before"
   proc = run_train(flags)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0 and f"resumed {workdir} at step 2" in out, out[-3000:]
