@@ -65,7 +65,7 @@ def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_coll
   c.num_generations = 4          # requests per seed example (before denoising)
   c.combination_fraction = 0.25  # share of requests with a new attribute combination
   c.keep_fraction = 0.8          # denoising keeps this lowest-noise share of the clean candidates
-  c.rarity_weight = 0.5          # weight of attribute rarity in the noise score
+  c.frequency_weight = 0.5       # weight of seed-set attribute frequency in the noise score (original: 0.5)
   c.min_value_coverage = 1.0     # CrossNER/TOPv2: share of the requested values an output must contain
   c.max_seeds = 0                # 0 = every training example seeds generations
   c.gen_batch_size = 16

@@ -85,7 +85,7 @@ def method_config(c, dataset: str, domain: str, method: str):
 
 NEUTRAL_FIELDS = ("workdir", "output", "data_dir", "tasks", "methods", "num_seeds", "rescore", "log_every",
                   "checkpoint_every", "model_parallel", "coordinator_address", "num_processes", "process_id")
-GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fraction", "keep_fraction", "rarity_weight",
+GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fraction", "keep_fraction", "frequency_weight",
                      "min_value_coverage", "max_seeds", "gen_batch_size", "do_sample", "temperature", "top_k", "top_p",
                      "repetition_penalty", "num_beams")
 DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "max_dev", "downstream_hidden", "downstream_steps",

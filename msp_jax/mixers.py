@@ -6,7 +6,8 @@ All mixers are batched and jittable. Inputs:
   mask    [B, M] bool   which of the M slots hold a real attribute
   text    [B, D]        max-pooled token embeddings of the example's text (for attention/bottleneck)
 Output: (prefix [B, A, D], prefix_mask [B, A] bool). Padding slots never change the output; a row
-with no attribute at all gives an all-masked (concat) or an all-zero (others) prefix.
+with no attribute at all gives an all-masked prefix (every mixer), so the backbone never attends to
+it: that row sees the instruction prompt alone.
 
 Departure from the original code, on purpose: its attention and bottleneck mixers took the softmax
 over the embedding axis and then summed it out, which reduces to a plain sum of the prompts. Here the
@@ -22,6 +23,11 @@ from flax import nnx
 class PromptParam(nnx.Param):
   """The one variable type that training updates: prompts and mixer weights. Everything else
   (the backbone) is frozen structurally, by `nnx.split(model, PromptParam, ...)`."""
+
+
+def _any_attribute(mask, n: int):
+  """[B, n]: a row's n mixed tokens are real iff it has at least one attribute (else zeros, masked)."""
+  return jnp.broadcast_to(mask.any(1)[:, None], (mask.shape[0], n))
 
 
 def _masked_mean(x, mask):  # x [B, M, ...], mask [B, M]
@@ -47,7 +53,7 @@ class Pooling(nnx.Module):
     pass
 
   def __call__(self, prompts, mask, text=None):
-    return _masked_mean(prompts, mask), jnp.ones(prompts.shape[:1] + prompts.shape[2:3], bool)
+    return _masked_mean(prompts, mask), _any_attribute(mask, prompts.shape[2])
 
 
 class Attention(nnx.Module):
@@ -73,7 +79,7 @@ class Attention(nnx.Module):
 
   def __call__(self, prompts, mask, text):
     mixed = jnp.einsum("bm,bmnd->bnd", self.weights(prompts, mask, text), prompts)
-    return mixed, jnp.ones(mixed.shape[:2], bool)
+    return mixed, _any_attribute(mask, mixed.shape[1])
 
 
 class Bottleneck(Attention):
@@ -110,7 +116,7 @@ class CNN(nnx.Module):
     y = jax.lax.conv_general_dilated(x, self.kernel[...].astype(x.dtype), (1,), "SAME",
                                      dimension_numbers=("NWC", "WIO", "NWC")) + self.bias[...].astype(x.dtype)
     y = y.reshape(b, n, m, d).transpose(0, 2, 1, 3)
-    return _masked_mean(y, mask), jnp.ones((b, n), bool)
+    return _masked_mean(y, mask), _any_attribute(mask, n)
 
 
 MIXERS = {"concat": Concat, "pooling": Pooling, "attention": Attention, "bottleneck": Bottleneck, "cnn": CNN}

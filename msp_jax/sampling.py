@@ -250,7 +250,10 @@ def _beam_search(lm, logits, seen, state, rng, config: DecodeConfig):
   del rng
   k, n, vocab = config.num_beams, config.max_new_tokens, logits.shape[-1]
   b = logits.shape[0] // k
-  keep = max(2, 1 + len(config.eos_ids)) * k  # candidates per row: enough to leave k running
+  # Candidates per row: enough to leave k running even if every ender (EOS or stop token, transformers'
+  # `eos_token_id` list) is among each beam's best continuations.
+  enders = len(set(config.eos_ids + config.stop_ids))
+  keep = min(max(2, 1 + enders) * k, k * vocab)
   top_k_mask = jnp.arange(keep) < k
   lp, early = config.length_penalty, config.early_stopping
   gather = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)

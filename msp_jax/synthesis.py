@@ -8,8 +8,9 @@
    (in-context baseline), sampled, and cut at the first stop string.
 3. Denoising really filters: empty outputs, duplicates, copies of a seed or of an exemplar shown in
    the prompt, and (CrossNER/TOPv2) outputs missing a requested entity/slot value are dropped; of
-   the rest the lowest-noise `keep_fraction` is kept. Noise = embedding distance to the seed plus
-   `rarity_weight` x rarity of the requested attributes (the original's two terms).
+   the rest the lowest-noise `keep_fraction` is kept. Noise, as in the original, mixes the embedding
+   distance to the seed with how over-represented the requested attributes are in the seed set
+   (`frequency_weight` on the latter), so frequent attributes are dropped first: rebalancing.
    `min_value_coverage` < 1 keeps outputs that contain that share of the requested values (a small
    LM rarely fits all of a CrossNER sentence's ~6 entities into one generation).
 4. Labels are the requested attributes, and for CrossNER/TOPv2 spans found in the generated text,
@@ -105,10 +106,32 @@ def normalise(text: str) -> str:
   return " ".join(text.lower().split())
 
 
+def attribute_counts(records: list[dict]) -> dict:
+  """{set: {name: how many records (candidate or output dicts) have that attribute}}."""
+  counts = collections.defaultdict(collections.Counter)
+  for r in records:
+    for s, names in r["attributes"].items():
+      counts[s].update(names)
+  return {s: dict(sorted(c.items())) for s, c in sorted(counts.items())}
+
+
+def attribute_frequency(attributes: dict, seed_counts: collections.Counter) -> float:
+  """The original's attribute term: mean over the attributes of their seed-set frequency, scaled by the
+  most frequent attribute's (1.0 = as common as the commonest) rather than by the total, so it spans
+  [0, 1] like the cosine distance whatever the number of attributes. No attribute: 0."""
+  top = max(seed_counts.values(), default=1)
+  freqs = [seed_counts.get((s, n), 0) / top for s, names in attributes.items() for n in names]
+  return float(np.mean(freqs)) if freqs else 0.0
+
+
 def denoise(candidates: list[dict], seeds: Sequence[Example], keep_fraction: float,
-            embed: Callable[[list[str]], np.ndarray], rarity_weight: float = 0.5,
+            embed: Callable[[list[str]], np.ndarray], frequency_weight: float = 0.5,
             min_value_coverage: float = 1.0) -> tuple[list[dict], dict]:
-  """Filters candidates (dicts from `candidate_record`); returns (kept, removed count per reason)."""
+  """Filters candidates (dicts from `candidate_record`); returns (kept, removed count per reason).
+
+  noise = (1 - frequency_weight) x (1 - cos(seed, candidate)) + frequency_weight x attribute_frequency:
+  0.5 / 0.5 is the original's mix (ORIGINAL.md section 7).
+  """
   removed = collections.Counter()
   seen, seed_texts = set(), {normalise(s.text) for s in seeds}
   survivors = []
@@ -126,11 +149,9 @@ def denoise(candidates: list[dict], seeds: Sequence[Example], keep_fraction: flo
     gen = embed([c["text"] for c in survivors])
     ref = embed([c["seed_text"] for c in survivors])
     cos = (gen * ref).sum(1) / np.maximum(np.linalg.norm(gen, axis=1) * np.linalg.norm(ref, axis=1), 1e-9)
-    counts = collections.Counter(k for s in seeds for k in s.keys())
-    top = max(counts.values(), default=1)
-    rarity = np.array([1.0 - np.mean([counts.get((s, n), 0) / top for s, names in c["attributes"].items()
-                                      for n in names] or [1.0]) for c in survivors])
-    noise = (1.0 - cos) + rarity_weight * rarity
+    seed_counts = collections.Counter(k for s in seeds for k in s.keys())
+    frequency = np.array([attribute_frequency(c["attributes"], seed_counts) for c in survivors])
+    noise = (1.0 - frequency_weight) * (1.0 - cos) + frequency_weight * frequency
     keep = max(1, int(round(keep_fraction * len(survivors))))
     order = np.argsort(noise, kind="stable")
     removed["noise"] += len(survivors) - keep
@@ -223,16 +244,21 @@ def write_jsonl_atomic(path: str, records: list[dict]) -> None:
   files.write_jsonl_atomic(path, records)
 
 
-def summarise(kept: list[dict], removed: dict, total: int, samples_per_attribute: int = 2) -> str:
+def summarise(kept: list[dict], removed: dict, total: int, counts: dict, samples_per_attribute: int = 2) -> str:
+  """What denoising did: removals per reason, then per attribute its count before -> after denoising
+  (`counts`: {"before": ..., "after": ...} from `attribute_counts`) and a few kept samples."""
   lines = [f"generated {total} candidates, kept {len(kept)}; removed: "
-           + (", ".join(f"{k} {v}" for k, v in sorted(removed.items())) or "none")]
+           + (", ".join(f"{k} {v}" for k, v in sorted(removed.items())) or "none"),
+           "attribute counts before -> after denoising:"]
   by_attribute = collections.defaultdict(list)
   for r in kept:
-    for names in r["attributes"].values():
+    for s, names in r["attributes"].items():
       for n in names:
-        by_attribute[n].append(r["text"])
-  for name in sorted(by_attribute)[:12]:
-    lines.append(f"  {name} ({len(by_attribute[name])}): " + " | ".join(by_attribute[name][:samples_per_attribute]))
+        by_attribute[s, n].append(r["text"])
+  for s, before in counts["before"].items():
+    for name, n in before.items():
+      samples = " | ".join(by_attribute[s, name][:samples_per_attribute])
+      lines.append(f"  {s}/{name}: {n} -> {counts['after'].get(s, {}).get(name, 0)}" + (f"  {samples}" if samples else ""))
   return "\n".join(lines)
 
 
@@ -340,16 +366,17 @@ def _synthesize(c, backbone) -> dict:
     append_progress(progress_path, [dict(candidate_record(r, cut(t), s.text, c.method, decoding), chunk=[c.gen_batch_size, i])
                                     for r, t, s in zip(chunk, texts, segments)])
   records = sorted(read_progress(progress_path), key=lambda r: r["request"])
+  before = attribute_counts(records)  # requested attributes, before denoising drops or relabels any
   kept, removed = denoise(records, seeds, c.keep_fraction, lambda t: features.text_embeddings(run.backbone, t),
-                          c.rarity_weight, c.min_value_coverage)
+                          c.frequency_weight, c.min_value_coverage)
+  counts = {"before": before, "after": attribute_counts(kept)}
   write_jsonl_atomic(output, [output_record(r) for r in kept])
-  output_made_by = dict(made_by, keep_fraction=c.keep_fraction, rarity_weight=c.rarity_weight,
+  output_made_by = dict(made_by, keep_fraction=c.keep_fraction, frequency_weight=c.frequency_weight,
                         min_value_coverage=c.min_value_coverage)
   summary = {"output": output, "method": c.method, "checkpoint_step": step, "seeds": len(seeds),
-             "candidates": len(records), "kept": len(kept), "removed": removed,
+             "candidates": len(records), "kept": len(kept), "removed": removed, "attribute_counts": counts,
              "compilations": sampling.compilations(), "key": provenance.stable_key(output_made_by),
              "made_by": output_made_by}
-  with open(output + ".summary.json", "w") as f:
-    json.dump(summary, f, indent=1)
-  print(summarise(kept, removed, len(records)), flush=True)
+  files.write_json_atomic(output + ".summary.json", summary)
+  print(summarise(kept, removed, len(records), counts), flush=True)
   return summary

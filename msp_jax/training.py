@@ -15,7 +15,7 @@ Batch (numpy or jax arrays, leading batch axis):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +82,52 @@ class OptimizerConfig:
   grad_accum_steps: int = 1
 
 
+class Accumulation(NamedTuple):
+  """Optimizer state while accumulating: the micro-batches of the current step so far, as running
+  means weighted by target tokens."""
+  inner: Any              # the wrapped optimizer's state
+  loss: jax.Array         # mean target-token NLL over them
+  grads: Any              # gradient of that mean
+  tokens: jax.Array       # their target tokens
+  micro_steps: jax.Array  # how many
+
+
+def accumulate(state: Accumulation, loss, grads, tokens):
+  """(loss, grads, tokens) of the step so far once one more micro-batch (its mean loss and gradient
+  over `tokens` target tokens) joins: each micro-batch weighs by its target tokens, so the result is
+  exactly one batch holding them all."""
+  total = state.tokens + tokens
+  share = tokens / jnp.maximum(total, 1.0)
+  mix = lambda so_far, new: so_far + share * (new - so_far)
+  return mix(state.loss, loss), jax.tree.map(mix, state.grads, grads), total
+
+
+def accumulate_by_tokens(inner: optax.GradientTransformation, every_k: int) -> optax.GradientTransformationExtraArgs:
+  """Applies `inner` once every `every_k` micro-batches to their token-weighted mean gradient (zero
+  updates in between). `optax.MultiSteps` averages per-micro-batch means instead, which over-weights
+  the target tokens of micro-batches that have few. `update(grads, state, params, loss=, tokens=)`."""
+
+  def init(params):
+    zero = lambda: jnp.zeros((), jnp.float32)  # one buffer per leaf: the train step donates each
+    return Accumulation(inner.init(params), zero(), jax.tree.map(jnp.zeros_like, params), zero(), jnp.zeros((), jnp.int32))
+
+  def update(grads, state, params=None, *, loss, tokens, **unused):
+    loss, grads, tokens = accumulate(state, loss, grads, tokens)
+    zeros = jax.tree.map(jnp.zeros_like, grads)
+
+    def apply():
+      updates, inner_state = inner.update(grads, state.inner, params)
+      return updates, Accumulation(inner_state, jnp.zeros_like(loss), zeros, jnp.zeros_like(tokens),
+                                   jnp.zeros_like(state.micro_steps))
+
+    def wait():
+      return zeros, Accumulation(state.inner, loss, grads, tokens, state.micro_steps + 1)
+
+    return jax.lax.cond(state.micro_steps + 1 >= every_k, apply, wait)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
 def make_optimizer(c: OptimizerConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Warmup then cosine/constant, clipping on the trainable tree, gradient accumulation."""
   if c.decay == "cosine":
@@ -100,7 +146,7 @@ def make_optimizer(c: OptimizerConfig) -> tuple[optax.GradientTransformation, op
     raise ValueError(f"optimizer {c.name!r} is not supported; valid: adamw, adafactor")
   tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), base)
   if c.grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=c.grad_accum_steps)
+    tx = accumulate_by_tokens(tx, c.grad_accum_steps)
   return tx, schedule
 
 
@@ -108,7 +154,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: Mesh, trai
   """The jitted step `(trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)`.
 
   Shardings: prompts and optimizer state replicated, frozen weights by their logical axes, batch
-  rows over `data`. Trainable and optimizer state are donated (updated in place).
+  rows over `data`. Trainable and optimizer state are donated (updated in place). With gradient
+  accumulation the metrics cover the accumulated step so far: on its last micro-batch, the whole step.
   """
   rep = sharding.replicated(mesh)
 
@@ -117,7 +164,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, mesh: Mesh, trai
       return loss_and_count(nnx.merge(graphdef, trainable, frozen), batch)
 
     (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
+    if isinstance(opt_state, Accumulation):
+      metrics = accumulate(opt_state, loss, grads, count)
+      updates, opt_state = tx.update(grads, opt_state, trainable, loss=loss, tokens=count)
+      loss, grads, count = metrics
+    else:
+      updates, opt_state = tx.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
     return trainable, opt_state, {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads)}
 

@@ -1,5 +1,6 @@
 """`generate.py` end to end: a trained workdir becomes a labelled JSONL; interrupted runs resume to
 the same file; bad input is a one-line error with nothing written."""
+import collections
 import json
 import os
 import shutil
@@ -48,13 +49,13 @@ def read_jsonl(path):
   return [json.loads(line) for line in open(path)]
 
 
-def check_records(records, ontology_names, seed_ids, method):
+def check_records(records, ontology_names, seed_ids, method, max_new_tokens=6):
   assert records
   for r in records:
     assert set(r) == RECORD_KEYS and r["method"] == method and r["domain"] == "hotels"
     assert r["text"] and r["seed_id"] in seed_ids and isinstance(r["noise"], float)
     assert set(r["attributes"]) == {"intents"} and set(r["attributes"]["intents"]) <= ontology_names
-    assert r["decoding"]["do_sample"] is True and r["decoding"]["max_new_tokens"] == 6
+    assert r["decoding"]["do_sample"] is True and r["decoding"]["max_new_tokens"] == max_new_tokens
 
 
 def test_generate_writes_labelled_jsonl(trained, tiny_model_dir, tmp_path, load_task):
@@ -70,6 +71,11 @@ def test_generate_writes_labelled_jsonl(trained, tiny_model_dir, tmp_path, load_
   assert summary["candidates"] == 8 and summary["kept"] == len(records)
   assert summary["kept"] + sum(summary["removed"].values()) == summary["candidates"]
   assert summary["removed"].get("noise", 0) >= 1  # denoising really filters
+  candidates = read_jsonl(output + ".candidates")  # per-attribute counts, before and after, counted here by hand
+  for counts, rows in (("before", candidates), ("after", records)):
+    expected = collections.Counter(n for r in rows for n in r["attributes"]["intents"])
+    assert summary["attribute_counts"][counts] == {"intents": dict(expected)}
+  assert f"  intents/{min(expected)}: " in out
   assert 1 <= summary["compilations"] <= 3
 
 
@@ -120,8 +126,8 @@ def test_short_real_run_with_smollm2(tmp_path):
   summary = synthesis.synthesize(c)
   task = load_task("nlupp", "hotels", "few_shot")
   records = read_jsonl(summary["output"])
-  check_records([dict(r, decoding=dict(r["decoding"], max_new_tokens=6)) for r in records],
-                set(task.ontology["intents"].names), {ex.uid for ex in task.splits["train"]}, "msp")
+  check_records(records, set(task.ontology["intents"].names), {ex.uid for ex in task.splits["train"]}, "msp",
+                max_new_tokens=24)
   assert all("\n" not in r["text"] for r in records)
   print("\n".join(r["text"] for r in records))
 

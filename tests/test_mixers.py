@@ -132,6 +132,25 @@ def test_row_without_attributes_is_finite_with_finite_gradients(name):
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.parametrize("name", sorted(mixers.MIXERS))
+def test_row_without_attributes_sees_the_instruction_prompt_alone(name):
+  """Its mixed tokens are masked, so the backbone's logits for it equal an independent call whose only
+  prefix is the instruction prompt (no mixer involved)."""
+  from test_training_step import tiny_batch, tiny_model
+  model = tiny_model("llama", name)
+  batch = tiny_batch(batch=3)
+  batch["attribute_mask"][1] = False  # row 1: no attribute in any set
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  prefix, prefix_mask = model.prefix(batch)
+  n_instruction = model.prompts.instruction.shape[0]
+  assert bool(prefix_mask[1, :n_instruction].all()) and not bool(prefix_mask[1, n_instruction:].any())
+  assert bool(prefix_mask[0].any())
+  logits = model.backbone(batch["input_ids"], batch["attention_mask"], embedded_prefix=prefix, prefix_mask=prefix_mask)
+  alone = model.backbone(batch["input_ids"][1:2], batch["attention_mask"][1:2],
+                         embedded_prefix=model.prompts.instruction[...][None])
+  np.testing.assert_allclose(logits[1], alone[0], atol=1e-5)
+
+
 def test_unknown_mixer_lists_the_valid_ones():
   with pytest.raises(ValueError, match="'mean' is not supported; valid: concat, pooling, attention, bottleneck, cnn"):
     mixers.make_mixer("mean", D, rngs=nnx.Rngs(0))

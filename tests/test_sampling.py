@@ -211,6 +211,24 @@ def test_beam_search_equals_transformers_decoder_only(llama, kw):
   np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.parametrize("kw", BEAMS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_stop_tokens_end_beams_as_transformers_eos_list(llama, kw):
+  """Stop tokens end beams exactly as extra EOS ids do in transformers (`eos_token_id=[eos, *stops]`),
+  including how many candidates a step keeps so that k beams can go on running."""
+  torch_model, model = llama
+  ids, mask = left_padded(3, rows=3, length=8)
+  steps = 7
+  first = np.asarray(full_forward(model, jnp.asarray(ids), jnp.asarray(mask), None))[:, -1]
+  # Each row's 3 likeliest first tokens end a row: more candidates end than k, so how many a step
+  # keeps decides which beams run on.
+  enders = list(dict.fromkeys(int(t) for t in np.argsort(-first, -1)[:, :3].ravel()))
+  eos, stops = enders[0], tuple(enders[1:])
+  ref = pad_to(reference_beams(torch_model, ids, mask, steps, [eos, *stops], kw)[:, ids.shape[1]:], steps)
+  ours = np.asarray(sampling.generate(model, ids, mask, DecodeConfig(max_new_tokens=steps, eos_ids=(eos,),
+                                                                     stop_ids=stops, pad_id=PAD, **kw)))
+  np.testing.assert_array_equal(ours, ref)  # before the fix: early_stopping="never" kept too few candidates
+
+
 @pytest.mark.parametrize("kw", BEAMS[:2], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_beam_search_equals_transformers_t5(t5, kw):
   torch_model, model = t5

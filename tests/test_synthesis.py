@@ -64,7 +64,7 @@ def test_denoising_removes_each_kind_of_noise_and_counts_it():
   embeddings = {"Queen played Bohemian Rhapsody in Paris": [1.0, 0.1], "Bohemian Rhapsody by Queen was a hit": [1.0, 0.2],
                 "Queen and Bohemian Rhapsody xyz xyz xyz": [0.0, 1.0], SEEDS[0].text: [1.0, 0.0]}
   embed = lambda texts: np.array([embeddings[t] for t in texts])
-  kept, removed = synthesis.denoise(candidates, SEEDS, keep_fraction=0.67, embed=embed, rarity_weight=0.0)
+  kept, removed = synthesis.denoise(candidates, SEEDS, keep_fraction=0.67, embed=embed, frequency_weight=0.0)
   assert removed == {"empty": 1, "copy_of_seed": 1, "copy_of_exemplar": 1, "duplicate": 1, "missing_value": 1,
                      "noise": 1}
   assert [r["request"] for r in kept] == [3, 6]
@@ -86,12 +86,29 @@ def test_value_coverage_keeps_partial_outputs_labelled_with_what_they_contain():
   assert half[1]["attributes"] == {"entities": ["band", "song"]} and len(half[1]["spans"]) == 2
 
 
-def test_rarity_term_prefers_common_attributes():
-  rare = SEEDS[1]  # musicalartist appears once, band twice
-  candidates = [record(0, "Queen played Bohemian Rhapsody twice"), record(1, "Adele won a Grammy again", seed=rare)]
-  embed = lambda texts: np.ones((len(texts), 2))
-  kept, removed = synthesis.denoise(candidates, SEEDS, keep_fraction=0.5, embed=embed, rarity_weight=1.0)
-  assert [r["request"] for r in kept] == [0] and removed == {"noise": 1}
+def test_frequency_term_drops_over_represented_attributes_first():
+  """The original's rebalancing, by hand. Seed counts: band 2, award 2, song 1, musicalartist 1 (top 2).
+  noise = 0.5 (1 - cos) + 0.5 mean(count / top):
+    A {award, band}          cos 1            -> 0.5 * 0 + 0.5 * (2/2 + 2/2) / 2 = 0.5
+    B {award, musicalartist} cos 1            -> 0.5 * 0 + 0.5 * (2/2 + 1/2) / 2 = 0.375
+    C {band, song}           cos 3 / sqrt(10) -> 0.5 * (1 - 3 / sqrt(10)) + 0.375 = 0.40066
+  Keeping 2 of 3 drops A, whose attributes are the most frequent, though it is the closest to its seed."""
+  candidates = [record(0, "Queen won another Grammy", seed=SEEDS[2]), record(1, "Adele won a Grammy again", seed=SEEDS[1]),
+                record(2, "Queen played Bohemian Rhapsody twice", seed=SEEDS[0])]
+  vectors = {"Queen won another Grammy": [1.0, 0.0], SEEDS[2].text: [1.0, 0.0], "Adele won a Grammy again": [0.0, 2.0],
+             SEEDS[1].text: [0.0, 1.0], "Queen played Bohemian Rhapsody twice": [3.0, 1.0], SEEDS[0].text: [1.0, 0.0]}
+  embed = lambda texts: np.array([vectors[t] for t in texts])
+  before = synthesis.attribute_counts(candidates)
+  kept, removed = synthesis.denoise(candidates, SEEDS, keep_fraction=2 / 3, embed=embed, frequency_weight=0.5)
+  assert [r["request"] for r in kept] == [1, 2] and removed == {"noise": 1}
+  np.testing.assert_allclose([c["noise"] for c in candidates], [0.5, 0.375, 0.5 * (1 - 3 / np.sqrt(10)) + 0.375])
+  after = synthesis.attribute_counts(kept)
+  assert before == {"entities": {"award": 2, "band": 2, "musicalartist": 1, "song": 1}}
+  assert after == {"entities": {"award": 1, "band": 1, "musicalartist": 1, "song": 1}}
+  lines = synthesis.summarise(kept, removed, 3, {"before": before, "after": after}).splitlines()
+  assert lines[0] == "generated 3 candidates, kept 2; removed: noise 1"
+  assert "  entities/band: 2 -> 1  Queen played Bohemian Rhapsody twice" in lines
+  assert "  entities/award: 2 -> 1  Adele won a Grammy again" in lines
 
 
 def test_progress_file_drops_a_torn_last_line(tmp_path):

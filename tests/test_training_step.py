@@ -74,10 +74,14 @@ def test_one_step_every_backbone_and_mixer(family, mixer):
   _, before, frozen_before = training.split(model)
   before = jax.tree.map(np.array, before)
   frozen_before = jax.tree.map(np.array, frozen_before)
-  trainable, _, frozen, losses = run_steps(model, tiny_batch(model.encoder_decoder), 1)
-  assert np.isfinite(losses[0])
-  changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(trainable))]
-  assert any(changed)
+  # Two steps: the bottleneck's down projection gets a gradient only once its zero-initialised up has moved.
+  trainable, _, frozen, losses = run_steps(model, tiny_batch(model.encoder_decoder), 2)
+  assert np.isfinite(losses).all()
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(trainable)]
+  assert any("mixer" in p for p in paths) == (mixer not in ("concat", "pooling"))  # the mixers with weights
+  unchanged = [p for p, a, b in zip(paths, jax.tree.leaves(before), jax.tree.leaves(trainable))
+               if np.array_equal(a, np.asarray(b))]
+  assert not unchanged  # every prompt and mixer leaf trains
   for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(frozen)):  # bit-identical backbone
     np.testing.assert_array_equal(a, np.asarray(b))
 
@@ -99,26 +103,35 @@ def test_loss_goes_down():
   assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.05, losses
 
 
-def test_gradient_accumulation_equals_one_big_batch():
-  """Two micro-batches with MultiSteps give the update of their union (same token counts each)."""
+def test_gradient_accumulation_weighs_micro_batches_by_target_tokens():
+  """Two micro-batches with 24 and 8 target tokens (the first has 3 of 4 as many: a mean of their means
+  would weigh each of its tokens a third as much) give, over two steps, the updates, loss and gradient
+  norm of one batch holding both: sum of token NLL / 32."""
   model = tiny_model()
   graphdef, trainable, frozen = training.split(model)
   big = tiny_batch(batch=8)
+  big["loss_mask"][4:, 6:8] = False  # rows 0-3: 4 target tokens each (16), rows 4-7: 2 each (8)
+  big["loss_mask"][:2, 5] = True     # rows 0-1: one more (24 in the first half)
   halves = [{k: v[:4] for k, v in big.items()}, {k: v[4:] for k, v in big.items()}]
-  halves[0]["attention_mask"][0, :3] = True  # equal target counts per half: mean of means == mean
-  big["attention_mask"][0, :3] = True
+  assert [int(h["loss_mask"][:, 1:].sum()) for h in halves] == [18, 8]  # token t is predicted from t - 1
   mesh = sharding.make_mesh()
   results = []
   for accum, batches in ((1, [big]), (2, halves)):
     tx, _ = training.make_optimizer(training.OptimizerConfig(learning_rate=1e-2, total_steps=4, grad_accum_steps=accum))
-    t, o = jax.tree.map(jnp.array, trainable), None
+    t = jax.tree.map(jnp.array, trainable)
     o = tx.init(t)
     step = training.make_train_step(graphdef, tx, mesh, t, o, frozen)
-    for b in batches:
-      t, o, _ = step(t, o, frozen, b)
-    results.append(jax.tree.leaves(t))
-  for a, b in zip(*results):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    logged = []
+    for _ in range(2):  # two steps: Adam's second update depends on the gradients' sizes, not just signs
+      for b in batches:
+        t, o, metrics = step(t, o, frozen, b)
+      logged.append((float(metrics["loss"]), float(metrics["grad_norm"]), float(metrics["tokens"])))
+    results.append((jax.tree.leaves(t), logged))
+  (big_params, big_logged), (acc_params, acc_logged) = results
+  for a, b in zip(big_params, acc_params):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)  # Adam's 1/sqrt(v) amplifies fp32 noise
+  assert [n for _, _, n in acc_logged] == [26.0, 26.0]
+  np.testing.assert_allclose(acc_logged, big_logged, rtol=1e-5)
 
 
 SHARDED_SCRIPT = r"""
