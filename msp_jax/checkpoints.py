@@ -189,7 +189,7 @@ class Checkpoints:
     try:
       return self.manager.restore(step, args=args)
     except Exception as e:  # Orbax/TensorStore raise many types for a damaged file; the step is what matters
-      reason = (str(e).strip().splitlines() or [""])[0][:200]
+      reason = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0][:200]
       raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable "
                             f"({type(e).__name__}: {reason})") from e
 
