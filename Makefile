@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (Python 3.11, a virtual environment in .venv):
 #   make run    installs the runtime and trains MSP on the default config (configs/attention.py)
 #   make test   installs the runtime plus test-only packages (torch CPU, peft, pytest) and runs all tests
+#   make lint   ruff (configured in pyproject.toml); CI runs it before the tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export MSP_DATA_DIR ?= $(abspath ../shared/data)
@@ -23,4 +24,7 @@ run: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-.PHONY: run test
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check .
+
+.PHONY: run test lint

@@ -53,7 +53,7 @@ def _units(text: str, protected_spans: Sequence[tuple[int, int]]) -> list[_Unit]
     if groups[k] != k:
       groups[k] = groups[groups[k]]
   units: list[_Unit] = []
-  for k, (ws, we) in enumerate(words):
+  for k, (ws, _) in enumerate(words):
     if groups[k] != k:
       continue
     last = max(j for j in range(k, len(words)) if groups[j] == k)
@@ -229,7 +229,7 @@ def augment_examples(examples: Sequence[Example], num_per_example: int, rng: np.
       values = ex.values
       if ex.typed_values and set(values) == {v for _, v in ex.typed_values}:
         first = {}
-        for t, v in typed:
+        for _, v in typed:
           first.setdefault(v, len(first))
         values = tuple(sorted(values, key=first.__getitem__))
       spans = tuple(sorted(({"type": s["type"], "start": a, "end": b} for s, (a, b) in zip(gold, variant.spans)),

@@ -25,7 +25,7 @@ from msp_jax import data as msp_data
 from msp_jax import evaluation, files, interrupts, sampling, sharding, training
 from msp_jax import prompts as soft_prompts
 from msp_jax.errors import MspError
-from msp_jax.models.weights import Backbone, load_backbone, resolve
+from msp_jax.models.weights import Backbone, load_backbone
 
 MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask", "attribute_ids", "attribute_mask",
               "decoder_input_ids", "decoder_attention_mask", "labels")

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from transformers.generation import logits_process as hf
 
 import test_llama

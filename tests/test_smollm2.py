@@ -10,7 +10,6 @@ import torch
 import transformers
 
 import msp_jax
-from msp_jax.models import tokenizer as tokenizers
 from msp_jax.models import weights
 
 PROMPTS = ["The capital of France is", "Show me three distinct utterances that all express the intent",
@@ -106,7 +105,8 @@ def test_tokenizer_special_tokens(ours):
 
 def test_gguf_tokenizer_without_torch_module():
   # The loader must not import torch (run time has no torch); check in a fresh interpreter.
-  import subprocess, sys
+  import subprocess
+  import sys
   code = ("import sys; sys.modules['torch'] = None\n"
           "from msp_jax.models import tokenizer, weights\n"
           "t = tokenizer.load_gguf_tokenizer(weights.default_gguf_path())\n"

@@ -203,7 +203,7 @@ def test_two_processes_match_one():
   procs = [subprocess.Popen([sys.executable, "-c", code, str(i), "2"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   single = subprocess.run([sys.executable, "-c", code, "0", "1"], env=env, capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]

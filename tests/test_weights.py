@@ -125,7 +125,10 @@ def write_gguf(path, qtype, d=64, ff=128, vocab=8):
   for name, shape in shapes.items():
     w.add_tensor(f"blk.0.{name}.weight", rng.normal(size=shape).astype(np.float32))
   w.add_tensor("output_norm.weight", np.ones(d, np.float32))
-  w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
   return str(path)
 
 
