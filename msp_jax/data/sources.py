@@ -23,6 +23,7 @@ from typing import Sequence
 
 import tensorflow_datasets as tfds
 
+from msp_jax import files
 from msp_jax.errors import MspError
 
 DATA_DIR_ENV = "MSP_DATA_DIR"
@@ -180,6 +181,10 @@ class RawFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     required = self.required_files()
     manual = os.path.join(self.data_dir_root, "downloads", "manual")  # tfds' default manual_dir
     base = find_local(self.FOLDER, required, manual if os.path.isdir(manual) else None)
+    if base is None and record and record.get("root") and not os.environ.get(DATA_DIR_ENV):
+      # No data root given this time: check the files the copy was prepared from, where they were.
+      recorded = Path(record["root"])
+      base = recorded if all((recorded / f).is_file() for f in required) else None
     if base is None:
       if self._allow_download and record is None:
         return None  # nothing local to compare with; the download path is tfds' business
@@ -199,10 +204,7 @@ class RawFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Records the raw files checked or read (after preparing, or refreshed after a check)."""
     if self._raw_record is None:
       return
-    path = Path(self.data_dir) / RAW_RECORD
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(self._raw_record, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    files.write_json_atomic(str(Path(self.data_dir) / RAW_RECORD), self._raw_record, sort_keys=True)
 
 
 def rows(sequence) -> list[dict]:
