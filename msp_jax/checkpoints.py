@@ -8,9 +8,11 @@ longer reads back whole is named, never a traceback.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
+import sys
 from typing import Any
 
 import jax
@@ -186,12 +188,33 @@ class Checkpoints:
     self._metrics.pop(step, None)
 
   def _read(self, step: int, args) -> dict:
+    hook = sys.unraisablehook
+    sys.unraisablehook = _ignore  # see _drop_abandoned_reads
     try:
       return self.manager.restore(step, args=args)
     except Exception as e:  # Orbax/TensorStore raise many types for a damaged file; the step is what matters
       reason = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0][:200]
-      raise CheckpointError(f"checkpoint step {step} in {self.directory} is unreadable "
-                            f"({type(e).__name__}: {reason})") from e
+      failure = f"checkpoint step {step} in {self.directory} is unreadable ({type(e).__name__}: {reason})"
+    finally:
+      sys.unraisablehook = hook
+    _drop_abandoned_reads()
+    raise CheckpointError(failure)
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _ignore(report) -> None:
+  del report
+
+
+def _drop_abandoned_reads() -> None:
+  """When one array of a step fails to read, Orbax abandons its sibling reads, and Python reports each
+  abandoned coroutine as an "Exception ignored" traceback on stderr when it is collected. The failure
+  is raised, named, by `_read`; these reports are only its echoes: collect them now, quietly."""
+  hook = sys.unraisablehook
+  sys.unraisablehook = _ignore
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook

@@ -37,7 +37,10 @@ def main(body: Callable[[], None]) -> Callable[[list[str]], None]:
     try:
       body()
     except MspError as e:
-      sys.exit(f"error: {e}")
+      # What the run wrote is closed. Skip the teardown, where libraries report work they abandoned
+      # (Orbax's unfinished reads of a damaged checkpoint) as stray tracebacks after the one line.
+      print(f"error: {e}", file=sys.stderr)
+      interrupts.exit_now(1)
     except interrupts.Interrupted as e:  # saved and closed: says where, and leaves at once
       print(e, flush=True)
       interrupts.exit_now()

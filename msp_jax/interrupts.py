@@ -24,13 +24,13 @@ class Interrupted(KeyboardInterrupt):
   A KeyboardInterrupt, so code between the loop and the main (the experiment grid) stops too."""
 
 
-def exit_now() -> None:
-  """Ends the process with status 130 without Python's teardown, which for jax / XLA / TFDS takes
-  5-9 s on a busy 2-core machine. Only for when everything the run writes is closed: its files are
+def exit_now(status: int = EXIT_STATUS) -> None:
+  """Ends the process with `status` (default 130) without Python's teardown, which for jax / XLA / TFDS
+  takes 5-9 s on a busy 2-core machine. Only for when everything the run writes is closed: its files are
   replaced atomically, and kernel buffers survive the exit."""
   sys.stdout.flush()
   sys.stderr.flush()
-  os._exit(EXIT_STATUS)
+  os._exit(status)
 
 
 class StopGuard:
