@@ -251,7 +251,7 @@ class NoisyLabelFeatures:
         hot = np.array([float(n in ex.attributes["intents"]) for n in intents])
         self.sentences[ex.text] = np.concatenate([hot, np.zeros(4)]) + rng.normal(0.0, noise, len(intents) + 4)
       if tags:
-        hot = np.eye(len(tags))[[tags.index(t) for t in downstream.example_bio_tags(ex)]].reshape(-1, len(tags))
+        hot = np.eye(len(tags))[[tags.index(t) for t in spans_lib.example_bio_tags(ex)]].reshape(-1, len(tags))
         self.words[ex.text] = np.concatenate([hot, np.zeros((len(hot), 4))], 1) + rng.normal(0.0, noise, (len(hot), len(tags) + 4))
 
   def sentence(self, texts):
@@ -263,13 +263,14 @@ class NoisyLabelFeatures:
 
 def shuffled_test_labels(dataset, test):
   """The same test texts with other labels: NLU++ intents rotated by one utterance, CrossNER entity
-  types rotated through the type list (the values stay findable in their texts)."""
+  types rotated through the type list (the gold spans keep their places, with other types)."""
   import dataclasses
   if dataset == "nlupp":
     return [dataclasses.replace(ex, attributes=test[(i + 1) % len(test)].attributes) for i, ex in enumerate(test)]
-  types = sorted({t for ex in test for t, _ in ex.typed_values})
+  types = sorted({s["type"] for ex in test for s in ex.spans})
   rotate = {t: types[(i + 1) % len(types)] for i, t in enumerate(types)}
-  return [dataclasses.replace(ex, typed_values=tuple((rotate[t], v) for t, v in ex.typed_values)) for ex in test]
+  return [dataclasses.replace(ex, typed_values=tuple((rotate[t], v) for t, v in ex.typed_values),
+                              spans=tuple(dict(s, type=rotate[s["type"]]) for s in ex.spans)) for ex in test]
 
 
 @pytest.mark.parametrize("dataset,domain", [("nlupp", "hotels"), ("crossner", "music")])
@@ -280,7 +281,7 @@ def test_selection_never_sees_the_test_labels(load_task, dataset, domain):
   if dataset == "nlupp":
     cache = NoisyLabelFeatures(train + dev + test, intents=list(task.ontology["intents"].names))
   else:
-    cache = NoisyLabelFeatures(train + dev + test, tags=downstream.bio_labels(task.ontology["entities"].names))
+    cache = NoisyLabelFeatures(train + dev + test, tags=spans_lib.bio_labels(task.ontology["entities"].names))
   c = ConfigDict({"downstream_hidden": 0, "downstream_steps": 40, "downstream_l2": (1e-4, 1e-2, 1.0),
                   "downstream_eval_every": 20, "downstream_thresholds": (0.3, 0.5, 0.7)})
   records = [experiment.example_record(ex) for ex in train]
