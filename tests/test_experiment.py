@@ -176,3 +176,46 @@ def dict_update(c, **extra):
   copy = c.copy_and_resolve_references()
   copy.update(extra)
   return copy
+
+
+# --- each seed a whole replicate; every synthetic method adds the same count --------------------------
+
+def test_each_seed_trains_and_samples_its_own_generator_and_rounds_reach_the_target(tiny_model_dir, tmp_path, tfds_dir,
+                                                                                     capsys):
+  workdir = tmp_path / "results"
+  # keep_fraction 0.4 keeps at most 3 of a round's 8 candidates: the target (1 x 4 seeds) needs a second round
+  c = tiny_grid(tiny_model_dir, workdir, tfds_dir, methods="seed,in_context,attention", num_seeds=2, keep_fraction=0.4,
+                max_generation_rounds=4)
+  out = run_grid(c, capsys)
+  for k in (0, 1):
+    assert f"training prompts: attention seed {k}" in out, out
+  texts = {}
+  for method in ("in_context", "attention"):
+    for k in (0, 1):
+      name = f"nlupp_hotels_{method}_seed{k}"
+      output = os.path.join(str(workdir), "synthetic", f"{name}.jsonl")
+      texts[method, k] = [json.loads(line)["text"] for line in open(output)]
+      result = json.load(open(os.path.join(str(workdir), "nlupp_hotels", method, f"seed{k}.json")))
+      assert result["generation"]["file"] == output and result["generation"]["seed"] == c.seed + k
+      run_dir = os.path.join(str(workdir), "runs", name)
+      assert result["generation"]["prompts"] == (None if method == "in_context" else run_dir)
+      assert method == "in_context" or json.load(open(os.path.join(run_dir, "summary.json")))  # its own prompt run
+    assert set(texts[method, 0]) != set(texts[method, 1]), method  # resampled, not the same data twice
+  summary = json.load(open(os.path.join(str(workdir), "synthetic", "nlupp_hotels_attention_seed0.jsonl.summary.json")))
+  assert summary["target"] == 4 and summary["rounds"] >= 2 and summary["kept"] >= 4 and not summary["short"], summary
+  assert summary["candidates"] == 8 * summary["rounds"]
+  result = json.load(open(os.path.join(str(workdir), "nlupp_hotels", "attention", "seed0.json")))
+  assert result["synthetic_examples"] == result["synthetic_target"] == 4 and result["generation"]["rounds"] >= 2
+  table = open(os.path.join(str(workdir), "results.md")).read()
+  assert "| attention | 4/4 |" in table and "Order by mean micro_f1" in table, table
+
+  # capped at one round, the same candidates leave attention short: marked, and not ranked
+  c.update(max_generation_rounds=1)
+  out = run_grid(c, capsys)
+  assert "training prompts" not in out and "resuming: " in out, out
+  row = next(line for line in open(os.path.join(str(workdir), "results.md")) if line.startswith("| attention |"))
+  assert row.startswith("| attention | 3/4 (short) |"), row
+  table = open(os.path.join(str(workdir), "results.md")).read()
+  order = next(line for line in table.splitlines() if line.startswith("Order by mean micro_f1"))
+  assert "attention" not in order and "seed" in order, order
+  assert "not ranked against the others: " in table and "attention" in table.split("not ranked against the others: ")[1]
