@@ -413,7 +413,7 @@ def run(c, backbone=None) -> str:
       for k in todo:
         t0 = time.time()
         synthetic, measured, source = synthetic_set(k)
-        if k == 0 and method != "seed" and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
+        if k == 0 and measured and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
           write_json_atomic(quality_path, measure(measured))
           provenance.write_key(quality_path, quality_fields)
         result = {"task": f"{dataset}/{domain}", "method": method, "seed": k, "seed_examples": len(seeds),
@@ -426,8 +426,10 @@ def run(c, backbone=None) -> str:
         print(f"[{dataset}/{domain}] {method} seed {k}: {MAIN_METRIC[dataset]} "
               f"{result['scores'][MAIN_METRIC[dataset]]:.3f} ({len(synthetic)} synthetic)", flush=True)
       if 0 not in todo and method != "seed" and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
-        write_json_atomic(quality_path, measure(synthetic_set(0)[1]))  # seed 0's result was current, its quality not
-        provenance.write_key(quality_path, quality_fields)
+        measured = synthetic_set(0)[1]  # seed 0's result was current, its quality not
+        if measured:
+          write_json_atomic(quality_path, measure(measured))
+          provenance.write_key(quality_path, quality_fields)
     write_table(c, grid_tasks, methods, clock.save())  # a partial table after every task
   path = write_table(c, grid_tasks, methods, clock.save())
   print(f"wrote {path}", flush=True)
