@@ -76,6 +76,7 @@ def method_config(c, dataset: str, domain: str, method: str, k: int = 0):
   """The train.py / generate.py config of one generating method on one task for the grid's seed k:
   training and sampling seed c.seed + k on the split of c.seed (data_seed)."""
   m = c.copy_and_resolve_references()
+  m.unlock()  # data_seed is a field of method configs only (a config from flags is locked)
   name = f"{dataset}_{domain}_{method}_seed{k}"
   m.update(dataset=dataset, domain=domain, setting="few_shot", workdir=os.path.join(c.workdir, "runs", name),
            output=os.path.join(c.workdir, "synthetic", f"{name}.jsonl"), seed=c.seed + k, data_seed=c.seed,
