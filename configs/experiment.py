@@ -17,6 +17,7 @@ def get_config(arg=None):
   c.methods = "seed,eda,in_context,prompt_tuning,concat,pooling,attention,bottleneck,cnn"
   c.num_seeds = 3
   c.synthetic_per_example = 2    # synthetic examples added per seed example, the same for every method
+  c.max_generation_rounds = 4    # generation rounds a method may use to reach that count (else marked short)
   c.max_test = 0                 # 0 = the whole test split
   c.downstream_hidden = 0        # 0 = linear heads on frozen features
   c.downstream_steps = 300

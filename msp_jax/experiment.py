@@ -12,12 +12,17 @@ states, which is not TOPv2's exact-match semantic parsing) is trained with each 
 real test split. Each run chooses its head's L2 penalty, training steps and decision threshold on the
 real dev split (`downstream.SelectionGrid`) and records the choice; the test split is scored once and
 never enters selection. Every synthetic method adds the same number of examples: `synthetic_per_example`
-x the seed examples, a seeded subsample of its (denoised) output; fewer only when a generator kept
-fewer, which the results record. Prompts are trained and data generated once per task and method
-(seed `c.seed`); the seeds vary the subsample, the EDA draw and the downstream model's init.
+x the seed examples, a seeded subsample of its (denoised) output. A generator that keeps fewer generates
+more rounds (synthesis.py) until the target survives denoising or `max_generation_rounds` is reached;
+one still short is marked '(short)' in the table and left out of the order of methods.
+Seed k is a whole replicate: the split stays that of `c.seed`, but seed k's prompts are trained with
+seed `c.seed + k` (runs/{task}_{method}_seed{k}), its data generated with that seed
+(synthetic/{task}_{method}_seed{k}.jsonl; in-context: sampled with it), and seed k's downstream model
+trains on seed k's data, so the ± over seeds includes the generator's variance. Each result records
+the generation file and prompt run it used.
 
 Outputs in `c.workdir`: {task}/{method}/seed{k}.json (scores, selection), {task}/{method}/quality.json
-(data-quality metrics of the synthetic set), runs/ (prompt training), synthetic/ (generations),
+(data-quality metrics of seed 0's synthetic set), runs/ (prompt training), synthetic/ (generations),
 results.md (tables). Resumable: finished pieces are skipped; training and generation resume. Each
 piece is keyed by the config fields it depends on (`<file>.key.json`; a prompt run by its metadata):
 after a change that matters it is recomputed, the old copy moved aside as `*.stale-<key>`, with one
@@ -67,12 +72,14 @@ def tasks_of(c) -> list[tuple[str, str]]:
   return out
 
 
-def method_config(c, dataset: str, domain: str, method: str):
-  """The train.py / generate.py config of one generating method on one task."""
+def method_config(c, dataset: str, domain: str, method: str, k: int = 0):
+  """The train.py / generate.py config of one generating method on one task for the grid's seed k:
+  training and sampling seed c.seed + k on the split of c.seed (data_seed)."""
   m = c.copy_and_resolve_references()
-  name = f"{dataset}_{domain}"
-  m.update(dataset=dataset, domain=domain, setting="few_shot", workdir=os.path.join(c.workdir, "runs", f"{name}_{method}"),
-           output=os.path.join(c.workdir, "synthetic", f"{name}_{method}.jsonl"),
+  m.unlock()  # data_seed is a field of method configs only (a config from flags is locked)
+  name = f"{dataset}_{domain}_{method}_seed{k}"
+  m.update(dataset=dataset, domain=domain, setting="few_shot", workdir=os.path.join(c.workdir, "runs", name),
+           output=os.path.join(c.workdir, "synthetic", f"{name}.jsonl"), seed=c.seed + k, data_seed=c.seed,
            method="in_context" if method == "in_context" else "msp",
            mixture="none" if method == "prompt_tuning" else method if method in MIXERS else c.mixture)
   return m
@@ -87,11 +94,11 @@ NEUTRAL_FIELDS = ("workdir", "output", "data_dir", "tasks", "methods", "num_seed
                   "checkpoint_every", "model_parallel", "coordinator_address", "num_processes", "process_id")
 GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fraction", "keep_fraction", "frequency_weight",
                      "min_value_coverage", "max_seeds", "gen_batch_size", "do_sample", "temperature", "top_k", "top_p",
-                     "repetition_penalty", "num_beams")
+                     "repetition_penalty", "num_beams", "synthetic_per_example", "max_generation_rounds")
 DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "max_dev", "downstream_hidden", "downstream_steps",
                      "downstream_l2", "downstream_eval_every", "downstream_thresholds", "quality_sample", "quality_draws")
 INPUT_FIELDS = ("model", "dtype", "param_dtype", "dataset", "domain", "setting", "seed")  # every artifact's inputs
-IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "num_shot", "max_mixture", "buckets", "max_new_tokens", *GENERATION_FIELDS)
+IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buckets", "max_new_tokens", *GENERATION_FIELDS)
 
 
 def training_fields(config: dict) -> dict:
@@ -104,13 +111,14 @@ def generation_fields(m) -> dict:
   config = m.to_dict()
   if m.method == "in_context":
     return {k: config[k] for k in IN_CONTEXT_FIELDS}
-  return {k: v for k, v in config.items() if k not in (*NEUTRAL_FIELDS, *DOWNSTREAM_FIELDS)}
+  return {k: v for k, v in config.items()  # the target (synthetic_per_example) decides how many rounds are made
+          if k not in NEUTRAL_FIELDS and (k not in DOWNSTREAM_FIELDS or k in GENERATION_FIELDS)}
 
 
 def result_fields(c, dataset: str, domain: str, method: str, seed: int | None) -> dict:
   """The fields a downstream result (seed{k}.json; seed None: quality.json) depends on."""
   config = dict(c.to_dict(), dataset=dataset, domain=domain, setting="few_shot")
-  data = None if method in ("seed", "eda") else generation_fields(method_config(c, dataset, domain, method))
+  data = None if method in ("seed", "eda") else generation_fields(method_config(c, dataset, domain, method, seed or 0))
   return {"method": method, "seed": seed, "inputs": {k: config[k] for k in INPUT_FIELDS},
           "downstream": {k: config[k] for k in DOWNSTREAM_FIELDS}, "synthetic": data}
 
@@ -142,21 +150,24 @@ def example_record(ex) -> dict:
                     for s in ex.spans]}
 
 
-def generated_records(c, backbone, dataset, domain, method) -> list[dict]:
-  """Train the prompts (unless in-context) and generate, each only if not done with these settings;
-  the denoised records."""
-  m = method_config(c, dataset, domain, method)
-  label = f"[{dataset}/{domain}] {method}"
+def generated_records(c, backbone, dataset, domain, method, k: int) -> tuple[list[dict], dict]:
+  """Train seed k's prompts (unless in-context) and generate, each only if not done with these settings;
+  (the denoised records, where they came from)."""
+  m = method_config(c, dataset, domain, method, k)
+  label = f"[{dataset}/{domain}] {method} seed {k}"
   if not provenance.reusable(m.output, generation_fields(m), f"{label} generations"):
     if method != "in_context":
       set_aside_stale_prompts(m, label)
       if not os.path.exists(os.path.join(m.workdir, "summary.json")):
-        print(f"[{dataset}/{domain}] training prompts: {method}", flush=True)
+        print(f"[{dataset}/{domain}] training prompts: {method} seed {k}", flush=True)
         trainer.train(m, backbone)
-    print(f"[{dataset}/{domain}] generating: {method}", flush=True)
+    print(f"[{dataset}/{domain}] generating: {method} seed {k}", flush=True)
     synthesis.synthesize(m, backbone)
     provenance.write_key(m.output, generation_fields(m))
-  return [json.loads(line) for line in open(m.output)]
+  summary = json.load(open(m.output + ".summary.json"))
+  source = {"file": m.output, "prompts": None if method == "in_context" else m.workdir, "seed": m.seed,
+            "rounds": summary.get("rounds", 1), "candidates": summary["candidates"], "kept": summary["kept"]}
+  return [json.loads(line) for line in open(m.output)], source
 
 
 def eda_records(task, backbone, per_example: int, seed: int, synonyms) -> list[dict]:
@@ -314,7 +325,7 @@ def selection_grid(c) -> downstream.SelectionGrid:
                                     thresholds=tuple(c.downstream_thresholds))
   except (ValueError, TypeError) as e:
     raise ExperimentError(f"config.downstream_l2={c.downstream_l2!r}, config.downstream_eval_every="
-                          f"{c.downstream_eval_every!r}, config.downstream_thresholds={c.downstream_thresholds!r}: {e}")
+                          f"{c.downstream_eval_every!r}, config.downstream_thresholds={c.downstream_thresholds!r}: {e}") from None
 
 
 def fit_judge(dataset, task, cache, c, dev) -> tuple:
@@ -364,8 +375,9 @@ def run(c, backbone=None) -> str:
   from msp_jax.models.weights import load_backbone
   from msp_jax.data import load_task
   grid_tasks, methods = tasks_of(c), parse_list("methods", c.methods, METHODS)
-  if c.num_seeds < 1 or c.synthetic_per_example < 1:
-    raise ExperimentError(f"config.num_seeds={c.num_seeds}, config.synthetic_per_example={c.synthetic_per_example}: both must be >= 1")
+  if c.num_seeds < 1 or c.synthetic_per_example < 1 or c.get("max_generation_rounds", 1) < 1:
+    raise ExperimentError(f"config.num_seeds={c.num_seeds}, config.synthetic_per_example={c.synthetic_per_example}, "
+                          f"config.max_generation_rounds={c.get('max_generation_rounds', 1)}: all must be >= 1")
   selection_grid(c)  # a bad grid fails before the backbone loads
   if c.quality_sample < 2 or c.quality_draws < 1:
     raise ExperimentError(f"config.quality_sample={c.quality_sample}, config.quality_draws={c.quality_draws}: need >= 2 and >= 1")
@@ -388,28 +400,37 @@ def run(c, backbone=None) -> str:
           os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k), f"{label} seed {k}")]
       if not todo:
         continue
-      pool = [] if method == "seed" else None if method == "eda" else generated_records(c, backbone, dataset, domain, method)
-      if pool and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
-        write_json_atomic(quality_path, measure(pool))
-        provenance.write_key(quality_path, quality_fields)
+
+      def synthetic_set(k: int) -> tuple[list[dict], list[dict], dict | None]:
+        """Seed k's added examples, the set its quality is measured on, and where they came from."""
+        if method == "seed":
+          return [], [], None
+        if method == "eda":
+          copies = subsample(eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n_synthetic, k)
+          return copies, copies, None
+        pool, source = generated_records(c, backbone, dataset, domain, method, k)
+        return subsample(pool, n_synthetic, k), pool, source
+
       for k in todo:
         t0 = time.time()
-        if method == "eda":
-          synthetic = subsample(eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n_synthetic, k)
-          if k == 0 and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
-            write_json_atomic(quality_path, measure(synthetic))
-            provenance.write_key(quality_path, quality_fields)
-        else:
-          synthetic = subsample(pool, n_synthetic, k)
+        synthetic, measured, source = synthetic_set(k)
+        if k == 0 and measured and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
+          write_json_atomic(quality_path, measure(measured))
+          provenance.write_key(quality_path, quality_fields)
         result = {"task": f"{dataset}/{domain}", "method": method, "seed": k, "seed_examples": len(seeds),
                   "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
-                  "dev_examples": len(dev), "test_examples": len(test),
+                  "generation": source, "dev_examples": len(dev), "test_examples": len(test),
                   **downstream_run(dataset, task, cache, c, k, seeds + synthetic, dev, test),
                   "seconds": round(time.time() - t0, 1)}
         write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
         provenance.write_key(os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k))
         print(f"[{dataset}/{domain}] {method} seed {k}: {MAIN_METRIC[dataset]} "
               f"{result['scores'][MAIN_METRIC[dataset]]:.3f} ({len(synthetic)} synthetic)", flush=True)
+      if 0 not in todo and method != "seed" and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
+        measured = synthetic_set(0)[1]  # seed 0's result was current, its quality not
+        if measured:
+          write_json_atomic(quality_path, measure(measured))
+          provenance.write_key(quality_path, quality_fields)
     write_table(c, grid_tasks, methods, clock.save())  # a partial table after every task
   path = write_table(c, grid_tasks, methods, clock.save())
   print(f"wrote {path}", flush=True)
@@ -476,12 +497,23 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
     dev_column = [f"dev {first['selection'][heads[0]]['dev_metric']}"] if heads else []
     lines += [f"## {dataset}/{domain}", "", "| method | synthetic | " + " | ".join(dev_column + [column_name(k) for k in metrics]) + " |",
               "| --- | --- | " + " | ".join("---" for _ in dev_column + metrics) + " |"]
+    ranked, short = [], []
     for m in methods:
       runs, _ = results[dataset, domain, m]
       if runs:
-        synth = f"{runs[0]['synthetic_examples']}/{runs[0]['synthetic_target']}"
+        fewest = min(runs, key=lambda r: r["synthetic_examples"])  # seeds generate separately: the worst one counts
+        is_short = fewest["synthetic_examples"] < fewest["synthetic_target"]
+        synth = f"{fewest['synthetic_examples']}/{fewest['synthetic_target']}" + (" (short)" if is_short else "")
         dev = [mean_std([r.get("selection", {}).get(heads[0], {}).get("dev_score") for r in runs])] if heads else []
         lines.append(f"| {m} | {synth} | " + " | ".join(dev + [mean_std([r["scores"].get(k) for r in runs]) for k in metrics]) + " |")
+        (short if is_short else ranked).append((m, np.mean([r["scores"][MAIN_METRIC[dataset]] for r in runs])))
+    if ranked or short:
+      rounds = c.get("max_generation_rounds", 1)
+      order = " > ".join(m for m, _ in sorted(ranked, key=lambda x: -x[1]))
+      lines += ["", f"Order by mean {MAIN_METRIC[dataset]} (methods that added the full synthetic count only): {order or '-'}."]
+      if short:
+        lines.append(f"'(short)': fewer synthetic examples survived denoising than the target after {rounds} generation "
+                     f"round(s) (the fewest of its seeds shown); not ranked against the others: {', '.join(m for m, _ in short)}.")
     q_rows = [(m, results[dataset, domain, m][1]) for m in methods if results[dataset, domain, m][1]]
     if q_rows:
       q0 = q_rows[0][1]
@@ -490,7 +522,7 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
                  f"texts each ('-' with fewer texts)" if "quality_sample" in q0 else "all metrics on the whole set")
       judged = (f"; judge_dev_*: the attribute judge's own precision/recall/F1 on {q0['judge_dev_examples']} real dev "
                 f"examples it was not chosen on, i.e. how far to trust attribute_*" if "judge_dev_examples" in q0 else "")
-      lines += ["", f"Synthetic data quality (denoised set; EDA: seed 0's copies; {sampled}{judged}; '-': undefined):", "",
+      lines += ["", f"Synthetic data quality (seed 0's set: the denoised generations, EDA's copies; {sampled}{judged}; '-': undefined):", "",
                 "| method | examples | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
       for m, q in q_rows:
         lines.append(f"| {m} | {q['examples']} | " + " | ".join("-" if q.get(k) is None or np.isnan(q[k]) else f"{q[k]:.3f}" for k in keys) + " |")
@@ -514,7 +546,7 @@ def measure_file(c, path: str) -> dict:
       r = json.loads(line)
       r["text"], r["attributes"]  # the fields every metric needs
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise ExperimentError(f"{path}:{i + 1}: not a generated record ({e!r}); expected JSON with text, attributes")
+      raise ExperimentError(f"{path}:{i + 1}: not a generated record ({e!r}); expected JSON with text, attributes") from None
     records.append(r)
   selection_grid(c)
   backbone = load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)

@@ -15,6 +15,10 @@
    LM rarely fits all of a CrossNER sentence's ~6 entities into one generation).
 4. Labels are the requested attributes, and for CrossNER/TOPv2 spans found in the generated text,
    never copied from the seed; a requested type none of whose values occur is dropped from the labels.
+5. Rounds: with a target (`synthetic_per_example` x seeds, set by the experiment grid), when fewer than
+   the target survive denoising, another round of requests is planned and sampled (its own request and
+   sampling seeds) and denoising reruns on all candidates, until the target is reached or
+   `max_generation_rounds` rounds were made; the summary records the rounds and whether it fell short.
 Progress is appended to `{output}.candidates` after every chunk, so an interrupted run resumes; the
 file's header line names what made the candidates (checkpoint step, a hash of the restored prompts,
 backbone, decoding, seeds, requests), and a run made by anything else is moved aside, not resumed.
@@ -221,11 +225,18 @@ def open_progress(path: str, made_by: dict) -> list[dict]:
   return read_progress(path)
 
 
+def chunk_size(num_requests: int, size: int, i: int) -> int:
+  """Requests in chunk i of a run whose rounds hold `num_requests` each, cut in chunks of `size` per round."""
+  per_round = -(-num_requests // size)
+  j = i % per_round
+  return len(range(num_requests)[j * size:(j + 1) * size])
+
+
 def drop_torn_chunks(path: str, records: list[dict], num_requests: int) -> list[dict]:
   """Drops the records of chunks only partly written (killed mid-write), so that a resumed run with the
   same gen_batch_size regenerates each such chunk whole and writes what a straight run writes."""
   counts = collections.Counter(tuple(r["chunk"]) for r in records)
-  whole = {(size, i) for (size, i), n in counts.items() if n == len(range(num_requests)[i * size:(i + 1) * size])}
+  whole = {(size, i) for (size, i), n in counts.items() if n == chunk_size(num_requests, size, i)}
   kept = [r for r in records if tuple(r["chunk"]) in whole]
   if len(kept) != len(records):
     write_jsonl_atomic(path, [progress_header(path)] + kept)
@@ -279,6 +290,8 @@ def validate(c) -> None:
   trainer.validate(c)
   if c.method not in ("msp", "in_context"):
     raise trainer.ConfigError(f"config.method={c.method!r}: valid: msp, in_context")
+  if c.get("max_generation_rounds", 1) < 1:
+    raise trainer.ConfigError(f"config.max_generation_rounds={c.max_generation_rounds}: must be >= 1")
   if not 0 < c.keep_fraction <= 1 or not 0 <= c.min_value_coverage <= 1:
     raise trainer.ConfigError(f"config.keep_fraction={c.keep_fraction}, config.min_value_coverage={c.min_value_coverage}: "
                               "valid: 0 < keep_fraction <= 1, 0 <= min_value_coverage <= 1")
@@ -326,7 +339,10 @@ def _synthesize(c, backbone) -> dict:
   step = trainer.restore_prompts(run, c.checkpoint) if c.method == "msp" else None
   tok, ontology = run.backbone.tokenizer, run.task.ontology
   seeds = list(run.task.splits["train"])[:c.max_seeds or None]
+  target = c.get("synthetic_per_example", 0) * len(seeds)  # 0: one round, whatever survives
+  max_rounds = c.get("max_generation_rounds", 1) if target else 1
   requests = plan_requests(seeds, c.num_generations, c.combination_fraction, np.random.default_rng([c.seed, 1]))
+  per_round = -(-len(requests) // c.gen_batch_size)  # chunks per round
   output = c.output or os.path.join(c.workdir, "synthetic", f"{c.method}.jsonl")
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   progress_path = output + ".candidates"
@@ -334,9 +350,9 @@ def _synthesize(c, backbone) -> dict:
   records = open_progress(progress_path, made_by)
   records = drop_torn_chunks(progress_path, records, len(requests))
   done = {r["request"] for r in records}  # resume by request: a changed gen_batch_size regroups only what is left
-  chunks = [requests[i:i + c.gen_batch_size] for i in range(0, len(requests), c.gen_batch_size)]
   if done:
-    print(f"resuming: {len(done)} of {len(requests)} requests already generated", flush=True)
+    print(f"resuming: {len(done)} of {len(requests)} requests already generated"
+          + (" (with later rounds)" if len(done) > len(requests) else ""), flush=True)
 
   layout = msp_data.PromptLayout(ontology, run.task.splits["train"], c.num_shot)
   decoding = decoding_settings(c)
@@ -346,37 +362,50 @@ def _synthesize(c, backbone) -> dict:
                                  stop_ids=sampling.stop_token_ids(tok, STOP_STRINGS[:1]))  # a newline ends a row
   model = run.model
   from tqdm import tqdm
-  for i in tqdm(range(len(chunks)), desc=f"generate ({c.method})", unit="chunk"):
-    chunk = [r for r in chunks[i] if r.index not in done]
-    if not chunk:
-      continue
-    rng = np.random.default_rng([c.seed, 2, i])
-    segments = [layout.for_generation(r.attributes, r.seed.domain, rng, r.values, uid=str(r.index)) for r in chunk]
-    if c.method == "in_context":
-      segments = [dataclasses.replace(s, text=in_context_text(s.text, r.attributes, ontology, c.num_shot))
-                  for s, r in zip(segments, chunk)]
-    padded = segments + [segments[-1]] * (c.gen_batch_size - len(segments))  # one batch shape: one compile
-    batch = {k: jnp.asarray(v) for k, v in msp_data.make_batch(padded, tok, run.batch_config).items()
-             if k in trainer.MODEL_KEYS}
-    prefix, prefix_mask = model.prefix(batch) if c.method == "msp" else (None, None)
-    new = sampling.generate(model.backbone, batch["input_ids"], batch["attention_mask"], config,
-                            rng=jax.random.fold_in(jax.random.key(c.seed), i), embedded_prefix=prefix,
-                            prefix_mask=prefix_mask)
-    texts = tok.batch_decode(np.asarray(new)[:len(chunk)].tolist(), skip_special_tokens=True)
-    append_progress(progress_path, [dict(candidate_record(r, cut(t), s.text, c.method, decoding), chunk=[c.gen_batch_size, i])
-                                    for r, t, s in zip(chunk, texts, segments)])
-  records = sorted(read_progress(progress_path), key=lambda r: r["request"])
-  before = attribute_counts(records)  # requested attributes, before denoising drops or relabels any
-  kept, removed = denoise(records, seeds, c.keep_fraction, lambda t: features.text_embeddings(run.backbone, t),
-                          c.frequency_weight, c.min_value_coverage)
-  counts = {"before": before, "after": attribute_counts(kept)}
+  for round_ in range(max_rounds):
+    # round r > 0: requests planned and sampled with their own seeds, indexed after the earlier rounds'
+    planned = requests if round_ == 0 else [
+        dataclasses.replace(r, index=r.index + round_ * len(requests))
+        for r in plan_requests(seeds, c.num_generations, c.combination_fraction, np.random.default_rng([c.seed, 1, round_]))]
+    chunks = [planned[i:i + c.gen_batch_size] for i in range(0, len(planned), c.gen_batch_size)]
+    for j in tqdm(range(len(chunks)), desc=f"generate ({c.method}, round {round_ + 1})", unit="chunk"):
+      chunk = [r for r in chunks[j] if r.index not in done]
+      if not chunk:
+        continue
+      i = round_ * per_round + j  # the chunk's number over all rounds
+      rng = np.random.default_rng([c.seed, 2, i])
+      segments = [layout.for_generation(r.attributes, r.seed.domain, rng, r.values, uid=str(r.index)) for r in chunk]
+      if c.method == "in_context":
+        segments = [dataclasses.replace(s, text=in_context_text(s.text, r.attributes, ontology, c.num_shot))
+                    for s, r in zip(segments, chunk)]
+      padded = segments + [segments[-1]] * (c.gen_batch_size - len(segments))  # one batch shape: one compile
+      batch = {k: jnp.asarray(v) for k, v in msp_data.make_batch(padded, tok, run.batch_config).items()
+               if k in trainer.MODEL_KEYS}
+      prefix, prefix_mask = model.prefix(batch) if c.method == "msp" else (None, None)
+      new = sampling.generate(model.backbone, batch["input_ids"], batch["attention_mask"], config,
+                              rng=jax.random.fold_in(jax.random.key(c.seed), i), embedded_prefix=prefix,
+                              prefix_mask=prefix_mask)
+      texts = tok.batch_decode(np.asarray(new)[:len(chunk)].tolist(), skip_special_tokens=True)
+      append_progress(progress_path, [dict(candidate_record(r, cut(t), s.text, c.method, decoding), chunk=[c.gen_batch_size, i])
+                                      for r, t, s in zip(chunk, texts, segments)])
+    records = sorted((r for r in read_progress(progress_path) if r["request"] < (round_ + 1) * len(requests)),
+                     key=lambda r: r["request"])  # a resumed run with a lower cap ignores later rounds
+    kept, removed = denoise(records, seeds, c.keep_fraction, lambda t: features.text_embeddings(run.backbone, t),
+                            c.frequency_weight, c.min_value_coverage)
+    if len(kept) >= target:
+      break
+    if round_ + 1 < max_rounds:
+      print(f"round {round_ + 1}: {len(kept)} of {target} kept; generating another round", flush=True)
+  rounds = round_ + 1
+  counts = {"before": attribute_counts(records), "after": attribute_counts(kept)}  # requested, then kept
   write_jsonl_atomic(output, [output_record(r) for r in kept])
   output_made_by = dict(made_by, keep_fraction=c.keep_fraction, frequency_weight=c.frequency_weight,
-                        min_value_coverage=c.min_value_coverage)
+                        min_value_coverage=c.min_value_coverage,
+                        **({"target": target, "max_generation_rounds": max_rounds} if target else {}))
   summary = {"output": output, "method": c.method, "checkpoint_step": step, "seeds": len(seeds),
-             "candidates": len(records), "kept": len(kept), "removed": removed, "attribute_counts": counts,
-             "compilations": sampling.compilations(), "key": provenance.stable_key(output_made_by),
-             "made_by": output_made_by}
+             "candidates": len(records), "kept": len(kept), "removed": removed, "target": target, "rounds": rounds,
+             "short": len(kept) < target, "attribute_counts": counts, "compilations": sampling.compilations(),
+             "key": provenance.stable_key(output_made_by), "made_by": output_made_by}
   files.write_json_atomic(output + ".summary.json", summary)
   print(summarise(kept, removed, len(records), counts), flush=True)
   return summary

@@ -118,7 +118,8 @@ def build(c, backbone: Backbone | None = None) -> Run:
   if backbone.tokenizer is None:
     raise ConfigError(f"config.model={c.model!r}: the checkpoint has no tokenizer files")
   with announce(f"preparing data {c.dataset}/{c.domain} {c.setting}"):
-    task = msp_data.load_task(c.dataset, c.domain, c.setting, seed=c.seed, data_dir=c.data_dir or None)
+    # data_seed (the experiment grid) fixes the split while `seed` varies training and sampling
+    task = msp_data.load_task(c.dataset, c.domain, c.setting, seed=c.get("data_seed", c.seed), data_dir=c.data_dir or None)
   table, tok = embedding_table(backbone.model), backbone.tokenizer
   instruction = soft_prompts.init_instruction(c.instruction_init, c.n_tokens, table, tok,
                                               text=soft_prompts.instruction_text(c.num_shot), seed=c.seed)

@@ -2,6 +2,7 @@
 backbone writes a JSON per run and the results table, resumes, and refuses bad input."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,7 +25,7 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, raw_da
   workdir = str(tmp_path / "results")
   rc, out = evaluate(f"--config.model={tiny_model_dir}", f"--config.workdir={workdir}")
   assert rc == 0, out[-3000:]
-  for task, metric in [("nlupp_hotels", "micro_f1"), ("crossner_music", "span_f1")]:
+  for task in ("nlupp_hotels", "crossner_music"):
     for method in METHODS:
       for seed in (0, 1):
         r = json.load(open(os.path.join(workdir, task, method, f"seed{seed}.json")))
@@ -187,12 +188,56 @@ def test_intent_model_scores_separable_labels_high_and_shuffled_labels_low(load_
   from ml_collections import ConfigDict
   from msp_jax import experiment
   task = load_task("nlupp", "hotels", "few_shot")
-  train, test = list(task.splits["train"]), list(task.splits["test"])
-  cache = LabelFeatures(train + test, {"intents": list(task.ontology["intents"].names)})
-  c = ConfigDict({"downstream_hidden": 0, "downstream_steps": 300})
+  train, dev, test = list(task.splits["train"]), list(task.splits["dev"]), list(task.splits["test"])
+  cache = LabelFeatures(train + dev + test, {"intents": list(task.ontology["intents"].names)})
+  c = ConfigDict({"downstream_hidden": 0, "downstream_steps": 300, "downstream_l2": (1e-4,),
+                  "downstream_eval_every": 300, "downstream_thresholds": (0.5,)})  # one fixed choice: no selection
   records = [experiment.example_record(ex) for ex in train]
   shuffled = np.random.default_rng(0).permutation(len(records))
   wrong = [dict(r, attributes=records[j]["attributes"]) for r, j in zip(records, shuffled)]
-  true_score = experiment.IntentModel(task, cache, c, 0).fit(records).score(test)["micro_f1"]
-  shuffled_score = experiment.IntentModel(task, cache, c, 0).fit(wrong).score(test)["micro_f1"]
+  true_score = experiment.IntentModel(task, cache, c, 0).fit(records, dev).score(test)["micro_f1"]
+  shuffled_score = experiment.IntentModel(task, cache, c, 0).fit(wrong, dev).score(test)["micro_f1"]
   assert true_score >= 0.9 and shuffled_score <= 0.3, (true_score, shuffled_score)
+
+
+# --- each seed a whole replicate; every synthetic method adds the same count --------------------------
+
+def test_each_seed_trains_and_samples_its_own_generator_and_rounds_reach_the_target(tiny_model_dir, tmp_path, tfds_dir,
+                                                                                     capsys):
+  workdir = tmp_path / "results"
+  # keep_fraction 0.4 keeps at most 3 of a round's 8 candidates: the target (1 x 4 seeds) needs a second round
+  c = tiny_grid(tiny_model_dir, workdir, tfds_dir, methods="seed,in_context,attention", num_seeds=2, keep_fraction=0.4,
+                max_generation_rounds=4)
+  out = run_grid(c, capsys)
+  for k in (0, 1):
+    assert f"training prompts: attention seed {k}" in out, out
+  texts = {}
+  for method in ("in_context", "attention"):
+    for k in (0, 1):
+      name = f"nlupp_hotels_{method}_seed{k}"
+      output = os.path.join(str(workdir), "synthetic", f"{name}.jsonl")
+      texts[method, k] = [json.loads(line)["text"] for line in open(output)]
+      result = json.load(open(os.path.join(str(workdir), "nlupp_hotels", method, f"seed{k}.json")))
+      assert result["generation"]["file"] == output and result["generation"]["seed"] == c.seed + k
+      run_dir = os.path.join(str(workdir), "runs", name)
+      assert result["generation"]["prompts"] == (None if method == "in_context" else run_dir)
+      assert method == "in_context" or json.load(open(os.path.join(run_dir, "summary.json")))  # its own prompt run
+    assert set(texts[method, 0]) != set(texts[method, 1]), method  # resampled, not the same data twice
+  summary = json.load(open(os.path.join(str(workdir), "synthetic", "nlupp_hotels_attention_seed0.jsonl.summary.json")))
+  assert summary["target"] == 4 and summary["rounds"] >= 2 and summary["kept"] >= 4 and not summary["short"], summary
+  assert summary["candidates"] == 8 * summary["rounds"]
+  result = json.load(open(os.path.join(str(workdir), "nlupp_hotels", "attention", "seed0.json")))
+  assert result["synthetic_examples"] == result["synthetic_target"] == 4 and result["generation"]["rounds"] >= 2
+  table = open(os.path.join(str(workdir), "results.md")).read()
+  assert "| attention | 4/4 |" in table and "Order by mean micro_f1" in table, table
+
+  # capped at one round, the same candidates leave attention short: marked, and not ranked
+  c.update(max_generation_rounds=1)
+  out = run_grid(c, capsys)
+  assert "training prompts" not in out and "resuming: " in out, out
+  row = next(line for line in open(os.path.join(str(workdir), "results.md")) if line.startswith("| attention |"))
+  assert re.match(r"\| attention \| [0-3]/4 \(short\) \|", row), row  # round 1 keeps at most 3
+  table = open(os.path.join(str(workdir), "results.md")).read()
+  order = next(line for line in table.splitlines() if line.startswith("Order by mean micro_f1"))
+  assert "attention" not in order and "seed" in order, order
+  assert "not ranked against the others: " in table and "attention" in table.split("not ranked against the others: ")[1]
