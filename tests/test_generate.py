@@ -71,7 +71,7 @@ def test_generate_writes_labelled_jsonl(trained, tiny_model_dir, tmp_path, load_
   assert summary["candidates"] == 8 and summary["kept"] == len(records)
   assert summary["kept"] + sum(summary["removed"].values()) == summary["candidates"]
   assert summary["removed"].get("noise", 0) >= 1  # denoising really filters
-  candidates = read_jsonl(output + ".candidates")  # per-attribute counts, before and after, counted here by hand
+  _, *candidates = progress_lines(output + ".candidates")  # per-attribute counts, before and after, counted here by hand
   for counts, rows in (("before", candidates), ("after", records)):
     expected = collections.Counter(n for r in rows for n in r["attributes"]["intents"])
     assert summary["attribute_counts"][counts] == {"intents": dict(expected)}
