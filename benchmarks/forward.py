@@ -1,21 +1,27 @@
 """Forward throughput of SmolLM2-135M-Instruct: msp-jax (fp32, bf16) vs transformers (torch, fp32).
 
-  python benchmarks/forward.py [--batch 8] [--seq 128] [--reps 7] [--json out.json]
+  python benchmarks/forward.py [--batch 8] [--seq 128] [--reps 7] [--dtypes fp32 bf16] [--skip_torch]
+      [--peak_tflops T] [--json out.json]
 
 Same GGUF weights, same random-token batch, one process, one model at a time; median of `reps`
-timed forwards after 2 warm-ups, each `block_until_ready`. Prints tokens/s and our/torch time ratio.
+timed forwards after 2 warm-ups, each `block_until_ready`. Prints the machine (CPU kind), tokens/s,
+achieved TFLOP/s (and MFU with --peak_tflops) and our/torch time ratio.
 """
 import argparse
 import json
 import os
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `python benchmarks/X.py`
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import msp_jax
+from benchmarks.machine import describe, flops_per_token, utilisation
 from msp_jax.models import weights
 
 
@@ -31,10 +37,11 @@ def median_seconds(fn, reps, warmup=2):
 
 
 def time_ours(ids, dtype, reps):
-  model = msp_jax.load_backbone(weights.DEFAULT_BACKBONE, dtype=dtype, with_tokenizer=False).model
+  """(median seconds, the backbone's config)."""
+  backbone = msp_jax.load_backbone(weights.DEFAULT_BACKBONE, dtype=dtype, with_tokenizer=False)
   forward = jax.jit(lambda m, i: m(i))  # weights as arguments, never baked into the executable
   ids = jnp.asarray(ids)
-  return median_seconds(lambda: forward(model, ids).block_until_ready(), reps)
+  return median_seconds(lambda: forward(backbone.model, ids).block_until_ready(), reps), backbone.config
 
 
 def time_torch(ids, reps):
@@ -53,22 +60,27 @@ def main():
   parser.add_argument("--seq", type=int, default=128)
   parser.add_argument("--reps", type=int, default=7)
   parser.add_argument("--skip_torch", action="store_true", help="e.g. on an accelerator machine")
+  parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+  parser.add_argument("--peak_tflops", type=float, help="the device's peak, for MFU (H100/H200 bf16 dense: 989)")
   parser.add_argument("--json", help="also write the results here")
   args = parser.parse_args()
+  result = describe()
+  print(result, flush=True)
   ids = np.random.default_rng(0).integers(3, 49152, size=(args.batch, args.seq))
   tokens = args.batch * args.seq
-  result = {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "batch": args.batch, "seq": args.seq,
-            "jax": jax.__version__}
-  for name, dtype in (("msp_jax_fp32", jnp.float32), ("msp_jax_bf16", jnp.bfloat16)):
-    seconds = time_ours(ids, dtype, args.reps)
-    result[name] = {"median_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1)}
+  result.update(batch=args.batch, seq=args.seq)
+  for dtype in args.dtypes:
+    name = f"msp_jax_{dtype}"
+    seconds, config = time_ours(ids, {"fp32": jnp.float32, "bf16": jnp.bfloat16}[dtype], args.reps)
+    result[name] = {"median_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
+                    **utilisation(tokens * flops_per_token(config, args.seq), seconds, args.peak_tflops)}
     print(name, result[name], flush=True)
   if not args.skip_torch:
     seconds, version, threads = time_torch(ids, args.reps)
     result["torch_fp32"] = {"median_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
                             "torch": version, "threads": threads}
     print("torch_fp32", result["torch_fp32"], flush=True)
-    for name in ("msp_jax_fp32", "msp_jax_bf16"):
+    for name in (f"msp_jax_{dtype}" for dtype in args.dtypes):
       result[f"{name}_time_over_torch"] = round(result[name]["median_s"] / seconds, 3)
   print(json.dumps(result, indent=1))
   if args.json:

@@ -2,7 +2,7 @@
 (a) msp-jax `sampling.generate` (one jitted while_loop, fp32), (b) transformers `model.generate` (torch, fp32).
 
   python benchmarks/generate.py [--batch 8 64] [--new_tokens 64] [--prompt_len 16] [--reps 3]
-      [--prefix_tokens 0] [--top_k 0] [--top_p 1.0] [--skip_hf] [--json out.json]
+      [--prefix_tokens 0] [--top_k 0] [--top_p 1.0] [--skip_hf] [--dtype fp32] [--peak_tflops T] [--json out.json]
 
 Same GGUF weights and the same random-token prompts for both; settings as the anchor
 /work/shared/bench/generate_throughput.py: ancestral sampling (temperature 1, top_k 0, top_p 1 by
@@ -16,7 +16,10 @@ embeddings (ours: embedded_prefix; HF: inputs_embeds = [prefix, embed(ids)]).
 import argparse
 import json
 import os
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `python benchmarks/X.py`
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +29,7 @@ import msp_jax
 from msp_jax import sampling
 from msp_jax.models import weights
 from benchmarks.forward import median_seconds
+from benchmarks.machine import describe, flops_per_token, utilisation
 
 
 def make_inputs(batch, prompt_len, prefix_tokens, vocab, hidden, seed=0):
@@ -34,6 +38,31 @@ def make_inputs(batch, prompt_len, prefix_tokens, vocab, hidden, seed=0):
   ids = rng.integers(3, vocab, (batch, prompt_len)).astype(np.int32)
   prefix = rng.uniform(-0.05, 0.05, (batch, prefix_tokens, hidden)).astype(np.float32) if prefix_tokens else None
   return ids, prefix
+
+
+def matmul_bound(config, batch: int, dtype, reps: int) -> float:
+  """New tokens/s that the weight matmuls alone allow: one decode step's matmuls at this batch (every
+  layer's q, k, v, o, gate, up, down, then the LM head), chained, jitted, timed. Attention over the
+  cache, sampling and the cache writes are what the sampler adds on top."""
+  d, q, kv, ff = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, \
+      config.intermediate_size
+  rng = np.random.default_rng(0)
+  w = lambda *shape: jnp.asarray(rng.uniform(-0.05, 0.05, shape), dtype)
+  layers = [dict(q=w(d, q), k=w(d, kv), v=w(d, kv), o=w(q, d), gate=w(d, ff), up=w(d, ff), down=w(ff, d))
+            for _ in range(config.num_layers)]
+  head = w(d, config.vocab_size)
+
+  @jax.jit
+  def step(x, layers, head):
+    for p in layers:
+      attn = (x @ p["q"]) + jnp.tile(x @ p["k"] + x @ p["v"], q // kv)  # same FLOPs as the three projections
+      x = x + attn @ p["o"]
+      x = x + (jax.nn.silu(x @ p["gate"]) * (x @ p["up"])) @ p["down"]
+    return x @ head
+
+  x = w(batch, d)
+  seconds = median_seconds(lambda: step(x, layers, head).block_until_ready(), max(reps, 5))
+  return batch / seconds
 
 
 def time_ours(model, ids, prefix, config, reps):
@@ -109,15 +138,20 @@ def main():
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: cores)")
   parser.add_argument("--skip_hf", action="store_true", help="e.g. on an accelerator machine")
+  parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (bf16: GPU/TPU)")
+  parser.add_argument("--peak_tflops", type=float, help="the device's peak, for MFU (H100/H200 bf16 dense: 989)")
   parser.add_argument("--json", help="also write the results here")
   args = parser.parse_args()
+  machine = describe()
+  print(machine, flush=True)
 
-  backbone = msp_jax.load_backbone(weights.DEFAULT_BACKBONE, dtype=jnp.float32, with_tokenizer=False)
+  dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
+  backbone = msp_jax.load_backbone(weights.DEFAULT_BACKBONE, dtype=dtype, with_tokenizer=False)
   vocab, hidden = backbone.config.vocab_size, backbone.config.hidden_size
   config = sampling.DecodeConfig(max_new_tokens=args.new_tokens, do_sample=True, temperature=1.0, top_k=args.top_k,
                                  top_p=args.top_p, eos_ids=())
   hf = None if args.skip_hf else load_hf(args.threads)
-  result = {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "jax": jax.__version__,
+  result = {**machine, "dtype": args.dtype,
             "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "prefix_tokens": args.prefix_tokens,
             "top_k": args.top_k, "top_p": args.top_p, "temperature": 1.0, "reps": args.reps, "runs": []}
   if hf is not None:
@@ -130,6 +164,10 @@ def main():
     seconds, times, compiled = time_ours(backbone.model, ids, prefix, config, args.reps)
     run = {"batch": b, "ours_s": round(seconds, 4), "ours_tok_s": round(tokens / seconds, 1),
            "ours_times_s": [round(t, 3) for t in times], **{f"ours_{k}": v for k, v in compiled.items()}}
+    context = args.prefix_tokens + args.prompt_len + args.new_tokens / 2  # the mean context of a new token
+    run.update(utilisation(tokens * flops_per_token(backbone.config, context), seconds, args.peak_tflops))
+    run["matmul_bound_tok_s"] = round(matmul_bound(backbone.config, b, dtype, args.reps), 1)
+    run["ours_over_matmul_bound"] = round(run["ours_tok_s"] / run["matmul_bound_tok_s"], 3)
     print(run, flush=True)
     if hf is not None:
       hf_s = time_hf(hf, ids, prefix, args, args.reps)
@@ -141,11 +179,12 @@ def main():
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)
-  print("\n| what | ours tok/s | HF tok/s | ours/HF |\n|---|---|---|---|")
+  print("\n| what | ours tok/s | HF tok/s | ours/HF | matmul bound tok/s | ours/bound |\n|---|---|---|---|---|---|")
   for run in result["runs"]:
     what = f"sample b={run['batch']} T={args.prompt_len}+{args.new_tokens}" + (
         f" P={args.prefix_tokens}" if args.prefix_tokens else "")
-    print(f"| {what} | {run['ours_tok_s']} | {run.get('hf_tok_s', '-')} | {run.get('ours_over_hf', '-')} |")
+    print(f"| {what} | {run['ours_tok_s']} | {run.get('hf_tok_s', '-')} | {run.get('ours_over_hf', '-')} | "
+          f"{run['matmul_bound_tok_s']} | {run['ours_over_matmul_bound']} |")
   for r in result["runs"]:
     print(f"ours b={r['batch']}: trace+lower {r['ours_trace_lower_s']} s, XLA compile {r['ours_compile_s']} s, "
           f"first call {r['ours_first_call_s']} s, compilations {r['ours_compilations']}")

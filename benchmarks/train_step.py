@@ -1,7 +1,8 @@
 """Training-step time on SmolLM2-135M, side by side in one run:
 (a) msp-jax prompt-only step, (b) Hugging Face PEFT prompt tuning (torch, fp32), (c) msp-jax full fine-tuning.
 
-  python benchmarks/train_step.py [--prompt_tokens 20 100] [--batch 8] [--seq 128] [--reps 7] [--json out.json]
+  python benchmarks/train_step.py [--prompt_tokens 20 100] [--batch 8] [--seq 128] [--reps 7] [--dtype fp32]
+      [--skip_torch] [--peak_tflops T] [--json out.json]
 
 Same GGUF weights and random-token batch (loss on all text tokens, as PEFT with labels = inputs);
 median of `reps` timed steps after 2 warm-ups; our first call (compile) is timed separately. Our
@@ -10,7 +11,10 @@ prefix of P tokens = (P - 20)-token instruction + one pooled 20-token attribute 
 import argparse
 import json
 import os
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `python benchmarks/X.py`
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +26,7 @@ from msp_jax import prompts as soft_prompts
 from msp_jax import sharding, training
 from msp_jax.models import weights
 from benchmarks.forward import median_seconds
+from benchmarks.machine import describe, flops_per_token, utilisation
 
 
 def batch_for(ids):
@@ -84,18 +89,27 @@ def main():
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=128)
   parser.add_argument("--reps", type=int, default=7)
+  parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (bf16: GPU/TPU)")
   parser.add_argument("--skip_torch", action="store_true")
+  parser.add_argument("--peak_tflops", type=float, help="the device's peak, for MFU (H100/H200 bf16 dense: 989)")
   parser.add_argument("--json")
   args = parser.parse_args()
-  backbone = msp_jax.load_backbone(weights.DEFAULT_BACKBONE, with_tokenizer=False)
+  result = describe()
+  print(result, flush=True)
+  backbone = msp_jax.load_backbone(weights.DEFAULT_BACKBONE, with_tokenizer=False,
+                                   dtype={"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype])
   ids = np.random.default_rng(0).integers(3, backbone.config.vocab_size, (args.batch, args.seq))
-  result = {"backend": jax.default_backend(), "dtype": str(backbone.model.dtype), "batch": args.batch,
-            "seq": args.seq, "runs": []}
+  result.update(dtype=str(backbone.model.dtype), batch=args.batch, seq=args.seq, runs=[])
   for p in args.prompt_tokens:
     run = {"prompt_tokens": p}
     run["ours_prompt_only_s"], run["ours_compile_s"] = (round(x, 3) for x in time_ours(backbone, ids, p, args.reps))
     print(run, flush=True)
     run["ours_full_finetune_s"] = round(time_ours(backbone, ids, p, args.reps, full_finetune=True)[0], 3)
+    # Model FLOPs: forward 1x; backward 1x for the activation gradients (prompt-only stops there) + 1x
+    # for the weight gradients (full fine-tuning).
+    forward = args.batch * (args.seq + p) * flops_per_token(backbone.config, args.seq + p)
+    run["ours_prompt_only"] = utilisation(2 * forward, run["ours_prompt_only_s"], args.peak_tflops)
+    run["ours_full_finetune"] = utilisation(3 * forward, run["ours_full_finetune_s"], args.peak_tflops)
     print(run, flush=True)
     if not args.skip_torch:
       seconds, version, threads = time_peft(ids, p, args.reps)

@@ -154,6 +154,13 @@ def model_batch(batch: dict, mesh) -> dict:
   return sharding.global_batch(arrays, mesh)
 
 
+def padding_shares(batch: dict) -> dict:
+  """How much of a batch is padding: token positions [B, T] and attribute slots [B, S, M] (the
+  concat mixer computes a prefix token for every slot, masked or not)."""
+  return {"pad_tokens": 1 - float(batch["attention_mask"].mean()),
+          "pad_attribute_slots": 1 - float(batch["attribute_mask"].mean())}
+
+
 class RunLog:
   """metrics.jsonl (one strict JSON object per line: NaN/inf as null) and TensorBoard event files,
   from process 0 only.
@@ -366,11 +373,12 @@ def _train(c, backbone: Backbone | None, guard: interrupts.StopGuard) -> dict:
   say("compiling the train step (the first step includes it) ...")
   try:
     while step < total_steps:
-      start, tokens = time.perf_counter(), 0.0
+      start, tokens, padding = time.perf_counter(), 0.0, []
       for _ in range(c.grad_accum_steps):
         batch = next(train_it)
         trainable, opt_state, m = train_step(trainable, opt_state, frozen, model_batch(batch, mesh))
         tokens += float(batch["attention_mask"].sum()) * jax.process_count()  # real text tokens, all hosts
+        padding.append(padding_shares(batch))
       loss = float(m["loss"])
       if not math.isfinite(loss):
         last = store.latest_step()
@@ -379,10 +387,12 @@ def _train(c, backbone: Backbone | None, guard: interrupts.StopGuard) -> dict:
             f"No checkpoint had been saved yet, so {c.workdir} has nothing to resume from"))
       step += 1
       guard.graceful = True  # from now on Ctrl-C has a step to save
-      speed = tokens / (time.perf_counter() - start)
+      seconds = time.perf_counter() - start
+      speed = tokens / seconds
       if step % c.log_every == 0:
-        log.write(step, {"loss": loss, "lr": float(schedule(step)), "tokens_per_s": speed,
-                         "grad_norm": float(m["grad_norm"])})
+        log.write(step, {"loss": loss, "lr": float(schedule(step)), "tokens_per_s": speed, "step_s": seconds,
+                         "grad_norm": float(m["grad_norm"]),
+                         **{k: float(np.mean([p[k] for p in padding])) for k in padding[0]}})
       if progress is None:
         say(f"compiling the train step: first step done in {time.perf_counter() - compile_start:.1f} s")
         progress = _progress(total_steps, step - 1) or False

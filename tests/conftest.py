@@ -2,12 +2,19 @@
 checkout), prepared once per test session into a temporary TFDS data_dir."""
 import functools
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MSP_DATA_DIR", str(REPO.parent / "shared" / "data"))
+# One XLA compilation cache for the whole session, this process and every train.py / generate.py /
+# evaluate.py subprocess: the tiny models compile the same programs in many tests, and compiling, not
+# running, is most of their time on 2 cores. Set before anything imports jax; a fresh folder per session.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="msp-jax-test-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from configs import common
 from msp_jax import checkpoints as ckpt
 from msp_jax import trainer
 from msp_jax.errors import MspError
+from msp_jax.files import LOCK
 from msp_jax.models.weights import load_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +54,9 @@ def truncate_largest_array_file(workdir, step):
 
 
 def listing(folder):
+  """Every file and its size, but the lock: each run rewrites it with its own pid (its length varies)."""
   return sorted((os.path.relpath(os.path.join(d, f), folder), os.path.getsize(os.path.join(d, f)))
-                for d, _, names in os.walk(folder) for f in names)
+                for d, _, names in os.walk(folder) for f in names if f != LOCK)
 
 
 @pytest.fixture(scope="module")

@@ -41,12 +41,20 @@ def test_decoder_only_layout_decodes_to_the_exact_prompt(smollm2_tokenizer):
 
 def test_attribute_and_domain_arrays(smollm2_tokenizer):
   batch = make_batch(SEGMENTS, smollm2_tokenizer, CONFIG)
-  assert batch["attribute_ids"].shape == (2, 2, 3)
-  np.testing.assert_array_equal(batch["attribute_ids"][0], [[0, 2, 0], [1, 0, 0]])
-  np.testing.assert_array_equal(batch["attribute_mask"][0], [[True, True, False], [True, False, False]])
-  np.testing.assert_array_equal(batch["attribute_mask"][1], [[True, False, False], [False, False, False]])
+  assert batch["attribute_ids"].shape == (2, 2, 2)  # M: the largest set (2) fits 2 slots of max_mixture 3
+  np.testing.assert_array_equal(batch["attribute_ids"][0], [[0, 2], [1, 0]])
+  np.testing.assert_array_equal(batch["attribute_mask"][0], [[True, True], [True, False]])
+  np.testing.assert_array_equal(batch["attribute_mask"][1], [[True, False], [False, False]])
   np.testing.assert_array_equal(batch["domain_id"], [1, 0])
   np.testing.assert_array_equal(batch["example_mask"], [True, True])
+
+
+@pytest.mark.parametrize("sizes,m", [((0,), 1), ((1, 0), 1), ((2,), 2), ((3, 1), 4), ((5,), 8), ((9,), 10), ((10,), 10)])
+def test_the_attribute_axis_is_bucketed_to_a_power_of_two_up_to_max_mixture(smollm2_tokenizer, sizes, m):
+  segments = [Segments(f"weather/train/{i}", (tuple(range(1, n + 1)),), 0, TEXT, TARGET) for i, n in enumerate(sizes)]
+  batch = make_batch(segments, smollm2_tokenizer, BatchConfig(buckets=(64,), max_mixture=10))
+  assert batch["attribute_ids"].shape == (len(sizes), 1, m)
+  np.testing.assert_array_equal(batch["attribute_mask"].sum(-1)[:, 0], sizes)
 
 
 def test_too_many_attributes_names_the_example_unless_truncating(smollm2_tokenizer):

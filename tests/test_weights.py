@@ -1,6 +1,8 @@
 """Checkpoint loading: sharded folders, and a one-line error for each kind of bad input."""
 import json
 import os
+import subprocess
+import sys
 
 import gguf
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 import msp_jax
 from msp_jax.errors import BackboneError
+from msp_jax.models.tokenizer import load_hf_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +147,16 @@ def test_supported_gguf_quantisation_loads(tmp_path):
   backbone = msp_jax.load_backbone(path, with_tokenizer=False)
   assert backbone.config.num_layers == 1 and backbone.model.embed[...].shape == (8, 64)
   assert backbone.model(jnp.asarray([[1, 2, 3]])).shape == (1, 3, 8)
+
+
+def test_a_generic_tokenizer_folder_loads_as_autotokenizer_would_without_importing_torch(tiny_model_dir):
+  """Every train.py / generate.py on such a folder would otherwise pay torch's import (AutoTokenizer's)."""
+  ours, ref = load_hf_tokenizer(str(tiny_model_dir)), transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+  assert type(ours) is type(ref)
+  for text in ("Hello world, how are you?", "Stade de France 2003: ü é ß", "<|im_end|> 12345\n\tx"):
+    assert ours(text, add_special_tokens=False)["input_ids"] == ref(text, add_special_tokens=False)["input_ids"]
+  assert (ours.eos_token_id, ours.pad_token_id, ours.bos_token_id) == (ref.eos_token_id, ref.pad_token_id, ref.bos_token_id)
+  code = ("import sys; from msp_jax.models.tokenizer import load_hf_tokenizer; "
+          f"load_hf_tokenizer({str(tiny_model_dir)!r}); assert 'torch' not in sys.modules, 'torch imported'")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]

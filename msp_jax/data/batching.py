@@ -17,7 +17,9 @@ Encoder-decoder (T5): the prefix goes before the encoder tokens; padding is on t
 
 Both layouts add:
   attribute_ids [B, S, M] int32 and attribute_mask [B, S, M] bool: the example's attribute ids per
-    attribute set (S sets, at most M = max_mixture each), padded with id 0 and mask False
+    attribute set (S sets), padded with id 0 and mask False. M is bucketed like the lengths: the
+    smallest of 1, 2, 4, 8, ..., max_mixture that holds the batch's largest set, so a batch of one-
+    or two-attribute rows does not carry (and the concat mixer does not compute) max_mixture slots
   domain_id [B] int32;  example_mask [B] bool: False on rows that only fill up a final batch
 Lengths T and U are the smallest bucket that fits the longest row, so a run compiles a few shapes.
 """
@@ -73,6 +75,14 @@ def bucket(length: int, config: BatchConfig, uids: Sequence[str] = ()) -> int:
                   f"{config.buckets[-1]}; add a bucket or set truncate_text=True")
 
 
+def mixture_bucket(size: int, config: BatchConfig) -> int:
+  """The attribute axis M for a batch whose largest set has `size` ids: a power of two, at most max_mixture."""
+  m = 1
+  while m < size and m < config.max_mixture:
+    m *= 2
+  return min(m, config.max_mixture)
+
+
 def _fit(segment: Segments, text: list[int], tail: int, config: BatchConfig) -> list[int]:
   """Text tokens cut from the left so that text + tail fits the largest bucket, if allowed."""
   room = config.buckets[-1] - tail
@@ -126,14 +136,15 @@ def _right_padded(rows: list[list[int]], pad: int, length: int) -> tuple[np.ndar
 
 def attribute_arrays(segments: Sequence[Segments], config: BatchConfig) -> dict[str, np.ndarray]:
   """attribute_ids / attribute_mask [B, S, M]; more than M ids in a set fails unless truncating."""
-  m, s = config.max_mixture, len(segments[0].attribute_ids)
+  s = len(segments[0].attribute_ids)
+  m = mixture_bucket(max((len(ids) for seg in segments for ids in seg.attribute_ids), default=0), config)
   ids = np.zeros((len(segments), s, m), np.int32)
   mask = np.zeros((len(segments), s, m), bool)
   for b, seg in enumerate(segments):
     for j, set_ids in enumerate(seg.attribute_ids):
       if len(set_ids) > m and not config.truncate_attributes:
         raise DataError(f"example {seg.uid}: {len(set_ids)} attributes in attribute set {j} (ids {list(set_ids)}) "
-                        f"exceed max_mixture={m}; raise max_mixture or set truncate_attributes=True")
+                        f"exceed max_mixture={config.max_mixture}; raise max_mixture or set truncate_attributes=True")
       kept = set_ids[:m]
       ids[b, j, :len(kept)] = kept
       mask[b, j, :len(kept)] = True

@@ -5,11 +5,12 @@ BPE GGUF vocabulary (GPT-2, SmolLM, Llama 3, Qwen2 style) is rebuilt with `token
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from msp_jax.errors import BackboneError
 
@@ -33,7 +34,24 @@ def load_hf_tokenizer(folder: str):
   """The tokenizer saved in a Hugging Face folder, or None when the folder has none."""
   if not any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json", "spiece.model")):
     return None
+  if _tokenizer_class(folder) in _GENERIC_CLASSES:  # what AutoTokenizer would build, without importing it
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+  # Imported here, not at the top: AutoTokenizer imports torch when it is installed (seconds per
+  # process), and neither the default GGUF backbone nor a generic tokenizer.json needs it.
+  from transformers import AutoTokenizer
   return AutoTokenizer.from_pretrained(folder)
+
+
+# The names transformers saves for its generic tokenizers.json-backed class (v5 and v4 spellings).
+_GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _tokenizer_class(folder: str) -> str | None:
+  try:
+    with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
+      return json.load(f).get("tokenizer_class")
+  except (OSError, ValueError, AttributeError):
+    return None
 
 
 def load_gguf_tokenizer(path: str, fields: dict | None = None) -> PreTrainedTokenizerFast:
