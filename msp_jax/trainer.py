@@ -44,7 +44,13 @@ def validate(c, backbone: Backbone | None = None) -> None:
     fail("mixture", f"valid: {', '.join(soft_prompts.MIXTURES)}")
   if c.dataset not in msp_data.DATASETS:
     fail("dataset", f"valid: {', '.join(msp_data.DATASETS)}")
-  if c.domain not in msp_data.domains(c.dataset):
+  if c.dataset == "files":  # the user's folder: every line checked now, before anything is written
+    if not c.get("data_path"):
+      fail("data_path", "a folder with train.jsonl (or train.txt) is needed with dataset=files")
+    msp_data.user_files.read_folder(c.data_path)
+  elif c.get("data_path"):
+    fail("data_path", f"is read with --config.dataset=files only (dataset is {c.dataset!r})")
+  elif c.domain not in msp_data.domains(c.dataset):
     fail("domain", f"valid for {c.dataset}: {', '.join(msp_data.domains(c.dataset))}")
   if c.setting not in msp_data.SETTINGS:
     fail("setting", f"valid: {', '.join(msp_data.SETTINGS)}")
@@ -117,9 +123,10 @@ def build(c, backbone: Backbone | None = None) -> Run:
       backbone = load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
   if backbone.tokenizer is None:
     raise ConfigError(f"config.model={c.model!r}: the checkpoint has no tokenizer files")
-  with announce(f"preparing data {c.dataset}/{c.domain} {c.setting}"):
+  with announce(f"preparing data {c.get('data_path') or c.dataset + '/' + c.domain} {c.setting}"):
     # data_seed (the experiment grid) fixes the split while `seed` varies training and sampling
-    task = msp_data.load_task(c.dataset, c.domain, c.setting, seed=c.get("data_seed", c.seed), data_dir=c.data_dir or None)
+    task = msp_data.load_task(c.dataset, c.domain, c.setting, seed=c.get("data_seed", c.seed), data_dir=c.data_dir or None,
+                              data_path=c.get("data_path") or None)
   table, tok = embedding_table(backbone.model), backbone.tokenizer
   instruction = soft_prompts.init_instruction(c.instruction_init, c.n_tokens, table, tok,
                                               text=soft_prompts.instruction_text(c.num_shot), seed=c.seed)
