@@ -238,6 +238,13 @@ def to_example(record: dict, uid: str, domain: str) -> Example:
                  values=unique_in_order(v for _, v in typed_values), typed_values=typed_values, spans=spans)
 
 
+def fingerprint(data_path: str) -> str:
+  """A hash of the folder's data files' contents: what a cached result made from them depends on."""
+  path = Path(data_path).expanduser()
+  names = sorted(split_files(path).values()) + ([DESCRIPTIONS] if (path / DESCRIPTIONS).is_file() else [])
+  return hashlib.sha256("".join(f"{n}:{sources.file_sha256(path / n)};" for n in names).encode()).hexdigest()[:16]
+
+
 def folder_key(path: Path) -> str:
   """Where a folder's prepared copy lives: its name (readable) and a hash of its absolute path (unique)."""
   path = Path(path).resolve()
