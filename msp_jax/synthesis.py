@@ -237,8 +237,9 @@ def drop_torn_chunks(path: str, records: list[dict], num_requests: int) -> list[
   """Drops the records of chunks only partly written (killed mid-write), so that a resumed run with the
   same gen_batch_size regenerates each such chunk whole and writes what a straight run writes."""
   counts = collections.Counter(tuple(r["chunk"]) for r in records)
-  # [size, i, n]: n requests were written together (older files: [size, i], rounds of num_requests each)
-  whole = {chunk for chunk, n in counts.items() if n == (chunk[2] if len(chunk) > 2 else chunk_size(num_requests, *chunk))}
+  # chunk_requests: how many were written together (rounds differ in size); older files: rounds of num_requests
+  written = {tuple(r["chunk"]): r.get("chunk_requests") for r in records}
+  whole = {chunk for chunk, n in counts.items() if n == (written[chunk] or chunk_size(num_requests, *chunk))}
   kept = [r for r in records if tuple(r["chunk"]) in whole]
   if len(kept) != len(records):
     write_jsonl_atomic(path, [progress_header(path)] + kept)
@@ -406,7 +407,7 @@ def _synthesize(c, backbone) -> dict:
                               prefix_mask=prefix_mask)
       texts = tok.batch_decode(np.asarray(new)[:len(chunk)].tolist(), skip_special_tokens=True)
       append_progress(progress_path, [dict(candidate_record(r, cut(t), s.text, c.method, decoding),
-                                           chunk=[c.gen_batch_size, i, len(chunk)])
+                                           chunk=[c.gen_batch_size, i], chunk_requests=len(chunk))
                                       for r, t, s in zip(chunk, texts, segments)])
     offset, chunk_offset = offset + len(planned), chunk_offset + len(chunks)
     records = sorted((r for r in read_progress(progress_path) if r["request"] < offset),
