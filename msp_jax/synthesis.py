@@ -2,7 +2,9 @@
 
 1. Requests: for each seed (training) example, `num_generations` attribute sets: mostly the seed's
    own, and a configurable fraction of new combinations drawn from the attributes' observed
-   co-occurrence (so sets never seen together in the seed data appear too).
+   co-occurrence (so sets never seen together in the seed data appear too). Or the user's own
+   (`requests`: a file of attribute combinations and counts; `balance`: every attribute up to N
+   examples): see requested.py.
 2. Candidates: each request is laid out like a training prompt without target (exemplars from the
    training split), prefixed with the mixed soft prompts (MSP) or a hard-text instruction
    (in-context baseline), sampled, and cut at the first stop string.
@@ -19,6 +21,7 @@
    the target survive denoising, another round of requests is planned and sampled (its own request and
    sampling seeds) and denoising reruns on all candidates, until the target is reached or
    `max_generation_rounds` rounds were made; the summary records the rounds and whether it fell short.
+   A requests file or balance plans each later round from what is still missing (rounds differ in size).
 Progress is appended to `{output}.candidates` after every chunk, so an interrupted run resumes; the
 file's header line names what made the candidates (checkpoint step, a hash of the restored prompts,
 backbone, decoding, seeds, requests), and a run made by anything else is moved aside, not resumed.
