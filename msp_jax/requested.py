@@ -7,7 +7,8 @@ A requests file (`--config.requests=FILE`) has one JSON object a line:
 
 A set whose attributes are span types (entity data) may map each type to the values the text must
 contain; a type without values gets one seen with it in the seed set. Each line is generated `count`
-times (at least: later rounds re-request what denoising removed); a line's exemplars, domain and the
+times (default 1; at least: later rounds re-request what denoising removed, up to
+`max_generation_rounds` rounds; the summary names any line still short); a line's exemplars, domain and the
 text denoising compares with come from the seed example sharing the most attributes with it.
 
 Balance (`--config.balance=N`): requests until every attribute of the seed set has at least N
