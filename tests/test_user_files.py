@@ -2,7 +2,6 @@
 benchmarks, through TFDS; each bad file is a one-line error naming file, line and field, with nothing
 written; labels only dev/test have are a warning with counts."""
 import json
-import os
 
 import pytest
 
