@@ -20,6 +20,7 @@ def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_coll
   c.domain = "hotels"
   c.setting = "few_shot"
   c.data_dir = ""                # TFDS data_dir for prepared datasets; raw files from $MSP_DATA_DIR
+  c.data_path = ""               # dataset=files: your folder (train.jsonl [dev, test, attributes.json]); domain unused
   c.num_shot = 2                 # exemplars in each prompt
   c.max_mixture = 10             # M: most attributes per example and set
   c.buckets = (64, 128, 256)     # padded sequence lengths
@@ -76,6 +77,9 @@ def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_coll
   c.repetition_penalty = 1.0
   c.num_beams = 1                # > 1: beam search (deterministic; needs do_sample=False)
   c.output = ""                  # default: {workdir}/synthetic/{method}.jsonl
+  c.requests = ""                # a JSONL of {"attributes": {set: [names]}, "count": N}: generate those instead
+  c.balance = 0                  # > 0: generate until every trained attribute has this many examples (seeds too)
+  c.max_generation_rounds = 4    # rounds of requests a requests file or balance may take to be met
 
   # Parallelism: a (data, model) mesh; multi-host through jax.distributed when configured.
   c.model_parallel = 1

@@ -18,12 +18,20 @@ from msp_jax.models.weights import BackboneShape, read_shape
 ATTRIBUTE_SETS = {"nlupp": 2, "crossner": 1, "topv2": 2}
 
 
+def num_attribute_sets(c) -> int:
+  """The benchmark's count, or the sets a files dataset's folder uses."""
+  if c.dataset == "files":
+    from msp_jax.data import user_files
+    return len(user_files.read_folder(c.data_path).attributes)
+  return ATTRIBUTE_SETS[c.dataset]
+
+
 def check_fits(c, fail) -> None:
   """The prompt layout of config `c` against its backbone's context length, one training step against
   free memory; `fail(field, why)` raises the config error."""
   shape = read_shape(c.model)
   name = os.path.basename(shape.source.rstrip("/"))
-  prefix = prefix_length(c.mixture, c.n_tokens, c.attribute_tokens, c.max_mixture, ATTRIBUTE_SETS[c.dataset])
+  prefix = prefix_length(c.mixture, c.n_tokens, c.attribute_tokens, c.max_mixture, num_attribute_sets(c))
   length = prefix + max(c.buckets) + c.max_new_tokens
   if shape.context_length is not None and length > shape.context_length:
     room = shape.context_length - (length - c.n_tokens)

@@ -39,6 +39,7 @@ import numpy as np
 
 from msp_jax import augment, downstream, evaluation, features, files, provenance, scores, synthesis, trainer
 from msp_jax import checkpoints as ckpt
+from msp_jax.data import user_files
 from msp_jax.data.spans import bio_labels, bio_tags, example_bio_tags
 from msp_jax.errors import MspError
 from msp_jax.prompts import MIXERS
@@ -62,12 +63,18 @@ def parse_list(field: str, text: str, valid=None) -> list[str]:
 
 
 def tasks_of(c) -> list[tuple[str, str]]:
+  """(dataset, domain) of each `c.tasks` item; the item "files" is the folder `c.data_path` (domain "")."""
   out = []
   for item in parse_list("tasks", c.tasks):
+    if item == "files":
+      if not c.get("data_path"):
+        raise ExperimentError("config.tasks item 'files' needs config.data_path: your folder with train.jsonl")
+      out.append(("files", ""))
+      continue
     dataset, _, domain = item.partition("/")
     if dataset not in DOWNSTREAM_DATASETS or not domain:
       raise ExperimentError(f"config.tasks item {item!r}: expected dataset/domain with dataset in "
-                            f"{', '.join(DOWNSTREAM_DATASETS)}")
+                            f"{', '.join(DOWNSTREAM_DATASETS)}, or files (the folder config.data_path)")
     out.append((dataset, domain))
   return out
 
@@ -94,7 +101,7 @@ NEUTRAL_FIELDS = ("workdir", "output", "data_dir", "tasks", "methods", "num_seed
                   "checkpoint_every", "model_parallel", "coordinator_address", "num_processes", "process_id")
 GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fraction", "keep_fraction", "frequency_weight",
                      "min_value_coverage", "max_seeds", "gen_batch_size", "do_sample", "temperature", "top_k", "top_p",
-                     "repetition_penalty", "num_beams", "synthetic_per_example", "max_generation_rounds")
+                     "repetition_penalty", "num_beams", "synthetic_per_example", "max_generation_rounds", "requests", "balance")
 DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "max_dev", "downstream_hidden", "downstream_steps",
                      "downstream_l2", "downstream_eval_every", "downstream_thresholds", "quality_sample", "quality_draws")
 INPUT_FIELDS = ("model", "dtype", "param_dtype", "dataset", "domain", "setting", "seed")  # every artifact's inputs
@@ -109,8 +116,10 @@ def training_fields(config: dict) -> dict:
 def generation_fields(m) -> dict:
   """The fields a method config's generated file depends on (in-context: no prompt training)."""
   config = m.to_dict()
+  if config.get("dataset") == "files":  # what the folder holds, not only where it is
+    config["data"] = user_files.fingerprint(config["data_path"])
   if m.method == "in_context":
-    return {k: config[k] for k in IN_CONTEXT_FIELDS}
+    return {k: config[k] for k in (*IN_CONTEXT_FIELDS, "data_path", "data") if k in config}
   return {k: v for k, v in config.items()  # the target (synthetic_per_example) decides how many rounds are made
           if k not in NEUTRAL_FIELDS and (k not in DOWNSTREAM_FIELDS or k in GENERATION_FIELDS)}
 
@@ -119,7 +128,10 @@ def result_fields(c, dataset: str, domain: str, method: str, seed: int | None) -
   """The fields a downstream result (seed{k}.json; seed None: quality.json) depends on."""
   config = dict(c.to_dict(), dataset=dataset, domain=domain, setting="few_shot")
   data = None if method in ("seed", "eda") else generation_fields(method_config(c, dataset, domain, method, seed or 0))
-  return {"method": method, "seed": seed, "inputs": {k: config[k] for k in INPUT_FIELDS},
+  inputs = {k: config[k] for k in INPUT_FIELDS}
+  if dataset == "files":  # the folder and what is in it (added only here: the benchmarks' keys stay as they were)
+    inputs["data"] = [config["data_path"], user_files.fingerprint(config["data_path"])]
+  return {"method": method, "seed": seed, "inputs": inputs,
           "downstream": {k: config[k] for k in DOWNSTREAM_FIELDS}, "synthetic": data}
 
 
@@ -315,8 +327,39 @@ class ParseModel(LabelSetModel):
             "slot_type_macro_f1": slots["macro_f1"]}
 
 
+class AttributeSetsModel(LabelSetModel):
+  """A files dataset without entity spans: one multi-label head per attribute set, each chosen by micro F1."""
+
+  def __init__(self, task, cache: FeatureCache, c, seed: int):
+    self.attribute_sets = task.ontology.set_names
+    self.selection_metric = {s: "micro_f1" for s in self.attribute_sets}
+    super().__init__(task, cache, c, seed)
+
+  def score(self, examples) -> dict:
+    """Micro F1 over every (set, attribute) label, and micro / macro F1 per set."""
+    pred = self.predict([ex.text for ex in examples])
+    out = {"micro_f1": scores.attribute_prf([ex.keys() for ex in examples], self.predict_keys([ex.text for ex in examples]))["f1"]}
+    for s in self.attribute_sets:
+      prf = scores.multilabel_prf([set(ex.attributes[s]) for ex in examples], pred[s], self.labels[s])
+      out.update({f"{s}_micro_f1": prf["micro_f1"], f"{s}_macro_f1": prf["macro_f1"]})
+    return out
+
+
 MODELS = {"nlupp": IntentModel, "crossner": EntityModel, "topv2": ParseModel}
 MAIN_METRIC = {"nlupp": "micro_f1", "crossner": "span_f1", "topv2": "intent_set_accuracy"}
+
+
+def model_class(task):
+  """The benchmark's downstream model; for a files dataset, the BIO tagger when its seeds have entity
+  spans (set "entities"), else one multi-label head per attribute set."""
+  if task.dataset in MODELS:
+    return MODELS[task.dataset]
+  tagged = any(ex.spans for ex in task.splits["train"]) and user_files.ENTITIES in task.ontology.set_names
+  return EntityModel if tagged else AttributeSetsModel
+
+
+def main_metric(task) -> str:
+  return MAIN_METRIC.get(task.dataset) or ("span_f1" if model_class(task) is EntityModel else "micro_f1")
 
 
 def selection_grid(c) -> downstream.SelectionGrid:
@@ -332,8 +375,10 @@ def fit_judge(dataset, task, cache, c, dev) -> tuple:
   """The attribute judge of generated text: a downstream model on the real seeds, chosen on the even
   half of the dev Examples; (judge, its precision/recall/F1 on the odd half), so its own error rate
   is measured on dev examples its selection never saw."""
-  judge = MODELS[dataset](task, cache, c, c.seed).fit([example_record(ex) for ex in task.splits["train"]], dev[0::2])
+  judge = model_class(task)(task, cache, c, c.seed).fit([example_record(ex) for ex in task.splits["train"]], dev[0::2])
   held_out = dev[1::2]
+  if not held_out:  # a one-example dev split (a small files dataset): nothing left to measure the judge on
+    return judge, {"judge_dev_examples": 0, "judge_dev_precision": None, "judge_dev_recall": None, "judge_dev_f1": None}
   gold = [{k for k in ex.keys() if k[0] in judge.attribute_sets} for ex in held_out]
   prf = scores.attribute_prf(gold, judge.predict_keys([ex.text for ex in held_out]))
   return judge, {"judge_dev_examples": len(held_out), "judge_dev_precision": prf["precision"],
@@ -364,7 +409,7 @@ def quality(records, task, seed_model, backbone, sample_size: int = 30, draws: i
 
 def downstream_run(dataset, task, cache, c, seed: int, records, dev, test) -> dict:
   """One downstream run: train on records with hyper-parameters chosen on dev, then score test once."""
-  model = MODELS[dataset](task, cache, c, seed).fit(records, dev)
+  model = model_class(task)(task, cache, c, seed).fit(records, dev)
   return {"selection": model.selection, "scores": model.score(test)}
 
 
@@ -385,7 +430,9 @@ def run(c, backbone=None) -> str:
   cache, clock = FeatureCache(backbone), WallTime(c.workdir)
   synonyms = augment.embedding_synonyms(trainer.embedding_table(backbone.model), backbone.tokenizer) if "eda" in methods else None
   for dataset, domain in grid_tasks:
-    task = load_task(dataset, domain, "few_shot", seed=c.seed, data_dir=c.data_dir or None)
+    task = load_task(dataset, domain, "few_shot", seed=c.seed, data_dir=c.data_dir or None, data_path=c.get("data_path") or None)
+    if not task.splits["test"]:
+      raise ExperimentError(f"{dataset} {c.get('data_path')}: the downstream experiment scores a test split; add test.jsonl")
     seeds = [example_record(ex) for ex in task.splits["train"]]
     test = list(task.splits["test"])[:c.max_test or None]
     dev = list(task.splits["dev"])[:c.max_dev or None]
@@ -424,8 +471,8 @@ def run(c, backbone=None) -> str:
                   "seconds": round(time.time() - t0, 1)}
         write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
         provenance.write_key(os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k))
-        print(f"[{dataset}/{domain}] {method} seed {k}: {MAIN_METRIC[dataset]} "
-              f"{result['scores'][MAIN_METRIC[dataset]]:.3f} ({len(synthetic)} synthetic)", flush=True)
+        print(f"[{dataset}/{domain}] {method} seed {k}: {main_metric(task)} "
+              f"{result['scores'][main_metric(task)]:.3f} ({len(synthetic)} synthetic)", flush=True)
       if 0 not in todo and method != "seed" and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
         measured = synthetic_set(0)[1]  # seed 0's result was current, its quality not
         if measured:
@@ -498,6 +545,7 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
     lines += [f"## {dataset}/{domain}", "", "| method | synthetic | " + " | ".join(dev_column + [column_name(k) for k in metrics]) + " |",
               "| --- | --- | " + " | ".join("---" for _ in dev_column + metrics) + " |"]
     ranked, short = [], []
+    metric = MAIN_METRIC.get(dataset) or ("span_f1" if "span_f1" in first.get("scores", {}) else "micro_f1")
     for m in methods:
       runs, _ = results[dataset, domain, m]
       if runs:
@@ -506,11 +554,11 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
         synth = f"{fewest['synthetic_examples']}/{fewest['synthetic_target']}" + (" (short)" if is_short else "")
         dev = [mean_std([r.get("selection", {}).get(heads[0], {}).get("dev_score") for r in runs])] if heads else []
         lines.append(f"| {m} | {synth} | " + " | ".join(dev + [mean_std([r["scores"].get(k) for r in runs]) for k in metrics]) + " |")
-        (short if is_short else ranked).append((m, np.mean([r["scores"][MAIN_METRIC[dataset]] for r in runs])))
+        (short if is_short else ranked).append((m, np.mean([r["scores"][metric] for r in runs])))
     if ranked or short:
       rounds = c.get("max_generation_rounds", 1)
       order = " > ".join(m for m, _ in sorted(ranked, key=lambda x: -x[1]))
-      lines += ["", f"Order by mean {MAIN_METRIC[dataset]} (methods that added the full synthetic count only): {order or '-'}."]
+      lines += ["", f"Order by mean {metric} (methods that added the full synthetic count only): {order or '-'}."]
       if short:
         lines.append(f"'(short)': fewer synthetic examples survived denoising than the target after {rounds} generation "
                      f"round(s) (the fewest of its seeds shown); not ranked against the others: {', '.join(m for m, _ in short)}.")
@@ -550,7 +598,7 @@ def measure_file(c, path: str) -> dict:
     records.append(r)
   selection_grid(c)
   backbone = load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
-  task = load_task(dataset, domain, "few_shot", seed=c.seed, data_dir=c.data_dir or None)
+  task = load_task(dataset, domain, "few_shot", seed=c.seed, data_dir=c.data_dir or None, data_path=c.get("data_path") or None)
   dev = list(task.splits["dev"])[:c.max_dev or None]
   judge, judge_scores = fit_judge(dataset, task, FeatureCache(backbone), c, dev)
   return {**quality(records, task, judge, backbone, c.quality_sample, c.quality_draws), **judge_scores}

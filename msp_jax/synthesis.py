@@ -2,7 +2,9 @@
 
 1. Requests: for each seed (training) example, `num_generations` attribute sets: mostly the seed's
    own, and a configurable fraction of new combinations drawn from the attributes' observed
-   co-occurrence (so sets never seen together in the seed data appear too).
+   co-occurrence (so sets never seen together in the seed data appear too). Or the user's own
+   (`requests`: a file of attribute combinations and counts; `balance`: every attribute up to N
+   examples): see requested.py.
 2. Candidates: each request is laid out like a training prompt without target (exemplars from the
    training split), prefixed with the mixed soft prompts (MSP) or a hard-text instruction
    (in-context baseline), sampled, and cut at the first stop string.
@@ -19,6 +21,7 @@
    the target survive denoising, another round of requests is planned and sampled (its own request and
    sampling seeds) and denoising reruns on all candidates, until the target is reached or
    `max_generation_rounds` rounds were made; the summary records the rounds and whether it fell short.
+   A requests file or balance plans each later round from what is still missing (rounds differ in size).
 Progress is appended to `{output}.candidates` after every chunk, so an interrupted run resumes; the
 file's header line names what made the candidates (checkpoint step, a hash of the restored prompts,
 backbone, decoding, seeds, requests), and a run made by anything else is moved aside, not resumed.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -236,7 +240,9 @@ def drop_torn_chunks(path: str, records: list[dict], num_requests: int) -> list[
   """Drops the records of chunks only partly written (killed mid-write), so that a resumed run with the
   same gen_batch_size regenerates each such chunk whole and writes what a straight run writes."""
   counts = collections.Counter(tuple(r["chunk"]) for r in records)
-  whole = {(size, i) for (size, i), n in counts.items() if n == chunk_size(num_requests, size, i)}
+  # chunk_requests: how many were written together (rounds differ in size); older files: rounds of num_requests
+  written = {tuple(r["chunk"]): r.get("chunk_requests") for r in records}
+  whole = {chunk for chunk, n in counts.items() if n == (written[chunk] or chunk_size(num_requests, *chunk))}
   kept = [r for r in records if tuple(r["chunk"]) in whole]
   if len(kept) != len(records):
     write_jsonl_atomic(path, [progress_header(path)] + kept)
@@ -292,6 +298,13 @@ def validate(c) -> None:
     raise trainer.ConfigError(f"config.method={c.method!r}: valid: msp, in_context")
   if c.get("max_generation_rounds", 1) < 1:
     raise trainer.ConfigError(f"config.max_generation_rounds={c.max_generation_rounds}: must be >= 1")
+  if c.get("balance", 0) < 0:
+    raise trainer.ConfigError(f"config.balance={c.balance}: must be >= 0 (0: no balancing)")
+  if c.get("requests") and c.get("balance"):
+    raise trainer.ConfigError(f"config.requests={c.requests!r} and config.balance={c.balance}: choose one")
+  if c.get("requests") and not os.path.isfile(c.requests):
+    raise trainer.ConfigError(f"config.requests={c.requests!r}: no such file; expected one "
+                              '{"attributes": {set: [names]}, "count": N} a line')
   if not 0 < c.keep_fraction <= 1 or not 0 <= c.min_value_coverage <= 1:
     raise trainer.ConfigError(f"config.keep_fraction={c.keep_fraction}, config.min_value_coverage={c.min_value_coverage}: "
                               "valid: 0 < keep_fraction <= 1, 0 <= min_value_coverage <= 1")
@@ -299,7 +312,6 @@ def validate(c) -> None:
 
 def prompts_fingerprint(model) -> str:
   """A hash of the trained prompt and mixer values: it changes whenever training went on."""
-  import hashlib
   import jax
   from msp_jax import training
   _, trainable, _ = training.split(model)
@@ -316,7 +328,18 @@ def candidates_made_by(c, run, step: int | None) -> dict:
           "backbone": checkpoints.fingerprint(run.backbone.source), "dtype": c.dtype, "param_dtype": c.param_dtype,
           "task": [c.dataset, c.domain, c.setting], "seed": c.seed, "num_shot": c.num_shot,
           "max_mixture": c.max_mixture, "buckets": list(c.buckets), "num_generations": c.num_generations,
-          "combination_fraction": c.combination_fraction, "max_seeds": c.max_seeds, "decoding": decoding_settings(c)}
+          "combination_fraction": c.combination_fraction, "max_seeds": c.max_seeds, "decoding": decoding_settings(c),
+          # only when used, so the keys of runs made before these existed stay the same
+          **({"data": data_fingerprint(run.task.splits["train"])} if c.get("data_path") else {}),
+          **({"requests": hashlib.sha256(open(c.requests, "rb").read()).hexdigest()[:16], "max_generation_rounds": c.max_generation_rounds}
+             if c.get("requests") else {}),
+          **({"balance": c.balance, "max_generation_rounds": c.max_generation_rounds} if c.get("balance") else {})}
+
+
+def data_fingerprint(examples) -> str:
+  """A hash of the seed examples (a user's files change; the benchmarks' are checked by their builders)."""
+  return provenance.stable_key([[ex.uid, ex.text, {k: list(v) for k, v in ex.attributes.items()}, list(ex.spans)]
+                                for ex in examples])
 
 
 def synthesize(c, backbone=None) -> dict:
@@ -340,19 +363,19 @@ def _synthesize(c, backbone) -> dict:
   tok, ontology = run.backbone.tokenizer, run.task.ontology
   seeds = list(run.task.splits["train"])[:c.max_seeds or None]
   target = c.get("synthetic_per_example", 0) * len(seeds)  # 0: one round, whatever survives
-  max_rounds = c.get("max_generation_rounds", 1) if target else 1
-  requests = plan_requests(seeds, c.num_generations, c.combination_fraction, np.random.default_rng([c.seed, 1]))
-  per_round = -(-len(requests) // c.gen_batch_size)  # chunks per round
+  planner = make_planner(c, seeds, ontology, target)  # a bad requests file fails here, before anything is written
+  max_rounds = c.get("max_generation_rounds", 1) if target or c.get("requests") or c.get("balance") else 1
+  first = planner.plan(0, [], 0)
   output = c.output or os.path.join(c.workdir, "synthetic", f"{c.method}.jsonl")
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   progress_path = output + ".candidates"
   made_by = candidates_made_by(c, run, step)
   records = open_progress(progress_path, made_by)
-  records = drop_torn_chunks(progress_path, records, len(requests))
+  records = drop_torn_chunks(progress_path, records, len(first))
   done = {r["request"] for r in records}  # resume by request: a changed gen_batch_size regroups only what is left
   if done:
-    print(f"resuming: {len(done)} of {len(requests)} requests already generated"
-          + (" (with later rounds)" if len(done) > len(requests) else ""), flush=True)
+    print(f"resuming: {len(done)} of {len(first)} requests already generated"
+          + (" (with later rounds)" if len(done) > len(first) else ""), flush=True)
 
   layout = msp_data.PromptLayout(ontology, run.task.splits["train"], c.num_shot)
   decoding = decoding_settings(c)
@@ -362,17 +385,17 @@ def _synthesize(c, backbone) -> dict:
                                  stop_ids=sampling.stop_token_ids(tok, STOP_STRINGS[:1]))  # a newline ends a row
   model = run.model
   from tqdm import tqdm
+  offset = chunk_offset = 0  # requests and chunks of the earlier rounds
+  kept = []
   for round_ in range(max_rounds):
     # round r > 0: requests planned and sampled with their own seeds, indexed after the earlier rounds'
-    planned = requests if round_ == 0 else [
-        dataclasses.replace(r, index=r.index + round_ * len(requests))
-        for r in plan_requests(seeds, c.num_generations, c.combination_fraction, np.random.default_rng([c.seed, 1, round_]))]
+    planned = first if round_ == 0 else planner.plan(round_, kept, offset)
     chunks = [planned[i:i + c.gen_batch_size] for i in range(0, len(planned), c.gen_batch_size)]
     for j in tqdm(range(len(chunks)), desc=f"generate ({c.method}, round {round_ + 1})", unit="chunk"):
       chunk = [r for r in chunks[j] if r.index not in done]
       if not chunk:
         continue
-      i = round_ * per_round + j  # the chunk's number over all rounds
+      i = chunk_offset + j  # the chunk's number over all rounds
       rng = np.random.default_rng([c.seed, 2, i])
       segments = [layout.for_generation(r.attributes, r.seed.domain, rng, r.values, uid=str(r.index)) for r in chunk]
       if c.method == "in_context":
@@ -386,16 +409,20 @@ def _synthesize(c, backbone) -> dict:
                               rng=jax.random.fold_in(jax.random.key(c.seed), i), embedded_prefix=prefix,
                               prefix_mask=prefix_mask)
       texts = tok.batch_decode(np.asarray(new)[:len(chunk)].tolist(), skip_special_tokens=True)
-      append_progress(progress_path, [dict(candidate_record(r, cut(t), s.text, c.method, decoding), chunk=[c.gen_batch_size, i])
+      append_progress(progress_path, [dict(candidate_record(r, cut(t), s.text, c.method, decoding),
+                                           chunk=[c.gen_batch_size, i], chunk_requests=len(chunk))
                                       for r, t, s in zip(chunk, texts, segments)])
-    records = sorted((r for r in read_progress(progress_path) if r["request"] < (round_ + 1) * len(requests)),
+    offset, chunk_offset = offset + len(planned), chunk_offset + len(chunks)
+    records = sorted((r for r in read_progress(progress_path) if r["request"] < offset),
                      key=lambda r: r["request"])  # a resumed run with a lower cap ignores later rounds
     kept, removed = denoise(records, seeds, c.keep_fraction, lambda t: features.text_embeddings(run.backbone, t),
                             c.frequency_weight, c.min_value_coverage)
-    if len(kept) >= target:
+    missing = planner.shortfall(kept)
+    if not missing:
       break
     if round_ + 1 < max_rounds:
-      print(f"round {round_ + 1}: {len(kept)} of {target} kept; generating another round", flush=True)
+      print(f"round {round_ + 1}: {len(kept)} kept, short of {describe_shortfall(missing)}; generating another round",
+            flush=True)
   rounds = round_ + 1
   counts = {"before": attribute_counts(records), "after": attribute_counts(kept)}  # requested, then kept
   write_jsonl_atomic(output, [output_record(r) for r in kept])
@@ -404,8 +431,26 @@ def _synthesize(c, backbone) -> dict:
                         **({"target": target, "max_generation_rounds": max_rounds} if target else {}))
   summary = {"output": output, "method": c.method, "checkpoint_step": step, "seeds": len(seeds),
              "candidates": len(records), "kept": len(kept), "removed": removed, "target": target, "rounds": rounds,
-             "short": len(kept) < target, "attribute_counts": counts, "compilations": sampling.compilations(),
+             "short": bool(missing), "shortfall": missing, "attribute_counts": counts, "compilations": sampling.compilations(),
              "key": provenance.stable_key(output_made_by), "made_by": output_made_by}
   files.write_json_atomic(output + ".summary.json", summary)
   print(summarise(kept, removed, len(records), counts), flush=True)
+  if missing:
+    print(f"short after {rounds} round(s) (config.max_generation_rounds={max_rounds}): {describe_shortfall(missing)}",
+          flush=True)
   return summary
+
+
+def make_planner(c, seeds, ontology, target: int):
+  """The requests of each round: a requests file, balancing, or the default per-seed plan."""
+  from msp_jax import requested
+  if c.get("requests"):
+    return requested.FromFile(requested.read_requests(c.requests, ontology, seeds), seeds, c.seed, c.keep_fraction)
+  if c.get("balance"):
+    return requested.Balance(seeds, c.balance, c.seed, c.keep_fraction)
+  return requested.PerSeed(seeds, c.num_generations, c.combination_fraction, c.seed, target)
+
+
+def describe_shortfall(missing: dict) -> str:
+  shown = ", ".join(f"{k} ({v} more)" for k, v in list(missing.items())[:5])
+  return shown + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

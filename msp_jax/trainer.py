@@ -44,7 +44,13 @@ def validate(c, backbone: Backbone | None = None) -> None:
     fail("mixture", f"valid: {', '.join(soft_prompts.MIXTURES)}")
   if c.dataset not in msp_data.DATASETS:
     fail("dataset", f"valid: {', '.join(msp_data.DATASETS)}")
-  if c.domain not in msp_data.domains(c.dataset):
+  if c.dataset == "files":  # the user's folder: every line checked now, before anything is written
+    if not c.get("data_path"):
+      fail("data_path", "a folder with train.jsonl (or train.txt) is needed with dataset=files")
+    msp_data.user_files.read_folder(c.data_path)
+  elif c.get("data_path"):
+    fail("data_path", f"is read with --config.dataset=files only (dataset is {c.dataset!r})")
+  elif c.domain not in msp_data.domains(c.dataset):
     fail("domain", f"valid for {c.dataset}: {', '.join(msp_data.domains(c.dataset))}")
   if c.setting not in msp_data.SETTINGS:
     fail("setting", f"valid: {', '.join(msp_data.SETTINGS)}")
@@ -117,19 +123,25 @@ def build(c, backbone: Backbone | None = None) -> Run:
       backbone = load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
   if backbone.tokenizer is None:
     raise ConfigError(f"config.model={c.model!r}: the checkpoint has no tokenizer files")
-  with announce(f"preparing data {c.dataset}/{c.domain} {c.setting}"):
+  with announce(f"preparing data {c.get('data_path') or c.dataset + '/' + c.domain} {c.setting}"):
     # data_seed (the experiment grid) fixes the split while `seed` varies training and sampling
-    task = msp_data.load_task(c.dataset, c.domain, c.setting, seed=c.get("data_seed", c.seed), data_dir=c.data_dir or None)
-  table, tok = embedding_table(backbone.model), backbone.tokenizer
-  instruction = soft_prompts.init_instruction(c.instruction_init, c.n_tokens, table, tok,
-                                              text=soft_prompts.instruction_text(c.num_shot), seed=c.seed)
-  banks = {s.name: soft_prompts.init_bank(s.descriptions, table, tok, c.attribute_tokens) for s in task.ontology.sets}
-  prompts = soft_prompts.SoftPrompts(instruction, banks, c.mixture, rngs=nnx.Rngs(c.seed), temperature=c.mixer_temperature,
-                                     hidden=c.bottleneck_size, kernel_size=c.cnn_kernel)
-  model = training.PromptedModel(backbone.model, prompts, encoder_decoder=backbone.is_encoder_decoder)
+    task = msp_data.load_task(c.dataset, c.domain, c.setting, seed=c.get("data_seed", c.seed), data_dir=c.data_dir or None,
+                              data_path=c.get("data_path") or None)
+  model = training.PromptedModel(backbone.model, make_prompts(c, task.ontology, backbone),
+                                 encoder_decoder=backbone.is_encoder_decoder)
   batch_config = msp_data.BatchConfig(buckets=tuple(c.buckets), max_mixture=c.max_mixture,
                                       encoder_decoder=backbone.is_encoder_decoder)
   return Run(c, backbone, task, model, batch_config)
+
+
+def make_prompts(c, ontology, backbone: Backbone) -> soft_prompts.SoftPrompts:
+  """Freshly initialised prompts and mixer for config `c` and the attribute sets of `ontology`."""
+  table, tok = embedding_table(backbone.model), backbone.tokenizer
+  instruction = soft_prompts.init_instruction(c.instruction_init, c.n_tokens, table, tok,
+                                              text=soft_prompts.instruction_text(c.num_shot), seed=c.seed)
+  banks = {s.name: soft_prompts.init_bank(s.descriptions, table, tok, c.attribute_tokens) for s in ontology.sets}
+  return soft_prompts.SoftPrompts(instruction, banks, c.mixture, rngs=nnx.Rngs(c.seed), temperature=c.mixer_temperature,
+                                  hidden=c.bottleneck_size, kernel_size=c.cnn_kernel)
 
 
 def metadata(run: Run) -> dict:
@@ -284,6 +296,14 @@ def restore_prompts(run: Run, which="best") -> int:
     raise ConfigError(f"config.workdir={c.workdir!r}: no trained checkpoint there; run train.py first "
                       "or use --config.method=in_context")
   ckpt.check_metadata(c.workdir, metadata(run))
+  return restore_trainable(c, run.model, which)
+
+
+def restore_trainable(c, model, which="best") -> int:
+  """Loads step `which` of `c.workdir`'s checkpoints into `model`'s prompts and mixer; returns the step."""
+  which = str(which)
+  if which not in ("best", "latest") and not which.isdigit():
+    raise ConfigError(f"config.checkpoint={which!r}: valid: best, latest or a step number")
   store = checkpoint_store(c)
   try:
     steps = store.steps()
@@ -293,7 +313,7 @@ def restore_prompts(run: Run, which="best") -> int:
     step = store.best_step() if which == "best" else store.latest_step() if which == "latest" else int(which)
     if step not in steps:
       raise ConfigError(f"config.checkpoint={which!r}: no such step in {c.workdir}; kept steps: {steps}")
-    graphdef, trainable, _ = training.split(run.model)
+    graphdef, trainable, _ = training.split(model)
     tx, _ = make_tx(c, 1)
     where = jax.tree.leaves(trainable)[0].sharding  # generation runs where the model already is
     target = ckpt.abstract({"trainable": trainable, "opt_state": jax.eval_shape(tx.init, trainable)}, where)
@@ -304,7 +324,7 @@ def restore_prompts(run: Run, which="best") -> int:
                                  "--config.checkpoint=STEP") from None
   finally:
     store.close()
-  nnx.update(run.model, state["trainable"])
+  nnx.update(model, state["trainable"])
   return step
 
 

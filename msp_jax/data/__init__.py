@@ -12,7 +12,8 @@ from msp_jax.data.layout import ExemplarRetriever, PromptLayout, Segments, promp
 from msp_jax.data.ontology import Attribute, AttributeSet, Ontology
 from msp_jax.data.sources import DATA_DIR_ENV, DataError
 from msp_jax.data.splits import DATASETS, SETTINGS, Task, domains, load_task
+from msp_jax.data import user_files
 
 __all__ = ["Attribute", "AttributeSet", "BatchConfig", "BatchIterator", "DATASETS", "DATA_DIR_ENV", "DataError",
            "Example", "ExemplarRetriever", "Ontology", "PromptLayout", "SETTINGS", "Segments", "Task", "domains",
-           "load_task", "make_batch", "prompt_text", "task_batches"]
+           "load_task", "make_batch", "prompt_text", "task_batches", "user_files"]

@@ -1,6 +1,7 @@
 """Inspect a task: split sizes, attribute inventory, one training example in the prompt layout.
 
   python -m msp_jax.data --dataset=crossner --domain=music --setting=full [--json]
+  python -m msp_jax.data --dataset=files --data_path=examples/support_desk     # your own folder
   [--tokenizer=default|PATH.gguf|HF_FOLDER] shows the example as a batch row decoded back to text.
   --split=test --jsonl prints every example of a split instead, one JSON object a line, with its gold
   spans [{"type", "start", "end"}] in character offsets into its text.
@@ -55,7 +56,8 @@ def main(argv=None):
   tfds.disable_progress_bar()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dataset", required=True, choices=DATASETS)
-  parser.add_argument("--domain", required=True)
+  parser.add_argument("--domain", default="", help="the benchmark's domain (not used with --dataset=files)")
+  parser.add_argument("--data_path", default=None, help="--dataset=files: your folder (train.jsonl, ...)")
   parser.add_argument("--setting", default="full", choices=SETTINGS)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
@@ -67,7 +69,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   try:
     task = load_task(args.dataset, args.domain, args.setting, seed=args.seed, data_dir=args.data_dir,
-                     download=args.download)
+                     download=args.download, data_path=args.data_path)
     if args.jsonl:
       for example in task.splits[args.split]:
         print(json.dumps(example_json(example), ensure_ascii=False))

@@ -77,13 +77,17 @@ def prepared(builder_cls, domain: str, *, data_dir: str | None = None, download:
   names = [c.name for c in builder_cls.BUILDER_CONFIGS]
   if domain not in names:
     raise DataError(f"{builder_cls.name}: unknown domain {domain!r}; valid: {', '.join(names)}")
-  make = lambda: builder_cls(config=domain, data_dir=os.path.expanduser(data_dir) if data_dir else None,
-                             file_format="array_record", download=download)
+  return prepare(lambda: builder_cls(config=domain, data_dir=os.path.expanduser(data_dir) if data_dir else None,
+                                     file_format="array_record", download=download), f"{builder_cls.name}/{domain}")
+
+
+def prepare(make, label: str):
+  """`make()`'s builder, prepared, and prepared afresh when its raw files changed since."""
   builder = make()
   if builder.is_prepared():
     why = builder.stale_reason()
     if why:
-      print(f"{builder.name}/{domain}: {why}; rebuilding {builder.data_dir}", flush=True)
+      print(f"{label}: {why}; rebuilding {builder.data_dir}", flush=True)
       shutil.rmtree(builder.data_dir)
       builder = make()
   builder.download_and_prepare()

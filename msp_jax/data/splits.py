@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from msp_jax.data import crossner, nlupp, topv2
+from msp_jax.data import crossner, nlupp, topv2, user_files
 from msp_jax.data import sources
 from msp_jax.data.example import Example
 from msp_jax.data.ontology import Ontology, merge
@@ -39,8 +39,9 @@ from msp_jax.data.sources import DataError
 SETTINGS = ("few_shot", "full", "cross")
 _DATASETS = {"nlupp": nlupp, "crossner": crossner, "topv2": topv2}
 _BUILDERS = {"nlupp": nlupp.Nlupp, "crossner": crossner.Crossner, "topv2": topv2.Topv2}
-DATASETS = tuple(_DATASETS)
+DATASETS = (*_DATASETS, user_files.DATASET)
 CROSSNER_SOURCE = "conll2003"
+DEV_SHARE = 0.1  # of a files dataset's train examples held out as dev when it has no dev file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +57,9 @@ class Task:
 
 
 def domains(dataset: str) -> tuple[str, ...]:
+  """The benchmark's domains (config names); () for a files dataset, whose rows name their domains."""
+  if dataset == user_files.DATASET:
+    return ()
   if dataset not in _DATASETS:
     raise DataError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
   return _DATASETS[dataset].DOMAINS
@@ -87,12 +91,15 @@ class _Reader:
 
 
 def load_task(dataset: str, domain: str, setting: str = "few_shot", *, seed: int = 0, data_dir: str | None = None,
-              download: bool = False, min_mentions: int = 50, spis: int = 25) -> Task:
+              download: bool = False, min_mentions: int = 50, spis: int = 25, data_path: str | None = None) -> Task:
   """The train/dev/test Examples and ontology of one dataset, domain and setting.
 
   data_dir: where TFDS keeps prepared datasets (default ~/tensorflow_datasets); raw files come from
-  $MSP_DATA_DIR or the TFDS manual_dir, or from the internet with download=True.
+  $MSP_DATA_DIR or the TFDS manual_dir, or from the internet with download=True. Dataset "files" reads
+  the folder `data_path` instead (user_files.py); its domain argument is ignored (rows name theirs).
   """
+  if dataset == user_files.DATASET:
+    return _files(data_path, setting, seed, data_dir)
   if domain not in domains(dataset):
     raise DataError(f"{dataset}: unknown domain {domain!r}; valid: {', '.join(domains(dataset))}")
   if setting not in SETTINGS:
@@ -101,6 +108,37 @@ def load_task(dataset: str, domain: str, setting: str = "few_shot", *, seed: int
   build: Callable = {"nlupp": _nlupp, "crossner": _crossner, "topv2": _topv2}[dataset]
   ontology, splits, provenance = build(reader, domain, setting, seed, min_mentions=min_mentions, spis=spis)
   return Task(dataset, domain, setting, seed, ontology, {k: tuple(v) for k, v in splits.items()}, provenance)
+
+
+def _files(data_path: str | None, setting: str, seed: int, data_dir: str | None) -> Task:
+  """A data folder's splits as given; without a dev file a seeded DEV_SHARE of train (at least one
+  example, in file order) is dev. Settings few_shot and full both mean the files as they are."""
+  if not data_path:
+    raise DataError("dataset 'files' needs config.data_path: a folder with train.jsonl or train.txt")
+  if setting not in ("few_shot", "full"):
+    raise DataError(f"files: setting {setting!r} needs several domains' benchmarks; valid: few_shot, full "
+                    "(both use the files as they are)")
+  builder = user_files.prepared(data_path, data_dir)
+  folder = user_files.read_folder(data_path)
+  examples = lambda split: [user_files.to_example(r, f"{split}/{i}", "") for i, r in
+                            enumerate(sources.read_split(builder, split))]
+  splits = {split: examples(split) for split in folder.files}
+  provenance = {split: f"{folder.path / name} ({len(splits[split])} examples)" for split, name in folder.files.items()}
+  if "dev" not in splits:
+    train = splits["train"]
+    if len(train) < 2:
+      raise DataError(f"{folder.path / folder.files['train']}: 1 example; a dev share needs 2 or more, or a dev file")
+    n_dev = max(1, int(round(DEV_SHARE * len(train))))
+    held = set(np.random.default_rng(seed).permutation(len(train))[:n_dev].tolist())
+    splits["dev"] = [ex for i, ex in enumerate(train) if i in held]
+    splits["train"] = [ex for i, ex in enumerate(train) if i not in held]
+    provenance["dev"] = f"{n_dev} of {len(train)} examples of {folder.path / folder.files['train']} (seed {seed})"
+    provenance["train"] = f"the other {len(train) - n_dev}"
+  splits.setdefault("test", [])
+  provenance.setdefault("test", "none (no test file)")
+  ontology = Ontology.from_metadata(user_files.DATASET, builder.info.metadata, builder.info.metadata["domains"])
+  return Task(user_files.DATASET, folder.domains[0], setting, seed, ontology,
+              {k: tuple(v) for k, v in splits.items()}, provenance)
 
 
 def nlupp_folds(setting: str, seed: int) -> dict[str, list[int]]:
