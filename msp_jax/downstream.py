@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from msp_jax import scores
+from msp_jax.metrics import task_scores
 from msp_jax.data.example import Example
 
 
@@ -247,11 +247,11 @@ class BIOTagger(_Trainer):
     thresholds do not apply). The choice and its dev score are in `selection`."""
     if len(dev_features) != len(dev_tag_ids):
       raise ValueError(f"BIOTagger.fit_selected: {len(dev_features)} dev feature arrays but {len(dev_tag_ids)} tag lists")
-    gold = [scores.bio_to_spans([self.tags[i] for i in row]) for row in dev_tag_ids]
+    gold = [task_scores.bio_to_spans([self.tags[i] for i in row]) for row in dev_tag_ids]
 
     def dev_score(trainer):
-      pred = [scores.bio_to_spans([self.tags[i] for i in row]) for row in trainer.predict(dev_features)]
-      return scores.span_f1(gold, pred)["f1"], {}
+      pred = [task_scores.bio_to_spans([self.tags[i] for i in row]) for row in trainer.predict(dev_features)]
+      return task_scores.span_f1(gold, pred)["f1"], {}
 
     self._select(lambda trainer, on_eval: trainer.fit(features, tag_ids, on_eval, grid.eval_every), dev_score, grid,
                  "span_f1")
@@ -274,7 +274,7 @@ class BIOTagger(_Trainer):
 
 
 def _micro_f1(gold: np.ndarray, pred: np.ndarray) -> float:
-  """Micro F1 of [N, L] bool matrices, with `scores.multilabel_prf`'s conventions."""
+  """Micro F1 of [N, L] bool matrices, with `task_scores.multilabel_prf`'s conventions."""
   tp, fp, fn = int((gold & pred).sum()), int((~gold & pred).sum()), int((gold & ~pred).sum())
   return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 

@@ -37,11 +37,12 @@ import time
 
 import numpy as np
 
-from msp_jax import augment, downstream, evaluation, features, files, provenance, scores, synthesis, trainer
+from msp_jax import augment, downstream, features, files, provenance, synthesis, trainer
 from msp_jax import checkpoints as ckpt
 from msp_jax.data import user_files
 from msp_jax.data.spans import bio_labels, bio_tags, example_bio_tags
 from msp_jax.errors import MspError
+from msp_jax.metrics import task_scores, text_quality
 from msp_jax.prompts import MIXERS
 
 BASELINES = ("seed", "eda", "in_context", "prompt_tuning")
@@ -262,11 +263,11 @@ class IntentModel(LabelSetModel):
     cross-domain general-intent restriction) beside the standard micro F1 on that restriction."""
     gold = [set(ex.attributes["intents"]) for ex in examples]
     pred = self.predict([ex.text for ex in examples])["intents"]
-    prf = scores.multilabel_prf(gold, pred, self.labels["intents"])
+    prf = task_scores.multilabel_prf(gold, pred, self.labels["intents"])
     return {"micro_f1": prf["micro_f1"], "macro_f1": prf["macro_f1"], "micro_precision": prf["micro_precision"],
-            "micro_recall": prf["micro_recall"], "intent_f1_original": scores.intent_f1_original(gold, pred)["f1"],
-            "general_intent_f1": scores.general_intent_f1(gold, pred, self.general),
-            "general_intent_f1_original": scores.intent_f1_original(gold, pred, self.general)["f1"]}
+            "micro_recall": prf["micro_recall"], "intent_f1_original": task_scores.intent_f1_original(gold, pred)["f1"],
+            "general_intent_f1": task_scores.general_intent_f1(gold, pred, self.general),
+            "general_intent_f1_original": task_scores.intent_f1_original(gold, pred, self.general)["f1"]}
 
 
 class EntityModel:
@@ -295,18 +296,18 @@ class EntityModel:
     return {"entities": self.model.selection}
 
   def predict_spans(self, texts) -> list[list]:
-    return [scores.bio_to_spans([self.tags[i] for i in row]) for row in self.model.predict(self.cache.per_word(texts))]
+    return [task_scores.bio_to_spans([self.tags[i] for i in row]) for row in self.model.predict(self.cache.per_word(texts))]
 
   def predict_keys(self, texts) -> list[set]:
     return [{("entities", t) for t, _, _ in spans} for spans in self.predict_spans(texts)]
 
   def score(self, examples) -> dict:
     """Standard exact span F1, and the original code's partial-match F1 on the entity strings."""
-    gold = [scores.bio_to_spans(example_bio_tags(ex)) for ex in examples]  # raises if a gold value is not in its text
+    gold = [task_scores.bio_to_spans(example_bio_tags(ex)) for ex in examples]  # raises if a gold value is not in its text
     pred = self.predict_spans([ex.text for ex in examples])
-    exact = scores.span_f1(gold, pred)
-    partial = scores.span_partial_f1_original([scores.span_texts(ex.text, g) for ex, g in zip(examples, gold)],
-                                              [scores.span_texts(ex.text, p) for ex, p in zip(examples, pred)])
+    exact = task_scores.span_f1(gold, pred)
+    partial = task_scores.span_partial_f1_original([task_scores.span_texts(ex.text, g) for ex, g in zip(examples, gold)],
+                                                   [task_scores.span_texts(ex.text, p) for ex, p in zip(examples, pred)])
     return {"span_f1": exact["f1"], "span_precision": exact["precision"], "span_recall": exact["recall"],
             "span_partial_f1_original": partial["f1"]}
 
@@ -320,9 +321,9 @@ class ParseModel(LabelSetModel):
   def score(self, examples) -> dict:
     pred = self.predict([ex.text for ex in examples])
     gold = {s: [set(ex.attributes[s]) for ex in examples] for s in self.attribute_sets}
-    intents = scores.multilabel_prf(gold["intents"], pred["intents"], self.labels["intents"])
-    slots = scores.multilabel_prf(gold["slots"], pred["slots"], self.labels["slots"])
-    return {"intent_set_accuracy": scores.intent_set_accuracy(gold["intents"], pred["intents"]),
+    intents = task_scores.multilabel_prf(gold["intents"], pred["intents"], self.labels["intents"])
+    slots = task_scores.multilabel_prf(gold["slots"], pred["slots"], self.labels["slots"])
+    return {"intent_set_accuracy": task_scores.intent_set_accuracy(gold["intents"], pred["intents"]),
             "intent_micro_f1": intents["micro_f1"], "slot_type_micro_f1": slots["micro_f1"],
             "slot_type_macro_f1": slots["macro_f1"]}
 
@@ -380,7 +381,7 @@ def fit_judge(dataset, task, cache, c, dev) -> tuple:
   if not held_out:  # a one-example dev split (a small files dataset): nothing left to measure the judge on
     return judge, {"judge_dev_examples": 0, "judge_dev_precision": None, "judge_dev_recall": None, "judge_dev_f1": None}
   gold = [{k for k in ex.keys() if k[0] in judge.attribute_sets} for ex in held_out]
-  prf = scores.attribute_prf(gold, judge.predict_keys([ex.text for ex in held_out]))
+  prf = task_scores.attribute_prf(gold, judge.predict_keys([ex.text for ex in held_out]))
   return judge, {"judge_dev_examples": len(held_out), "judge_dev_precision": prf["precision"],
                  "judge_dev_recall": prf["recall"], "judge_dev_f1": prf["f1"]}
 
@@ -395,14 +396,14 @@ def quality(records, task, seed_model, backbone, sample_size: int = 30, draws: i
   if not texts:
     return {"examples": 0}
   requested = [{(s, n) for s in seed_model.attribute_sets for n in r["attributes"].get(s, ())} for r in records]
-  attribute = scores.attribute_prf(requested, seed_model.predict_keys(texts))
+  attribute = task_scores.attribute_prf(requested, seed_model.predict_keys(texts))
   nll, counts = features.text_nll(backbone, texts) if not backbone.is_encoder_decoder else (None, None)
-  presence, _ = evaluation.label_presence(records)
+  presence, _ = text_quality.label_presence(records)
   seeds = [ex.text for ex in task.splits["train"]]
-  return {"examples": len(texts), **evaluation.sampled_diversity(texts, sample_size, draws),
+  return {"examples": len(texts), **text_quality.sampled_diversity(texts, sample_size, draws),
           "quality_sample": sample_size, "quality_draws": draws,
-          "seed_overlap_2": evaluation.ngram_overlap(texts, seeds, 2),
-          "perplexity": evaluation.perplexity_from_nll(nll, counts) if nll is not None else None,
+          "seed_overlap_2": text_quality.ngram_overlap(texts, seeds, 2),
+          "perplexity": text_quality.perplexity_from_nll(nll, counts) if nll is not None else None,
           "label_presence": presence, "attribute_precision": attribute["precision"],
           "attribute_recall": attribute["recall"], "attribute_f1": attribute["f1"]}
 

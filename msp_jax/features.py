@@ -131,7 +131,7 @@ def _sequence_nll(model, ids, mask):
 
 def text_nll(backbone, texts: Sequence[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
   """Per text: summed NLL of its tokens after the first under a decoder-only backbone, and how many
-  tokens were scored ([N] float64, [N] int). Corpus perplexity: `evaluation.perplexity_from_nll`."""
+  tokens were scored ([N] float64, [N] int). Corpus perplexity: `text_quality.perplexity_from_nll`."""
   if backbone.is_encoder_decoder:
     raise BackboneError("text_nll needs a decoder-only language model (perplexity is scored left to right)")
   sums, counts = np.zeros(len(texts)), np.zeros(len(texts), np.int64)

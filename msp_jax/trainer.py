@@ -22,7 +22,8 @@ from flax import nnx
 
 from msp_jax import checkpoints as ckpt
 from msp_jax import data as msp_data
-from msp_jax import evaluation, files, interrupts, sampling, sharding, training
+from msp_jax import files, interrupts, sampling, sharding, training
+from msp_jax.metrics import text_quality
 from msp_jax import prompts as soft_prompts
 from msp_jax.errors import MspError
 from msp_jax.models.weights import Backbone, load_backbone
@@ -261,7 +262,7 @@ def dev_bleu(run: Run, graphdef, trainable, frozen, mesh) -> float:
                           max_new_tokens=c.max_new_tokens, eos_id=tok.eos_token_id,
                           pad_id=msp_data.batching.pad_id(tok), embedded_prefix=prefix, prefix_mask=prefix_mask)
     hyps += [text.split("\n")[0].strip() for text in tok.batch_decode(np.asarray(new).tolist(), skip_special_tokens=True)]
-  return evaluation.corpus_bleu(hyps, [[ex.text] for ex in examples])
+  return text_quality.corpus_bleu(hyps, [[ex.text] for ex in examples])
 
 
 def make_tx(c, total_steps: int):

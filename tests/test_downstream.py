@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from msp_jax import downstream, experiment, features, scores
+from msp_jax import downstream, experiment, features
+from msp_jax.metrics import task_scores, text_quality
 from msp_jax.data import spans as spans_lib
 from msp_jax.data.example import Example
 from msp_jax.models import llama, weights
@@ -174,13 +175,12 @@ def test_text_embeddings_are_mean_hidden_states(backbone):
 
 
 def test_text_nll_equals_the_numpy_reference(backbone):
-  from msp_jax import evaluation
   texts = ["book a room for two nights", "hi", "where is the spa and when does it open?"]
   sums, counts = features.text_nll(backbone, texts)
   for text, s, n in zip(texts, sums, counts):
     ids = np.asarray(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])[None]
     logits = np.asarray(backbone.model(jnp.asarray(ids)))
-    ref_s, ref_n = evaluation.token_nll(logits[:, :-1], ids[:, 1:], np.ones_like(ids[:, 1:], bool))
+    ref_s, ref_n = text_quality.token_nll(logits[:, :-1], ids[:, 1:], np.ones_like(ids[:, 1:], bool))
     assert n == ref_n[0] == ids.shape[1] - 1
     np.testing.assert_allclose(s, ref_s[0], rtol=1e-4)
 
@@ -197,20 +197,20 @@ def test_multilabel_fit_selected_keeps_the_best_dev_snapshot():
   xd, yd = multilabel_toy(80, seed=1, noise=6.0)
   grid = downstream.SelectionGrid(l2=(1e-4, 3e-1), eval_every=10, thresholds=(0.3, 0.5, 0.7))
   clf = downstream.MultiLabelClassifier(steps=30, seed=0).fit_selected(x, y, xd, yd, grid)
-  # reference: every (l2, steps) trained from scratch with plain fit, every threshold scored by scores.py
+  # reference: every (l2, steps) trained from scratch with plain fit, every threshold scored by metrics/task_scores.py
   dev = {}
   for l2 in grid.l2:
     for steps in (10, 20, 30):
       probs = downstream.MultiLabelClassifier(steps=steps, l2=l2, seed=0).fit(x, y).probabilities(xd)
       for t in grid.thresholds:
-        dev[l2, steps, t] = scores.multilabel_prf(as_sets(yd), as_sets(probs > t))["micro_f1"]
+        dev[l2, steps, t] = task_scores.multilabel_prf(as_sets(yd), as_sets(probs > t))["micro_f1"]
   assert len({round(v, 6) for v in dev.values()}) > 3  # the choice matters
   chosen = clf.selection
   assert chosen["dev_score"] == pytest.approx(max(dev.values()))
   assert dev[chosen["l2"], chosen["steps"], chosen["threshold"]] == pytest.approx(max(dev.values()))
   assert chosen["dev_metric"] == "micro_f1" and (clf.l2, clf.threshold) == (chosen["l2"], chosen["threshold"])
   # the kept model is that snapshot, not the last one trained
-  assert scores.multilabel_prf(as_sets(yd), as_sets(clf.predict(xd)))["micro_f1"] == pytest.approx(max(dev.values()))
+  assert task_scores.multilabel_prf(as_sets(yd), as_sets(clf.predict(xd)))["micro_f1"] == pytest.approx(max(dev.values()))
 
 
 def test_tagger_fit_selected_keeps_the_best_dev_snapshot():
@@ -220,15 +220,15 @@ def test_tagger_fit_selected_keeps_the_best_dev_snapshot():
   xd = [f + np.random.default_rng(6).normal(0.0, 3.0, f.shape).astype(np.float32) for f in xd]
   grid = downstream.SelectionGrid(l2=(1e-4, 1.0), eval_every=5)
   tagger = downstream.BIOTagger(tags=TAGS, steps=15, seed=0).fit_selected(x, y, xd, yd, grid)
-  spans = lambda rows: [scores.bio_to_spans([TAGS[i] for i in row]) for row in rows]
-  dev = {(l2, steps): scores.span_f1(spans(yd), spans(downstream.BIOTagger(tags=TAGS, steps=steps, l2=l2, seed=0)
+  spans = lambda rows: [task_scores.bio_to_spans([TAGS[i] for i in row]) for row in rows]
+  dev = {(l2, steps): task_scores.span_f1(spans(yd), spans(downstream.BIOTagger(tags=TAGS, steps=steps, l2=l2, seed=0)
                                                      .fit(x, y).predict(xd)))["f1"]
          for l2 in grid.l2 for steps in (5, 10, 15)}
   assert len({round(v, 6) for v in dev.values()}) > 1
   chosen = tagger.selection
   assert chosen["dev_metric"] == "span_f1" and "threshold" not in chosen
   assert chosen["dev_score"] == pytest.approx(max(dev.values())) == pytest.approx(dev[chosen["l2"], chosen["steps"]])
-  assert scores.span_f1(spans(yd), spans(tagger.predict(xd)))["f1"] == pytest.approx(max(dev.values()))
+  assert task_scores.span_f1(spans(yd), spans(tagger.predict(xd)))["f1"] == pytest.approx(max(dev.values()))
 
 
 def test_selection_grid_rejects_bad_values():

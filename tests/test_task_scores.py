@@ -3,14 +3,14 @@ and exact span F1 against seqeval."""
 import numpy as np
 import pytest
 
-from msp_jax import scores
+from msp_jax.metrics import task_scores
 
 
 def test_multilabel_prf_by_hand():
   gold = [{"a", "b"}, set(), {"c"}, set()]
   pred = [{"a"}, set(), {"c", "d"}, {"b"}]
   # a: tp; b: fn (ex 0) and fp (ex 3); c: tp; d: fp -> tp 2, fp 2, fn 1
-  got = scores.multilabel_prf(gold, pred)
+  got = task_scores.multilabel_prf(gold, pred)
   assert (got["tp"], got["fp"], got["fn"]) == (2, 2, 1)
   assert got["micro_precision"] == pytest.approx(2 / 4)
   assert got["micro_recall"] == pytest.approx(2 / 3)
@@ -18,38 +18,38 @@ def test_multilabel_prf_by_hand():
   assert got["per_label_f1"] == {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0}
   assert got["macro_f1"] == pytest.approx(0.5)
   # a label never seen on either side carries no evidence and stays out of the macro mean
-  assert scores.multilabel_prf(gold, pred, labels="abcde")["macro_f1"] == pytest.approx(0.5)
-  restricted = scores.multilabel_prf(gold, pred, labels=["a", "c"])
+  assert task_scores.multilabel_prf(gold, pred, labels="abcde")["macro_f1"] == pytest.approx(0.5)
+  restricted = task_scores.multilabel_prf(gold, pred, labels=["a", "c"])
   assert (restricted["tp"], restricted["fp"], restricted["fn"]) == (2, 0, 0)
   assert restricted["micro_f1"] == 1.0
 
 
 def test_multilabel_empty_sets():
   # examples with empty gold and prediction add nothing
-  base = scores.multilabel_prf([{"a"}, {"b"}], [{"a"}, set()])
-  padded = scores.multilabel_prf([{"a"}, {"b"}, set(), set()], [{"a"}, set(), set(), set()])
+  base = task_scores.multilabel_prf([{"a"}, {"b"}], [{"a"}, set()])
+  padded = task_scores.multilabel_prf([{"a"}, {"b"}, set(), set()], [{"a"}, set(), set(), set()])
   assert base == padded
   assert base["micro_precision"] == 1.0 and base["micro_recall"] == 0.5
   # nothing to label anywhere: perfect by convention
-  nothing = scores.multilabel_prf([set(), set()], [set(), set()])
+  nothing = task_scores.multilabel_prf([set(), set()], [set(), set()])
   assert nothing["micro_f1"] == nothing["macro_f1"] == 1.0
   # gold labels but no predictions: P = R = F1 = 0
-  missed = scores.multilabel_prf([{"a"}], [set()])
+  missed = task_scores.multilabel_prf([{"a"}], [set()])
   assert (missed["micro_precision"], missed["micro_recall"], missed["micro_f1"], missed["macro_f1"]) == (0, 0, 0, 0)
   with pytest.raises(ValueError):
-    scores.multilabel_prf([{"a"}], [])
+    task_scores.multilabel_prf([{"a"}], [])
 
 
 def test_general_intent_f1_ignores_domain_intents():
   gold = [{"affirm", "booking"}, {"deny"}]
   pred = [{"affirm"}, {"deny", "booking"}]
-  assert scores.general_intent_f1(gold, pred, ["affirm", "deny"]) == 1.0
-  assert scores.multilabel_prf(gold, pred)["micro_f1"] == pytest.approx(4 / 6)  # tp 2, fp 1, fn 1
+  assert task_scores.general_intent_f1(gold, pred, ["affirm", "deny"]) == 1.0
+  assert task_scores.multilabel_prf(gold, pred)["micro_f1"] == pytest.approx(4 / 6)  # tp 2, fp 1, fn 1
 
 
 def test_intent_set_accuracy():
-  assert scores.intent_set_accuracy([{"a"}, {"a", "b"}, set()], [{"a"}, {"a"}, set()]) == pytest.approx(2 / 3)
-  assert scores.intent_set_accuracy([["b", "a"]], [["a", "b"]]) == 1.0
+  assert task_scores.intent_set_accuracy([{"a"}, {"a", "b"}, set()], [{"a"}, {"a"}, set()]) == pytest.approx(2 / 3)
+  assert task_scores.intent_set_accuracy([["b", "a"]], [["a", "b"]]) == 1.0
 
 
 GOLD = [[("per", 0, 2), ("loc", 5, 6)], [("org", 1, 3)]]
@@ -58,11 +58,11 @@ PRED = [[("per", 0, 2), ("loc", 4, 6)], [("org", 1, 3), ("per", 5, 6)]]
 
 def test_span_f1_exact():
   # per(0,2), org(1,3) exact; loc(4,6) wrong boundary and per(5,6) spurious; gold loc(5,6) missed
-  got = scores.span_f1(GOLD, PRED)
+  got = task_scores.span_f1(GOLD, PRED)
   assert (got["tp"], got["fp"], got["fn"]) == (2, 2, 1)
   assert got["precision"] == 0.5 and got["recall"] == pytest.approx(2 / 3)
   assert got["f1"] == pytest.approx(4 / 7)
-  assert scores.span_f1([[]], [[]])["f1"] == 1.0
+  assert task_scores.span_f1([[]], [[]])["f1"] == 1.0
 
 
 def test_span_f1_equals_seqeval():
@@ -73,7 +73,7 @@ def test_span_f1_equals_seqeval():
   for trial in range(20):
     gold = [[str(t) for t in rng.choice(tags, rng.integers(1, 12))] for _ in range(30)]
     pred = [[g if rng.random() < 0.7 else str(rng.choice(tags)) for g in row] for row in gold]
-    got = scores.span_f1([scores.bio_to_spans(r) for r in gold], [scores.bio_to_spans(r) for r in pred])
+    got = task_scores.span_f1([task_scores.bio_to_spans(r) for r in gold], [task_scores.bio_to_spans(r) for r in pred])
     assert got["precision"] == pytest.approx(metrics.precision_score(gold, pred)), trial
     assert got["recall"] == pytest.approx(metrics.recall_score(gold, pred)), trial
     assert got["f1"] == pytest.approx(metrics.f1_score(gold, pred)), trial
@@ -82,9 +82,9 @@ def test_span_f1_equals_seqeval():
 def test_normalize_original():
   # lowercase; punctuation but , [ ] -> space (underscore and apostrophe too); articles out, even "a"
   # inside brackets; the first 7 tokens
-  assert scores.normalize_original("The Hotel's_WiFi-password, [a] now!") == "hotel s wifi password, [ ] now"
-  assert scores.normalize_original("one two three four five six seven eight") == "one two three four five six seven"
-  assert scores.normalize_original("none") == "<none>"
+  assert task_scores.normalize_original("The Hotel's_WiFi-password, [a] now!") == "hotel s wifi password, [ ] now"
+  assert task_scores.normalize_original("one two three four five six seven eight") == "one two three four five six seven"
+  assert task_scores.normalize_original("none") == "<none>"
 
 
 def test_span_partial_f1_original_by_hand():
@@ -98,15 +98,15 @@ def test_span_partial_f1_original_by_hand():
   # 3: "the" and "!" are normalized away on both sides -> 1 / 1.0001 -> 1.0 each
   # 4: nothing predicted: the predicted "" is one piece -> P = 0; R = 0
   precision, recall = (0.333 + 0 + 1 + 0) / 4, (0.5 + 0 + 1 + 0) / 4
-  got = scores.span_partial_f1_original(gold, pred)
+  got = task_scores.span_partial_f1_original(gold, pred)
   assert got["precision"] == pytest.approx(precision) and got["recall"] == pytest.approx(recall)
   assert got["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
 
 
 def test_span_partial_f1_original_entity_free_sentences_score_zero():
   # the right answer (nothing) for a sentence without entities still scores 0
-  assert scores.span_partial_f1_original([[]], [[]]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
-  half = scores.span_partial_f1_original([[], [("person", "Ann")]], [[], [("person", "Ann")]])
+  assert task_scores.span_partial_f1_original([[]], [[]]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+  half = task_scores.span_partial_f1_original([[], [("person", "Ann")]], [[], [("person", "Ann")]])
   assert (half["precision"], half["recall"], half["f1"]) == (0.5, 0.5, 0.5)
 
 
@@ -125,12 +125,12 @@ def test_span_partial_f1_original_entity_free_sentences_score_zero():
     ([("album", "one two three four five six")], [("album", "one two three four five six")], 1.0, 1.0),
 ])
 def test_span_partial_f1_original_matching(gold, pred, precision, recall):
-  got = scores.span_partial_f1_original([gold], [pred])
+  got = task_scores.span_partial_f1_original([gold], [pred])
   assert (got["precision"], got["recall"]) == (precision, recall)
 
 
 def test_span_texts():
-  assert scores.span_texts("Ada met Babbage in London .", [("per", 0, 1), ("per", 2, 3), ("loc", 4, 5)]) == \
+  assert task_scores.span_texts("Ada met Babbage in London .", [("per", 0, 1), ("per", 2, 3), ("loc", 4, 5)]) == \
       [("per", "Ada"), ("per", "Babbage"), ("loc", "London")]
 
 
@@ -141,15 +141,15 @@ def test_intent_f1_original_by_hand():
   # 1: P 1/1.0001 -> 1.0, R 1/2.0001 -> 0.5   2: "" vs "": P = R = 1.0 (the empty string matches itself)
   # 3: P 1/3.0001 -> 0.333, R 1.0             4: "" vs booking: P = R = 0
   precision, recall = (1 + 1 + 0.333 + 0) / 4, (0.5 + 1 + 1 + 0) / 4
-  got = scores.intent_f1_original(gold, pred)
+  got = task_scores.intent_f1_original(gold, pred)
   assert got["precision"] == pytest.approx(precision) and got["recall"] == pytest.approx(recall)
   assert got["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
   # general intents only (its cross-domain formula): 1 and 3 are perfect; 2 and 4 keep nothing on
   # either side and score 0 / 0.0001 = 0
-  general = scores.intent_f1_original(gold, pred, ["affirm", "deny"])
+  general = task_scores.intent_f1_original(gold, pred, ["affirm", "deny"])
   assert (general["precision"], general["recall"], general["f1"]) == (0.5, 0.5, 0.5)
   # the standard micro F1 on the same restriction: tp 2, nothing else
-  assert scores.general_intent_f1(gold, pred, ["affirm", "deny"]) == 1.0
+  assert task_scores.general_intent_f1(gold, pred, ["affirm", "deny"]) == 1.0
 
 
 @pytest.mark.parametrize("tags,spans", [
@@ -163,19 +163,19 @@ def test_intent_f1_original_by_hand():
     (["O", "O"], []),
 ])
 def test_bio_to_spans(tags, spans):
-  assert scores.bio_to_spans(tags) == spans
+  assert task_scores.bio_to_spans(tags) == spans
 
 
 @pytest.mark.parametrize("bad", ["X", "B-", "per", "S-per"])
 def test_bio_to_spans_rejects(bad):
   with pytest.raises(ValueError):
-    scores.bio_to_spans(["O", bad])
+    task_scores.bio_to_spans(["O", bad])
 
 
 def test_attribute_prf_reports_recall():
   # the generator expressed fewer attributes than requested: precision alone (the original's
   # "accuracy") is perfect, recall shows the loss
-  got = scores.attribute_prf([{"a", "b"}, {"c"}], [{"a"}, {"c"}])
+  got = task_scores.attribute_prf([{"a", "b"}, {"c"}], [{"a"}, {"c"}])
   assert got["precision"] == 1.0
   assert got["recall"] == pytest.approx(2 / 3)
   assert got["f1"] == pytest.approx(0.8)
