@@ -339,9 +339,9 @@ class AttributeSetsModel(LabelSetModel):
   def score(self, examples) -> dict:
     """Micro F1 over every (set, attribute) label, and micro / macro F1 per set."""
     pred = self.predict([ex.text for ex in examples])
-    out = {"micro_f1": scores.attribute_prf([ex.keys() for ex in examples], self.predict_keys([ex.text for ex in examples]))["f1"]}
+    out = {"micro_f1": task_scores.attribute_prf([ex.keys() for ex in examples], self.predict_keys([ex.text for ex in examples]))["f1"]}
     for s in self.attribute_sets:
-      prf = scores.multilabel_prf([set(ex.attributes[s]) for ex in examples], pred[s], self.labels[s])
+      prf = task_scores.multilabel_prf([set(ex.attributes[s]) for ex in examples], pred[s], self.labels[s])
       out.update({f"{s}_micro_f1": prf["micro_f1"], f"{s}_macro_f1": prf["macro_f1"]})
     return out
 
