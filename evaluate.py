@@ -5,9 +5,10 @@
       --config.tasks=nlupp/hotels                                     # metrics of one generated file
 """
 import json
+
 from absl import flags
 
-from msp_jax import cli, experiment
+from msp_jax import cli, experiment, files
 
 _CONFIG = cli.define_config("config", "configs/experiment.py", "Experiment config file.")
 _JSONL = flags.DEFINE_string("jsonl", "", "A generated JSONL to measure (data quality only) instead of the grid.")
@@ -15,7 +16,9 @@ _JSONL = flags.DEFINE_string("jsonl", "", "A generated JSONL to measure (data qu
 
 def run():
   if _JSONL.value:
-    print(json.dumps(experiment.measure_file(_CONFIG.value, _JSONL.value), indent=1))
+    # Strict JSON: a metric with nothing to measure (NaN) prints as null, which every JSON reader takes.
+    print(json.dumps(files.finite_or_none(experiment.measure_file(_CONFIG.value, _JSONL.value)), indent=1,
+                     allow_nan=False))
   else:
     experiment.run(_CONFIG.value)
 
