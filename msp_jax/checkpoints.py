@@ -188,33 +188,47 @@ class Checkpoints:
     self._metrics.pop(step, None)
 
   def _read(self, step: int, args) -> dict:
-    hook = sys.unraisablehook
-    sys.unraisablehook = _ignore  # see _drop_abandoned_reads
+    _quiet_abandoned_reads()
     try:
       return self.manager.restore(step, args=args)
     except Exception as e:  # Orbax/TensorStore raise many types for a damaged file; the step is what matters
       reason = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0][:200]
       failure = f"checkpoint step {step} in {self.directory} is unreadable ({type(e).__name__}: {reason})"
-    finally:
-      sys.unraisablehook = hook
-    _drop_abandoned_reads()
+    gc.collect()  # most echoes of the abandoned reads now, while the hook drops them
     raise CheckpointError(failure)
 
   def close(self) -> None:
     self.manager.close()
 
 
-def _ignore(report) -> None:
-  del report
+_ORBAX_READ = "_read_array_index_and_device_put"  # the coroutine that reads one array of a step
 
 
-def _drop_abandoned_reads() -> None:
-  """When one array of a step fails to read, Orbax abandons its sibling reads, and Python reports each
-  abandoned coroutine as an "Exception ignored" traceback on stderr when it is collected. The failure
-  is raised, named, by `_read`; these reports are only its echoes: collect them now, quietly."""
-  hook = sys.unraisablehook
-  sys.unraisablehook = _ignore
-  try:
-    gc.collect()
-  finally:
-    sys.unraisablehook = hook
+class _DropAbandonedReads:
+  """An unraisablehook that drops the reports of abandoned Orbax reads and passes on everything else.
+
+  When one array of a step fails to read, Orbax abandons its sibling reads, and Python reports each
+  abandoned coroutine as an "Exception ignored" traceback on stderr whenever it is collected: at once,
+  or seconds later on a loaded machine. The failure itself is raised, named, by `_read`; these reports
+  are only its echoes."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, report) -> None:
+    if _ORBAX_READ not in repr(report.object) and not _passes_through(report.exc_traceback, _ORBAX_READ):
+      self.previous(report)
+
+
+def _passes_through(tb, function: str) -> bool:
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == function:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _quiet_abandoned_reads() -> None:
+  """Installs the hook for the rest of the process: the echoes can come any time after a failed read."""
+  if not isinstance(sys.unraisablehook, _DropAbandonedReads):
+    sys.unraisablehook = _DropAbandonedReads(sys.unraisablehook)

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -227,3 +228,24 @@ def test_resume_moves_between_one_and_eight_devices(tiny_model_dir, tmp_path):
   saved_on_eight = reshard_run(8, tiny_model_dir, workdir, steps=0, step=4)
   assert reshard_run(1, tiny_model_dir, workdir, steps=0, step=4) == saved_on_eight
   assert saved_on_eight != saved_on_one
+
+
+def test_echoes_of_abandoned_orbax_reads_are_dropped_and_every_other_report_passes():
+  """A damaged step's sibling reads are reported whenever they are collected, seconds later on a loaded
+  machine: the hook that `Checkpoints` installs drops exactly those."""
+  seen = []
+  hook = ckpt._DropAbandonedReads(seen.append)
+
+  async def _read_array_index_and_device_put():  # Orbax's name for one array's read
+    raise ValueError("truncated")
+
+  abandoned = _read_array_index_and_device_put()
+  try:
+    abandoned.send(None)
+  except ValueError as e:
+    from_orbax = types.SimpleNamespace(object=None, exc_traceback=e.__traceback__)
+  hook(types.SimpleNamespace(object=abandoned, exc_traceback=None))
+  hook(from_orbax)
+  other = types.SimpleNamespace(object="<coroutine object user_code at 0x1>", exc_traceback=None)
+  hook(other)
+  assert seen == [other]
