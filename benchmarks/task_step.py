@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks.machine import describe
 from configs import common
 from msp_jax import data as msp_data
-from msp_jax import sharding, trainer, training
+from msp_jax import assembly, sharding, trainer, training
 
 
 def widened(batch: dict, m: int) -> dict:
@@ -53,7 +53,7 @@ def main():
   print(machine, flush=True)
   c = common.get_config(mixture=args.mixture)
   c.dataset, c.domain, c.batch_size = args.dataset, args.domain, args.batch
-  run = trainer.build(c)
+  run = assembly.build(c)
   mesh = sharding.make_mesh()
   graphdef, trainable, frozen = training.split(run.model)
   tx, _ = trainer.make_tx(c, 1000)

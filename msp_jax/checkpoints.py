@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from msp_jax import files
 from msp_jax.errors import MspError
 
 METADATA = "metadata.json"
@@ -43,10 +42,6 @@ def fingerprint(path: str) -> str:
       f.seek(max(size - (1 << 20), 0))
       h.update(f.read(1 << 20))
   return h.hexdigest()[:16]
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-  files.write_json_atomic(path, data, sort_keys=True)
 
 
 def read_metadata(workdir: str) -> dict | None:
@@ -152,6 +147,14 @@ class Checkpoints:
     out = self._read(step, args)
     return out["state"], out["meta"]
 
+  def restore_part(self, step: int, abstract_part: dict) -> dict:
+    """Only the top-level entries of `step`'s state that `abstract_part` names (e.g. the trainable
+    prompts without the optimizer state): generation reads what it uses and builds no optimizer."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_part)
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(item=abstract_part, restore_args=restore_args,
+                                                           partial_restore=True))
+    return self._read(step, args)["state"]
+
   def restore_meta(self, step: int) -> dict:
     return self._read(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
@@ -172,12 +175,12 @@ class Checkpoints:
       newest = newest or (step, state, meta)
     return newest
 
-  def intact_steps(self, abstract_state: Any) -> list[int]:
-    """The kept steps that read back whole (for error messages: slow on big states, fine on prompts)."""
+  def intact_steps(self, abstract_part: dict) -> list[int]:
+    """The kept steps whose entries named by `abstract_part` read back whole (for error messages)."""
     intact = []
     for step in self.steps():
       try:
-        self.restore(step, abstract_state)
+        self.restore_part(step, abstract_part)
         intact.append(step)
       except CheckpointError:
         pass

@@ -26,7 +26,7 @@ from ml_collections import ConfigDict
 from safetensors.numpy import load_file, save_file
 
 from msp_jax import checkpoints as ckpt
-from msp_jax import files, trainer, training
+from msp_jax import assembly, files, training
 from msp_jax.data.ontology import Ontology
 from msp_jax.errors import MspError
 from msp_jax.mixers import PromptParam
@@ -52,9 +52,9 @@ def restored(workdir: str, which: str = "best"):
   c = ConfigDict(dict(meta["config"], workdir=workdir))
   backbone = load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
   check_backbone(backbone, meta["backbone_fingerprint"], os.path.join(workdir, ckpt.METADATA))
-  prompts = trainer.make_prompts(c, Ontology.from_json(meta["ontology"]), backbone)
+  prompts = assembly.make_prompts(c, Ontology.from_json(meta["ontology"]), backbone)
   model = training.PromptedModel(backbone.model, prompts, encoder_decoder=backbone.is_encoder_decoder)
-  step = trainer.restore_trainable(c, model, which)
+  step = assembly.restore_trainable(c, model, which)
   return model, backbone, meta, step
 
 

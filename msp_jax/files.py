@@ -36,8 +36,9 @@ class WorkdirBusy(MspError):
 
 
 def write_text_atomic(path: str, text: str) -> None:
-  """Replaces `path` with `text` (UTF-8) in one step."""
+  """Replaces `path` with `text` (UTF-8) in one step, creating its folder if needed."""
   folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -1,5 +1,9 @@
 """What generate.py is asked for: per seed (the default), a requests file, or balancing the seed set.
 
+Per seed (`plan_requests`): `num_generations` requests per seed example, mostly the seed's own
+attributes and a `combination_fraction` of new combinations drawn from the attributes' observed
+co-occurrence, with values seen with each type.
+
 A requests file (`--config.requests=FILE`) has one JSON object a line:
 
   {"attributes": {"intents": ["cancel_order", "refund"], "urgency": ["high"]}, "count": 5}
@@ -28,7 +32,60 @@ import numpy as np
 
 from msp_jax.data.example import Example
 from msp_jax.errors import MspError
-from msp_jax.synthesis import Request, plan_requests
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  index: int
+  seed: Example
+  attributes: dict            # set name -> sorted tuple of attribute names
+  typed_values: tuple         # (type, value) pairs the text must contain (CrossNER/TOPv2)
+  values: tuple               # what the prompt shows
+  kind: str                   # "seed" | "combination"
+
+
+def cooccurrence(seeds: Sequence[Example]) -> dict:
+  """(set, name) -> set of keys seen in the same example."""
+  graph = collections.defaultdict(set)
+  for ex in seeds:
+    keys = ex.keys()
+    for k in keys:
+      graph[k] |= keys - {k}
+  return graph
+
+
+def plan_requests(seeds: Sequence[Example], num_generations: int, combination_fraction: float,
+                  rng: np.random.Generator) -> list[Request]:
+  """`num_generations` requests per seed, deterministic given rng."""
+  graph = cooccurrence(seeds)
+  values_of = collections.defaultdict(list)  # type -> values seen with it, for new combinations
+  for ex in seeds:
+    for t, v in ex.typed_values:
+      values_of[t].append(v)
+  requests = []
+  for seed in seeds:
+    for _ in range(num_generations):
+      keys = set(seed.keys())
+      kind = "seed"
+      if keys and rng.random() < combination_fraction:
+        anchor = sorted(keys)[rng.integers(len(keys))]
+        partners = sorted(graph[anchor] - keys)
+        if partners:
+          kind = "combination"
+          added = partners[rng.integers(len(partners))]
+          others = sorted(keys - {anchor})
+          if others and rng.random() < 0.5:  # swap one attribute out as well: an unseen set is likelier
+            keys.discard(others[rng.integers(len(others))])
+          keys.add(added)
+      attributes = {s: tuple(sorted(n for (ks, n) in keys if ks == s)) for s in seed.attributes}
+      types = {n for _, n in keys}
+      typed = [(t, v) for t, v in seed.typed_values if t in types]
+      for t in sorted(types - {t for t, _ in typed}):
+        if values_of.get(t):
+          typed.append((t, values_of[t][rng.integers(len(values_of[t]))]))
+      values = tuple(v for _, v in typed) if seed.typed_values else seed.values
+      requests.append(Request(len(requests), seed, attributes, tuple(typed), values, kind))
+  return requests
+
 
 LINE_FORMAT = '{"attributes": {set: [names]}, "count": N}'
 

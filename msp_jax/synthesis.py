@@ -37,68 +37,20 @@ import os
 import re
 from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from msp_jax import files, provenance
+from msp_jax import assembly, checkpoints, features, files, provenance, requested, sampling, training
+from msp_jax import data as msp_data
+from msp_jax.assembly import ConfigError
 from msp_jax.data.example import Example
 from msp_jax.data.spans import label_found_values
+from msp_jax.prompts import instruction_text
 
 STOP_STRINGS = ("\n", "...")
 PROGRESS_KEY = "progress_key"  # marks a progress file's header line
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-  index: int
-  seed: Example
-  attributes: dict            # set name -> sorted tuple of attribute names
-  typed_values: tuple         # (type, value) pairs the text must contain (CrossNER/TOPv2)
-  values: tuple               # what the prompt shows
-  kind: str                   # "seed" | "combination"
-
-
-def cooccurrence(seeds: Sequence[Example]) -> dict:
-  """(set, name) -> set of keys seen in the same example."""
-  graph = collections.defaultdict(set)
-  for ex in seeds:
-    keys = ex.keys()
-    for k in keys:
-      graph[k] |= keys - {k}
-  return graph
-
-
-def plan_requests(seeds: Sequence[Example], num_generations: int, combination_fraction: float,
-                  rng: np.random.Generator) -> list[Request]:
-  """`num_generations` requests per seed, deterministic given rng."""
-  graph = cooccurrence(seeds)
-  values_of = collections.defaultdict(list)  # type -> values seen with it, for new combinations
-  for ex in seeds:
-    for t, v in ex.typed_values:
-      values_of[t].append(v)
-  requests = []
-  for seed in seeds:
-    for _ in range(num_generations):
-      keys = set(seed.keys())
-      kind = "seed"
-      if keys and rng.random() < combination_fraction:
-        anchor = sorted(keys)[rng.integers(len(keys))]
-        partners = sorted(graph[anchor] - keys)
-        if partners:
-          kind = "combination"
-          added = partners[rng.integers(len(partners))]
-          others = sorted(keys - {anchor})
-          if others and rng.random() < 0.5:  # swap one attribute out as well: an unseen set is likelier
-            keys.discard(others[rng.integers(len(others))])
-          keys.add(added)
-      attributes = {s: tuple(sorted(n for (ks, n) in keys if ks == s)) for s in seed.attributes}
-      types = {n for _, n in keys}
-      typed = [(t, v) for t, v in seed.typed_values if t in types]
-      for t in sorted(types - {t for t, _ in typed}):
-        if values_of.get(t):
-          typed.append((t, values_of[t][rng.integers(len(values_of[t]))]))
-      values = tuple(v for _, v in typed) if seed.typed_values else seed.values
-      requests.append(Request(len(requests), seed, attributes, tuple(typed), values, kind))
-  return requests
 
 
 def cut(text: str, stop_strings: Sequence[str] = STOP_STRINGS) -> str:
@@ -169,7 +121,7 @@ def denoise(candidates: list[dict], seeds: Sequence[Example], keep_fraction: flo
   return survivors, {k: n for k, n in removed.items() if n}
 
 
-def candidate_record(request: Request, text: str, prompt_text: str, method: str, decoding: dict) -> dict:
+def candidate_record(request: requested.Request, text: str, prompt_text: str, method: str, decoding: dict) -> dict:
   """One generated candidate with everything denoising and the output file need."""
   exemplars = {normalise(line.split(") ", 1)[1]) for line in prompt_text.split("\n") if re.match(r"^\d+\) .", line)}
   return {"request": request.index, "text": text, "attributes": {k: list(v) for k, v in request.attributes.items()},
@@ -224,7 +176,7 @@ def open_progress(path: str, made_by: dict) -> list[dict]:
     why = provenance.describe_change(header and {"fields": header.get("made_by")}, made_by)
     print(f"{path}: the candidates there were {why}; generating afresh (old file: {aside})", flush=True)
   if not os.path.exists(path):
-    write_jsonl_atomic(path, [{PROGRESS_KEY: key, "made_by": made_by}])
+    files.write_jsonl_atomic(path, [{PROGRESS_KEY: key, "made_by": made_by}])
     return []
   return read_progress(path)
 
@@ -245,7 +197,7 @@ def drop_torn_chunks(path: str, records: list[dict], num_requests: int) -> list[
   whole = {chunk for chunk, n in counts.items() if n == (written[chunk] or chunk_size(num_requests, *chunk))}
   kept = [r for r in records if tuple(r["chunk"]) in whole]
   if len(kept) != len(records):
-    write_jsonl_atomic(path, [progress_header(path)] + kept)
+    files.write_jsonl_atomic(path, [progress_header(path)] + kept)
   return kept
 
 
@@ -255,10 +207,6 @@ def append_progress(path: str, records: list[dict]) -> None:
       f.write(json.dumps(r) + "\n")
     f.flush()
     os.fsync(f.fileno())
-
-
-def write_jsonl_atomic(path: str, records: list[dict]) -> None:
-  files.write_jsonl_atomic(path, records)
 
 
 def summarise(kept: list[dict], removed: dict, total: int, counts: dict, samples_per_attribute: int = 2) -> str:
@@ -286,34 +234,30 @@ def decoding_settings(c) -> dict:
 
 def in_context_text(segment_text: str, attributes: dict, ontology, num_shot: int) -> str:
   """The no-training baseline's prompt: the instruction and attribute descriptions in words."""
-  from msp_jax.prompts import instruction_text
   words = [ontology[s].attributes[ontology[s].index(n)].description for s, names in attributes.items() for n in names]
   return f"{instruction_text(num_shot)} {', '.join(words) or 'same thing'}: {segment_text.lstrip()}"
 
 
 def validate(c) -> None:
-  from msp_jax import trainer
-  trainer.validate(c)
+  assembly.validate(c)
   if c.method not in ("msp", "in_context"):
-    raise trainer.ConfigError(f"config.method={c.method!r}: valid: msp, in_context")
+    raise ConfigError(f"config.method={c.method!r}: valid: msp, in_context")
   if c.get("max_generation_rounds", 1) < 1:
-    raise trainer.ConfigError(f"config.max_generation_rounds={c.max_generation_rounds}: must be >= 1")
+    raise ConfigError(f"config.max_generation_rounds={c.max_generation_rounds}: must be >= 1")
   if c.get("balance", 0) < 0:
-    raise trainer.ConfigError(f"config.balance={c.balance}: must be >= 0 (0: no balancing)")
+    raise ConfigError(f"config.balance={c.balance}: must be >= 0 (0: no balancing)")
   if c.get("requests") and c.get("balance"):
-    raise trainer.ConfigError(f"config.requests={c.requests!r} and config.balance={c.balance}: choose one")
+    raise ConfigError(f"config.requests={c.requests!r} and config.balance={c.balance}: choose one")
   if c.get("requests") and not os.path.isfile(c.requests):
-    raise trainer.ConfigError(f"config.requests={c.requests!r}: no such file; expected one "
+    raise ConfigError(f"config.requests={c.requests!r}: no such file; expected one "
                               '{"attributes": {set: [names]}, "count": N} a line')
   if not 0 < c.keep_fraction <= 1 or not 0 <= c.min_value_coverage <= 1:
-    raise trainer.ConfigError(f"config.keep_fraction={c.keep_fraction}, config.min_value_coverage={c.min_value_coverage}: "
+    raise ConfigError(f"config.keep_fraction={c.keep_fraction}, config.min_value_coverage={c.min_value_coverage}: "
                               "valid: 0 < keep_fraction <= 1, 0 <= min_value_coverage <= 1")
 
 
 def prompts_fingerprint(model) -> str:
   """A hash of the trained prompt and mixer values: it changes whenever training went on."""
-  import jax
-  from msp_jax import training
   _, trainable, _ = training.split(model)
   h = hashlib.sha256()
   for leaf in jax.tree.leaves(trainable):
@@ -323,7 +267,6 @@ def prompts_fingerprint(model) -> str:
 
 def candidates_made_by(c, run, step: int | None) -> dict:
   """Everything the generated candidates depend on (not gen_batch_size: resumption is per request)."""
-  from msp_jax import checkpoints
   return {"method": c.method, "checkpoint_step": step, "prompts": prompts_fingerprint(run.model) if step is not None else None,
           "backbone": checkpoints.fingerprint(run.backbone.source), "dtype": c.dtype, "param_dtype": c.param_dtype,
           "task": [c.dataset, c.domain, c.setting], "seed": c.seed, "num_shot": c.num_shot,
@@ -354,12 +297,8 @@ def synthesize(c, backbone=None) -> dict:
 
 
 def _synthesize(c, backbone) -> dict:
-  import jax
-  import jax.numpy as jnp
-  from msp_jax import data as msp_data, features, sampling, trainer
-
-  run = trainer.build(c, backbone)
-  step = trainer.restore_prompts(run, c.checkpoint) if c.method == "msp" else None
+  run = assembly.build(c, backbone)
+  step = assembly.restore_prompts(run, c.checkpoint) if c.method == "msp" else None
   tok, ontology = run.backbone.tokenizer, run.task.ontology
   seeds = list(run.task.splits["train"])[:c.max_seeds or None]
   target = c.get("synthetic_per_example", 0) * len(seeds)  # 0: one round, whatever survives
@@ -384,7 +323,6 @@ def _synthesize(c, backbone) -> dict:
                                  num_beams=c.num_beams, eos_ids=(tok.eos_token_id,), pad_id=msp_data.batching.pad_id(tok),
                                  stop_ids=sampling.stop_token_ids(tok, STOP_STRINGS[:1]))  # a newline ends a row
   model = run.model
-  from tqdm import tqdm
   offset = chunk_offset = 0  # requests and chunks of the earlier rounds
   kept = []
   for round_ in range(max_rounds):
@@ -403,7 +341,7 @@ def _synthesize(c, backbone) -> dict:
                     for s, r in zip(segments, chunk)]
       padded = segments + [segments[-1]] * (c.gen_batch_size - len(segments))  # one batch shape: one compile
       batch = {k: jnp.asarray(v) for k, v in msp_data.make_batch(padded, tok, run.batch_config).items()
-               if k in trainer.MODEL_KEYS}
+               if k in training.MODEL_KEYS}
       prefix, prefix_mask = model.prefix(batch) if c.method == "msp" else (None, None)
       new = sampling.generate(model.backbone, batch["input_ids"], batch["attention_mask"], config,
                               rng=jax.random.fold_in(jax.random.key(c.seed), i), embedded_prefix=prefix,
@@ -425,7 +363,7 @@ def _synthesize(c, backbone) -> dict:
             flush=True)
   rounds = round_ + 1
   counts = {"before": attribute_counts(records), "after": attribute_counts(kept)}  # requested, then kept
-  write_jsonl_atomic(output, [output_record(r) for r in kept])
+  files.write_jsonl_atomic(output, [output_record(r) for r in kept])
   output_made_by = dict(made_by, keep_fraction=c.keep_fraction, frequency_weight=c.frequency_weight,
                         min_value_coverage=c.min_value_coverage,
                         **({"target": target, "max_generation_rounds": max_rounds} if target else {}))
@@ -443,7 +381,6 @@ def _synthesize(c, backbone) -> dict:
 
 def make_planner(c, seeds, ontology, target: int):
   """The requests of each round: a requests file, balancing, or the default per-seed plan."""
-  from msp_jax import requested
   if c.get("requests"):
     return requested.FromFile(requested.read_requests(c.requests, ontology, seeds), seeds, c.seed, c.keep_fraction)
   if c.get("balance"):

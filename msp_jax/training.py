@@ -27,6 +27,9 @@ from msp_jax import sharding
 from msp_jax.mixers import PromptParam
 from msp_jax.prompts import SoftPrompts, pooled_text
 
+MODEL_KEYS = ("input_ids", "attention_mask", "loss_mask", "attribute_ids", "attribute_mask",
+              "decoder_input_ids", "decoder_attention_mask", "labels")  # the batch arrays the model reads
+
 
 class PromptedModel(nnx.Module):
   """A frozen backbone with trainable soft prompts in front of it."""

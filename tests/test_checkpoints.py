@@ -189,17 +189,17 @@ RESHARD_SCRIPT = r"""
 import sys, json, warnings, numpy as np, jax
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 warnings.filterwarnings("error", message=".*Sharding info not provided.*")  # Orbax's guess from the saved topology
-from msp_jax import checkpoints as ckpt, sharding, trainer, training
+from msp_jax import assembly, checkpoints as ckpt, sharding, trainer, training
 from test_checkpoints import tiny_config
 c = tiny_config({model!r}, {workdir!r}, batch_size=8, max_steps={steps})
 if {steps}:
   trainer.train(c)
-run = trainer.build(c)
+run = assembly.build(c)
 _, trainable, _ = training.split(run.model)
 tx, _ = trainer.make_tx(c, 1)
 mesh = sharding.make_mesh()
 rep = sharding.replicated(mesh)
-store = trainer.checkpoint_store(c)
+store = assembly.checkpoint_store(c)
 target = ckpt.abstract(dict(trainable=trainable, opt_state=jax.eval_shape(tx.init, trainable)), rep)
 state, _ = store.restore({step}, target)
 assert all(x.sharding == rep for x in jax.tree.leaves(state)), [x.sharding for x in jax.tree.leaves(state)]

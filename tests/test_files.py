@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from msp_jax import checkpoints, experiment, files, synthesis, trainer
+from msp_jax import files, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,9 +22,8 @@ def strict_loads(line):
 
 
 @pytest.mark.parametrize("write,read", [
-    (checkpoints.write_json_atomic, lambda text: json.loads(text)),
-    (experiment.write_json_atomic, lambda text: json.loads(text)),
-    (lambda path, value: synthesis.write_jsonl_atomic(path, [value, value]),
+    (files.write_json_atomic, lambda text: json.loads(text)),
+    (lambda path, value: files.write_jsonl_atomic(path, [value, value]),
      lambda text: [json.loads(l) for l in text.splitlines()][0]),
 ])
 def test_concurrent_atomic_writes_never_tear_or_crash(write, read, tmp_path):
@@ -55,9 +54,9 @@ def test_concurrent_atomic_writes_never_tear_or_crash(write, read, tmp_path):
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
   path = str(tmp_path / "metadata.json")
-  checkpoints.write_json_atomic(path, {"step": 1})
+  files.write_json_atomic(path, {"step": 1})
   with pytest.raises(TypeError):
-    checkpoints.write_json_atomic(path, {"step": 2, "bad": object()})
+    files.write_json_atomic(path, {"step": 2, "bad": object()})
   assert os.listdir(tmp_path) == ["metadata.json"]
   with pytest.raises(UnicodeEncodeError):
     files.write_text_atomic(path, "half \ud800 written")

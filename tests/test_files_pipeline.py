@@ -14,7 +14,7 @@ import pytest
 
 from configs import attention
 from configs import experiment as experiment_config
-from msp_jax import checkpoints, data as msp_data, experiment, export, requested, synthesis, trainer
+from msp_jax import assembly, checkpoints, data as msp_data, experiment, export, requested, synthesis, trainer, training
 from msp_jax.models.weights import load_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,16 +133,16 @@ def test_exported_prompts_give_the_checkpoints_prefixes(readme, tiny_model_dir, 
   workdir, _ = readme
   out = str(tmp_path / "exported")
   export.main(["--workdir", workdir, "--out", out])
-  run = trainer.build(config(tiny_model_dir, tfds_dir, workdir))
-  trainer.restore_prompts(run, "best")
+  run = assembly.build(config(tiny_model_dir, tfds_dir, workdir))
+  assembly.restore_prompts(run, "best")
   loaded = export.load(out, load_backbone(tiny_model_dir))
   layout = msp_data.PromptLayout(run.task.ontology, run.task.splits["train"], 2)
   segments = [layout.segments(ex, np.random.default_rng(i)) for i, ex in enumerate(run.task.splits["dev"])]
   batch = {k: jnp.asarray(v) for k, v in msp_data.make_batch(segments, run.backbone.tokenizer, run.batch_config).items()
-           if k in trainer.MODEL_KEYS}
+           if k in training.MODEL_KEYS}
   (want, want_mask), (got, got_mask) = run.model.prefix(batch), loaded.prefix(batch)
   assert np.array_equal(np.asarray(want), np.asarray(got)) and np.array_equal(np.asarray(want_mask), np.asarray(got_mask))
-  fresh = trainer.make_prompts(run.config, run.task.ontology, run.backbone)  # training moved the prompts
+  fresh = assembly.make_prompts(run.config, run.task.ontology, run.backbone)  # training moved the prompts
   assert not np.array_equal(np.asarray(fresh.instruction.get_value()), np.asarray(loaded.prompts.instruction.get_value()))
   info = json.load(open(os.path.join(out, "prompts.json")))
   assert info["attributes"] == checkpoints.read_metadata(workdir)["attributes"] and info["mixture"] == "attention"

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from msp_jax import synthesis
+from msp_jax import requested, synthesis
 from msp_jax.data.example import Example
 from msp_jax.data.spans import label_found_values
 
@@ -19,9 +19,9 @@ SEEDS = [
 
 
 def test_requests_keep_seed_sets_and_add_observed_combinations():
-  requests = synthesis.plan_requests(SEEDS, 20, 0.5, np.random.default_rng(0))
+  requests = requested.plan_requests(SEEDS, 20, 0.5, np.random.default_rng(0))
   assert len(requests) == 60 and [r.index for r in requests] == list(range(60))
-  graph = synthesis.cooccurrence(SEEDS)
+  graph = requested.cooccurrence(SEEDS)
   seen_sets = {frozenset(s.keys()) for s in SEEDS}
   new_sets = set()
   for r in requests:
@@ -34,7 +34,7 @@ def test_requests_keep_seed_sets_and_add_observed_combinations():
         new_sets.add(keys)
     assert {t for t, _ in r.typed_values} == set(r.attributes["entities"])  # a value for every type
   assert new_sets  # e.g. {band, award, song}: never seen together in the seeds
-  again = synthesis.plan_requests(SEEDS, 20, 0.5, np.random.default_rng(0))
+  again = requested.plan_requests(SEEDS, 20, 0.5, np.random.default_rng(0))
   assert [r.attributes for r in again] == [r.attributes for r in requests]
 
 
@@ -45,7 +45,7 @@ def test_cut_at_stop_strings():
 
 
 def record(request_index, text, seed=SEEDS[0], prompt="music:\n1) Freddie sang at Wembley\n2) ", typed=None):
-  request = synthesis.Request(request_index, seed, dict(seed.attributes),
+  request = requested.Request(request_index, seed, dict(seed.attributes),
                               seed.typed_values if typed is None else typed, seed.values, "seed")
   return synthesis.candidate_record(request, text, prompt, "msp", {"do_sample": True})
 

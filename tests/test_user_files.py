@@ -6,7 +6,7 @@ import json
 import pytest
 
 from configs import common
-from msp_jax import trainer
+from msp_jax import assembly, trainer
 from msp_jax.data import load_task, user_files
 from msp_jax.data.sources import DataError
 from msp_jax.data.spans import bio_tags
@@ -110,8 +110,8 @@ def test_a_bad_file_is_one_line_and_nothing_is_written(case, folder, tmp_path):
 def test_data_path_needs_the_files_dataset(tmp_path):
   c = common.get_config("smoke")
   c.update(data_path=str(tmp_path))
-  with pytest.raises(trainer.ConfigError, match="config.data_path=.*is read with --config.dataset=files only"):
-    trainer.validate(c)
+  with pytest.raises(assembly.ConfigError, match="config.data_path=.*is read with --config.dataset=files only"):
+    assembly.validate(c)
   c.update(dataset="files", data_path=str(tmp_path / "nowhere"))
   with pytest.raises(DataError, match="no such folder; expected a folder with train.jsonl"):
-    trainer.validate(c)
+    assembly.validate(c)
