@@ -225,24 +225,31 @@ class BIOTagger(_Trainer):
       raise ValueError(f"BIOTagger: tags {bad} are not 'O', 'B-<type>' or 'I-<type>'")
 
   def fit(self, features: Sequence[np.ndarray], tag_ids: Sequence[Sequence[int]], on_eval: Callable | None = None,
-          eval_every: int = 0) -> "BIOTagger":
+          eval_every: int = 0, word_mask: Sequence[Sequence[bool]] | None = None) -> "BIOTagger":
     """features: per sentence [n_i, D]; tag_ids: per sentence n_i ids into `tags`. `on_eval(step)` is
-    called every `eval_every` steps (for `fit_selected`)."""
+    called every `eval_every` steps (for `fit_selected`). `word_mask` (per sentence n_i bools): words
+    marked False are out of the loss (words are classified independently, so that is dropping them)."""
     if len(features) != len(tag_ids):
       raise ValueError(f"BIOTagger.fit: {len(features)} feature arrays but {len(tag_ids)} tag lists")
     for i, (f, t) in enumerate(zip(features, tag_ids)):
-      if len(f) != len(t):
-        raise ValueError(f"BIOTagger.fit: sentence {i} has {len(f)} word features but {len(t)} tags")
+      if len(f) != len(t) or (word_mask is not None and len(word_mask[i]) != len(t)):
+        raise ValueError(f"BIOTagger.fit: sentence {i} has {len(f)} word features, {len(t)} tags"
+                         + (f" and {len(word_mask[i])} mask entries" if word_mask is not None else ""))
     y = np.concatenate([np.asarray(t, np.int32).reshape(-1) for t in tag_ids])
     if len(y) == 0 or y.min() < 0 or y.max() >= len(self.tags):
       raise ValueError(f"BIOTagger.fit: tag ids must be in [0, {len(self.tags)}) and there must be words")
     x = np.concatenate([np.asarray(f, np.float32) for f in features if len(f)])
+    if word_mask is not None:
+      keep = np.concatenate([np.asarray(m, bool).reshape(-1) for m in word_mask])
+      if not keep.any():
+        raise ValueError("BIOTagger.fit: word_mask leaves no word to train on")
+      x, y = x[keep], y[keep]
     self._fit(x, y, len(self.tags), _cross_entropy, on_eval, eval_every)
     return self
 
   def fit_selected(self, features: Sequence[np.ndarray], tag_ids: Sequence[Sequence[int]],
                    dev_features: Sequence[np.ndarray], dev_tag_ids: Sequence[Sequence[int]],
-                   grid: SelectionGrid = SelectionGrid()) -> "BIOTagger":
+                   grid: SelectionGrid = SelectionGrid(), word_mask: Sequence[Sequence[bool]] | None = None) -> "BIOTagger":
     """`fit` with L2 and steps chosen by exact span F1 on the dev sentences over `grid` (its
     thresholds do not apply). The choice and its dev score are in `selection`."""
     if len(dev_features) != len(dev_tag_ids):
@@ -253,8 +260,8 @@ class BIOTagger(_Trainer):
       pred = [task_scores.bio_to_spans([self.tags[i] for i in row]) for row in trainer.predict(dev_features)]
       return task_scores.span_f1(gold, pred)["f1"], {}
 
-    self._select(lambda trainer, on_eval: trainer.fit(features, tag_ids, on_eval, grid.eval_every), dev_score, grid,
-                 "span_f1")
+    self._select(lambda trainer, on_eval: trainer.fit(features, tag_ids, on_eval, grid.eval_every, word_mask), dev_score,
+                 grid, "span_f1")
     return self
 
   def predict(self, features: Sequence[np.ndarray]) -> list[list[int]]:

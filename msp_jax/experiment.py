@@ -37,12 +37,13 @@ import time
 
 import numpy as np
 
-from msp_jax import augment, downstream, features, files, provenance, synthesis, trainer
+from msp_jax import assembly, augment, downstream, features, files, provenance, synthesis, trainer
 from msp_jax import checkpoints as ckpt
-from msp_jax.data import user_files
+from msp_jax.data import load_task, user_files
 from msp_jax.data.spans import bio_labels, bio_tags, example_bio_tags
 from msp_jax.errors import MspError
 from msp_jax.metrics import task_scores, text_quality
+from msp_jax.models.weights import load_backbone
 from msp_jax.prompts import MIXERS
 
 BASELINES = ("seed", "eda", "in_context", "prompt_tuning")
@@ -104,19 +105,31 @@ GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fra
                      "min_value_coverage", "max_seeds", "gen_batch_size", "do_sample", "temperature", "top_k", "top_p",
                      "repetition_penalty", "num_beams", "synthetic_per_example", "max_generation_rounds", "requests", "balance")
 DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "max_dev", "downstream_hidden", "downstream_steps",
-                     "downstream_l2", "downstream_eval_every", "downstream_thresholds", "quality_sample", "quality_draws")
+                     "downstream_l2", "downstream_eval_every", "downstream_thresholds", "quality_sample", "quality_draws",
+                     "mask_synthetic_o")
 INPUT_FIELDS = ("model", "dtype", "param_dtype", "dataset", "domain", "setting", "seed")  # every artifact's inputs
 IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buckets", "max_new_tokens", *GENERATION_FIELDS)
 
 
+# Fields added after results were cached, each with the value that reproduces what was made before it
+# existed: at that value a field is left out of every key, so adding an option never invalidates the
+# results of a grid that does not use it (a grid runs for many hours, across invocations).
+ADDED_FIELDS = {"mask_synthetic_o": False}
+
+
+def keyed(config: dict) -> dict:
+  """`config` without the added fields that are at their old behaviour's value."""
+  return {k: v for k, v in config.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
+
+
 def training_fields(config: dict) -> dict:
   """The fields trained prompts depend on, from a config dict (a method config's or a workdir's metadata)."""
-  return {k: v for k, v in config.items() if k not in (*NEUTRAL_FIELDS, *GENERATION_FIELDS, *DOWNSTREAM_FIELDS)}
+  return keyed({k: v for k, v in config.items() if k not in (*NEUTRAL_FIELDS, *GENERATION_FIELDS, *DOWNSTREAM_FIELDS)})
 
 
 def generation_fields(m) -> dict:
   """The fields a method config's generated file depends on (in-context: no prompt training)."""
-  config = m.to_dict()
+  config = keyed(m.to_dict())
   if config.get("dataset") == "files":  # what the folder holds, not only where it is
     config["data"] = user_files.fingerprint(config["data_path"])
   if m.method == "in_context":
@@ -127,13 +140,13 @@ def generation_fields(m) -> dict:
 
 def result_fields(c, dataset: str, domain: str, method: str, seed: int | None) -> dict:
   """The fields a downstream result (seed{k}.json; seed None: quality.json) depends on."""
-  config = dict(c.to_dict(), dataset=dataset, domain=domain, setting="few_shot")
+  config = keyed(dict(c.to_dict(), dataset=dataset, domain=domain, setting="few_shot"))
   data = None if method in ("seed", "eda") else generation_fields(method_config(c, dataset, domain, method, seed or 0))
   inputs = {k: config[k] for k in INPUT_FIELDS}
   if dataset == "files":  # the folder and what is in it (added only here: the benchmarks' keys stay as they were)
     inputs["data"] = [config["data_path"], user_files.fingerprint(config["data_path"])]
   return {"method": method, "seed": seed, "inputs": inputs,
-          "downstream": {k: config[k] for k in DOWNSTREAM_FIELDS}, "synthetic": data}
+          "downstream": {k: config[k] for k in DOWNSTREAM_FIELDS if k in config}, "synthetic": data}
 
 
 def set_aside_stale_prompts(m, label: str) -> None:
@@ -146,11 +159,6 @@ def set_aside_stale_prompts(m, label: str) -> None:
     aside = provenance.set_aside(m.workdir, provenance.stable_key(old))
     why = provenance.describe_change({"fields": old}, new)
     print(f"{label} prompts: {m.workdir} was {why}; retraining (old run: {aside})", flush=True)
-
-
-def write_json_atomic(path: str, value) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  files.write_json_atomic(path, value)
 
 
 # --- synthetic data -------------------------------------------------------------------------------
@@ -280,15 +288,20 @@ class EntityModel:
     self.cache, self.c, self.seed = cache, c, seed
 
   def fit(self, records, dev):
-    """Train on records; L2 and steps chosen by span F1 on the dev Examples."""
+    """Train on records; L2 and steps chosen by span F1 on the dev Examples. With `mask_synthetic_o`, the
+    "O" words of synthetic records are out of the loss: a generated sentence that leaves out a requested
+    value or names an unrequested entity would otherwise teach "O" for an entity."""
     texts = [r["text"] for r in records]
     index = {t: i for i, t in enumerate(self.tags)}
     tags = [[index[t] for t in bio_tags(r["text"], r["spans"] or [])] for r in records]
     dev_tags = [[index[t] for t in example_bio_tags(ex)] for ex in dev]
+    mask = None
+    if self.c.get("mask_synthetic_o") and any(r.get("synthetic") for r in records):
+      mask = [[not (r.get("synthetic") and t == index["O"]) for t in row] for r, row in zip(records, tags)]
     self.model = downstream.BIOTagger(tags=self.tags, hidden=self.c.downstream_hidden, steps=self.c.downstream_steps,
                                       seed=self.seed).fit_selected(self.cache.per_word(texts), tags,
                                                                    self.cache.per_word([ex.text for ex in dev]), dev_tags,
-                                                                   selection_grid(self.c))
+                                                                   selection_grid(self.c), mask)
     return self
 
   @property
@@ -418,8 +431,6 @@ def downstream_run(dataset, task, cache, c, seed: int, records, dev, test) -> di
 
 def run(c, backbone=None) -> str:
   """Runs (or resumes) the whole grid; returns the path of results.md."""
-  from msp_jax.models.weights import load_backbone
-  from msp_jax.data import load_task
   grid_tasks, methods = tasks_of(c), parse_list("methods", c.methods, METHODS)
   if c.num_seeds < 1 or c.synthetic_per_example < 1 or c.get("max_generation_rounds", 1) < 1:
     raise ExperimentError(f"config.num_seeds={c.num_seeds}, config.synthetic_per_example={c.synthetic_per_example}, "
@@ -429,7 +440,7 @@ def run(c, backbone=None) -> str:
     raise ExperimentError(f"config.quality_sample={c.quality_sample}, config.quality_draws={c.quality_draws}: need >= 2 and >= 1")
   backbone = backbone or load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
   cache, clock = FeatureCache(backbone), WallTime(c.workdir)
-  synonyms = augment.embedding_synonyms(trainer.embedding_table(backbone.model), backbone.tokenizer) if "eda" in methods else None
+  synonyms = augment.embedding_synonyms(assembly.embedding_table(backbone.model), backbone.tokenizer) if "eda" in methods else None
   for dataset, domain in grid_tasks:
     task = load_task(dataset, domain, "few_shot", seed=c.seed, data_dir=c.data_dir or None, data_path=c.get("data_path") or None)
     if not task.splits["test"]:
@@ -463,21 +474,22 @@ def run(c, backbone=None) -> str:
         t0 = time.time()
         synthetic, measured, source = synthetic_set(k)
         if k == 0 and measured and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
-          write_json_atomic(quality_path, measure(measured))
+          files.write_json_atomic(quality_path, measure(measured))
           provenance.write_key(quality_path, quality_fields)
         result = {"task": f"{dataset}/{domain}", "method": method, "seed": k, "seed_examples": len(seeds),
                   "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
                   "generation": source, "dev_examples": len(dev), "test_examples": len(test),
-                  **downstream_run(dataset, task, cache, c, k, seeds + synthetic, dev, test),
+                  **downstream_run(dataset, task, cache, c, k, seeds + [dict(r, synthetic=True) for r in synthetic],
+                                   dev, test),
                   "seconds": round(time.time() - t0, 1)}
-        write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
+        files.write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
         provenance.write_key(os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k))
         print(f"[{dataset}/{domain}] {method} seed {k}: {main_metric(task)} "
               f"{result['scores'][main_metric(task)]:.3f} ({len(synthetic)} synthetic)", flush=True)
       if 0 not in todo and method != "seed" and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
         measured = synthetic_set(0)[1]  # seed 0's result was current, its quality not
         if measured:
-          write_json_atomic(quality_path, measure(measured))
+          files.write_json_atomic(quality_path, measure(measured))
           provenance.write_key(quality_path, quality_fields)
     write_table(c, grid_tasks, methods, clock.save())  # a partial table after every task
   path = write_table(c, grid_tasks, methods, clock.save())
@@ -520,7 +532,7 @@ class WallTime:
 
   def save(self) -> dict:
     value = {"seconds": round(self.prior + time.time() - self.start, 1), "invocations": self.invocations}
-    write_json_atomic(self.path, value)
+    files.write_json_atomic(self.path, value)
     return value
 
 
@@ -584,8 +596,6 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
 
 def measure_file(c, path: str) -> dict:
   """Data-quality metrics of one generated JSONL against the first task of `c.tasks`."""
-  from msp_jax.data import load_task
-  from msp_jax.models.weights import load_backbone
   dataset, domain = tasks_of(c)[0]
   if not os.path.exists(path):
     raise ExperimentError(f"--jsonl={path}: no such file")

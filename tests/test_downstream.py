@@ -296,3 +296,47 @@ def test_selection_never_sees_the_test_labels(load_task, dataset, domain):
   # the recorded dev score is the selected model's own score on dev
   model = experiment.MODELS[dataset](task, cache, c, 0).fit(records, dev)
   assert model.score(dev)[experiment.MAIN_METRIC[dataset]] == pytest.approx(chosen["dev_score"])
+
+
+def test_tagger_word_mask_is_training_on_the_unmasked_words_alone():
+  x, y = tagging_toy(60, seed=3)
+  mask = [np.random.default_rng(i).random(len(row)) < 0.6 for i, row in enumerate(y)]
+  kept_x = [f[m] for f, m in zip(x, mask)]
+  kept_y = [list(np.asarray(row)[m]) for row, m in zip(y, mask)]
+  masked = downstream.BIOTagger(tags=TAGS, steps=40, seed=0).fit(x, y, word_mask=mask)
+  reference = downstream.BIOTagger(tags=TAGS, steps=40, seed=0).fit(kept_x, kept_y)
+  full = downstream.BIOTagger(tags=TAGS, steps=40, seed=0).fit(x, y)
+  probe = np.concatenate(tagging_toy(20, seed=4)[0])
+  np.testing.assert_allclose(masked._forward(probe), reference._forward(probe), rtol=1e-6, atol=1e-6)
+  assert not np.allclose(masked._forward(probe), full._forward(probe), atol=1e-3)  # the mask did something
+  with pytest.raises(ValueError, match="sentence 0 has .* mask entries"):
+    downstream.BIOTagger(tags=TAGS).fit(x, y, word_mask=[m[:-1] for m in mask])
+  with pytest.raises(ValueError, match="leaves no word"):
+    downstream.BIOTagger(tags=TAGS).fit(x, y, word_mask=[np.zeros(len(m), bool) for m in mask])
+
+
+def test_entity_model_masks_only_the_o_words_of_synthetic_records(backbone):
+  """mask_synthetic_o: the tagger trains on the real sentences whole and on the entity words of synthetic ones."""
+  from ml_collections import ConfigDict
+  from msp_jax.data.ontology import Attribute, AttributeSet, Ontology
+  ontology = Ontology("crossner", (AttributeSet("entities", (Attribute("country", "country", False),
+                                                               Attribute("person", "person", True))),), ("news",))
+  task = type("Task", (), {"ontology": ontology})()
+  real = {"text": "Ada Lovelace visited France", "spans": [{"type": "person", "start": 0, "end": 12},
+                                                           {"type": "country", "start": 21, "end": 27}]}
+  synthetic = {"text": "Alan Turing lived in Britain today", "spans": [{"type": "person", "start": 0, "end": 11}],
+               "synthetic": True}  # Britain is an entity the generator was not asked for: tagged O
+  dev = [Example(uid="d", domain="news", text="France met Ada", attributes={"entities": ("country", "person")},
+                 spans=({"type": "country", "start": 0, "end": 6}, {"type": "person", "start": 11, "end": 14}))]
+  c = ConfigDict(dict(downstream_hidden=0, downstream_steps=30, downstream_l2=(1e-3,), downstream_eval_every=10,
+                      downstream_thresholds=(0.5,), mask_synthetic_o=True))
+  cache = experiment.FeatureCache(backbone)
+  model = experiment.EntityModel(task, cache, c, seed=0).fit([real, synthetic], dev)
+  tags = model.tags
+  words = cache.per_word([real["text"], synthetic["text"]])
+  real_tags = [tags.index(t) for t in ("B-person", "I-person", "O", "B-country")]
+  reference = downstream.BIOTagger(tags=tags, steps=30, seed=0).fit_selected(
+      [words[0], words[1][:2]], [real_tags, [tags.index("B-person"), tags.index("I-person")]],
+      cache.per_word([dev[0].text]), [[tags.index(t) for t in ("B-country", "O", "B-person")]], experiment.selection_grid(c))
+  probe = np.concatenate(words)
+  np.testing.assert_allclose(model.model._forward(probe), reference._forward(probe), rtol=1e-6, atol=1e-6)

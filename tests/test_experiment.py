@@ -242,3 +242,27 @@ def test_each_seed_trains_and_samples_its_own_generator_and_rounds_reach_the_tar
   order = next(line for line in table.splitlines() if line.startswith("Order by mean micro_f1"))
   assert "attention" not in order and "seed" in order, order
   assert "not ranked against the others: " in table and "attention" in table.split("not ranked against the others: ")[1]
+
+
+@pytest.mark.parametrize("field,value,downstream_only", [("mask_synthetic_o", True, True)])
+def test_an_added_field_at_its_old_value_keeps_every_key(field, value, downstream_only):
+  """A grid cached before a field existed stays current while the field keeps its old behaviour."""
+  from configs import experiment as experiment_config
+  from msp_jax import experiment
+  new = experiment_config.get_config()
+  old = new.copy_and_resolve_references()
+  del old[field]  # the config as it was before the field was added
+  assert experiment.ADDED_FIELDS[field] == new[field]  # the default is the old behaviour
+
+  def keys(c):
+    return {method: (experiment.result_fields(c, "crossner", "music", method, 1),
+                     experiment.training_fields(experiment.method_config(c, "crossner", "music", method, 1).to_dict()),
+                     experiment.generation_fields(experiment.method_config(c, "crossner", "music", method, 1)))
+            for method in ("seed", "in_context", "attention")}
+  assert keys(old) == keys(new)
+  changed = new.copy_and_resolve_references()
+  changed[field] = value
+  for method, (result, training, generation) in keys(changed).items():
+    assert result != keys(old)[method][0]
+    assert (training == keys(old)[method][1]) == downstream_only
+    assert (generation == keys(old)[method][2]) == (downstream_only or method == "in_context")
