@@ -232,9 +232,10 @@ class BIOTagger(_Trainer):
     if len(features) != len(tag_ids):
       raise ValueError(f"BIOTagger.fit: {len(features)} feature arrays but {len(tag_ids)} tag lists")
     for i, (f, t) in enumerate(zip(features, tag_ids)):
-      if len(f) != len(t) or (word_mask is not None and len(word_mask[i]) != len(t)):
-        raise ValueError(f"BIOTagger.fit: sentence {i} has {len(f)} word features, {len(t)} tags"
-                         + (f" and {len(word_mask[i])} mask entries" if word_mask is not None else ""))
+      if len(f) != len(t):
+        raise ValueError(f"BIOTagger.fit: sentence {i} has {len(f)} word features but {len(t)} tags")
+      if word_mask is not None and len(word_mask[i]) != len(t):
+        raise ValueError(f"BIOTagger.fit: sentence {i} has {len(t)} tags but {len(word_mask[i])} word_mask entries")
     y = np.concatenate([np.asarray(t, np.int32).reshape(-1) for t in tag_ids])
     if len(y) == 0 or y.min() < 0 or y.max() >= len(self.tags):
       raise ValueError(f"BIOTagger.fit: tag ids must be in [0, {len(self.tags)}) and there must be words")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from msp_jax import downstream, experiment, features
+from msp_jax import downstream, experiment, features, task_models
 from msp_jax.metrics import task_scores, text_quality
 from msp_jax.data import spans as spans_lib
 from msp_jax.data.example import Example
@@ -285,8 +285,8 @@ def test_selection_never_sees_the_test_labels(load_task, dataset, domain):
   c = ConfigDict({"downstream_hidden": 0, "downstream_steps": 40, "downstream_l2": (1e-4, 1e-2, 1.0),
                   "downstream_eval_every": 20, "downstream_thresholds": (0.3, 0.5, 0.7)})
   records = [experiment.example_record(ex) for ex in train]
-  real = experiment.downstream_run(dataset, task, cache, c, 0, records, dev, test)
-  fake = experiment.downstream_run(dataset, task, cache, c, 0, records, dev, shuffled_test_labels(dataset, test))
+  real = task_models.downstream_run(task, cache, c, 0, records, dev, test)
+  fake = task_models.downstream_run(task, cache, c, 0, records, dev, shuffled_test_labels(dataset, test))
   assert real["selection"] == fake["selection"]  # the same choices and dev scores
   assert real["scores"] != fake["scores"]  # while the test labels did change the test scores
   (head, chosen), = real["selection"].items()
@@ -294,8 +294,8 @@ def test_selection_never_sees_the_test_labels(load_task, dataset, domain):
   assert dataset == "crossner" or chosen["threshold"] in c.downstream_thresholds
   assert json.loads(json.dumps(real)) == real  # goes into the run's JSON as it is
   # the recorded dev score is the selected model's own score on dev
-  model = experiment.MODELS[dataset](task, cache, c, 0).fit(records, dev)
-  assert model.score(dev)[experiment.MAIN_METRIC[dataset]] == pytest.approx(chosen["dev_score"])
+  model = task_models.MODELS[dataset](task, cache, c, 0).fit(records, dev)
+  assert model.score(dev)[task_models.MAIN_METRIC[dataset]] == pytest.approx(chosen["dev_score"])
 
 
 def test_tagger_word_mask_is_training_on_the_unmasked_words_alone():
@@ -309,7 +309,7 @@ def test_tagger_word_mask_is_training_on_the_unmasked_words_alone():
   probe = np.concatenate(tagging_toy(20, seed=4)[0])
   np.testing.assert_allclose(masked._forward(probe), reference._forward(probe), rtol=1e-6, atol=1e-6)
   assert not np.allclose(masked._forward(probe), full._forward(probe), atol=1e-3)  # the mask did something
-  with pytest.raises(ValueError, match="sentence 0 has .* mask entries"):
+  with pytest.raises(ValueError, match="sentence 0 has .* tags but .* word_mask entries"):
     downstream.BIOTagger(tags=TAGS).fit(x, y, word_mask=[m[:-1] for m in mask])
   with pytest.raises(ValueError, match="leaves no word"):
     downstream.BIOTagger(tags=TAGS).fit(x, y, word_mask=[np.zeros(len(m), bool) for m in mask])
@@ -330,13 +330,13 @@ def test_entity_model_masks_only_the_o_words_of_synthetic_records(backbone):
                  spans=({"type": "country", "start": 0, "end": 6}, {"type": "person", "start": 11, "end": 14}))]
   c = ConfigDict(dict(downstream_hidden=0, downstream_steps=30, downstream_l2=(1e-3,), downstream_eval_every=10,
                       downstream_thresholds=(0.5,), mask_synthetic_o=True))
-  cache = experiment.FeatureCache(backbone)
-  model = experiment.EntityModel(task, cache, c, seed=0).fit([real, synthetic], dev)
+  cache = task_models.FeatureCache(backbone)
+  model = task_models.EntityModel(task, cache, c, seed=0).fit([real, synthetic], dev)
   tags = model.tags
   words = cache.per_word([real["text"], synthetic["text"]])
   real_tags = [tags.index(t) for t in ("B-person", "I-person", "O", "B-country")]
   reference = downstream.BIOTagger(tags=tags, steps=30, seed=0).fit_selected(
       [words[0], words[1][:2]], [real_tags, [tags.index("B-person"), tags.index("I-person")]],
-      cache.per_word([dev[0].text]), [[tags.index(t) for t in ("B-country", "O", "B-person")]], experiment.selection_grid(c))
+      cache.per_word([dev[0].text]), [[tags.index(t) for t in ("B-country", "O", "B-person")]], task_models.selection_grid(c))
   probe = np.concatenate(words)
   np.testing.assert_allclose(model.model._forward(probe), reference._forward(probe), rtol=1e-6, atol=1e-6)

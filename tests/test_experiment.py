@@ -89,14 +89,14 @@ class LabelFeatures:
 
 def test_topv2_model_learns_separable_intents_and_slot_types(load_task):
   from ml_collections import ConfigDict
-  from msp_jax import experiment
+  from msp_jax import experiment, task_models
   task = load_task("topv2", "weather", "few_shot")
   examples = list(task.splits["train"])
   labels = {s: list(task.ontology[s].names) for s in ("intents", "slots")}
   cache = LabelFeatures(examples, labels)
   c = ConfigDict({"downstream_hidden": 0, "downstream_steps": 300, "downstream_l2": (1e-3,), "downstream_eval_every": 300,
                   "downstream_thresholds": (0.5,)})
-  model = experiment.ParseModel(task, cache, c, 0)
+  model = task_models.ParseModel(task, cache, c, 0)
   model.fit([experiment.example_record(ex) for ex in examples], examples)
   result = model.score(examples)
   assert result["intent_set_accuracy"] >= 0.95 and result["slot_type_micro_f1"] >= 0.95, result
@@ -187,7 +187,7 @@ def test_intent_model_scores_separable_labels_high_and_shuffled_labels_low(load_
   on the true labels it is near perfect; trained on the same texts with their label sets shuffled
   among the examples it can only predict unrelated intents, far below."""
   from ml_collections import ConfigDict
-  from msp_jax import experiment
+  from msp_jax import experiment, task_models
   task = load_task("nlupp", "hotels", "few_shot")
   train, dev, test = list(task.splits["train"]), list(task.splits["dev"]), list(task.splits["test"])
   cache = LabelFeatures(train + dev + test, {"intents": list(task.ontology["intents"].names)})
@@ -196,8 +196,8 @@ def test_intent_model_scores_separable_labels_high_and_shuffled_labels_low(load_
   records = [experiment.example_record(ex) for ex in train]
   shuffled = np.random.default_rng(0).permutation(len(records))
   wrong = [dict(r, attributes=records[j]["attributes"]) for r, j in zip(records, shuffled)]
-  true_score = experiment.IntentModel(task, cache, c, 0).fit(records, dev).score(test)["micro_f1"]
-  shuffled_score = experiment.IntentModel(task, cache, c, 0).fit(wrong, dev).score(test)["micro_f1"]
+  true_score = task_models.IntentModel(task, cache, c, 0).fit(records, dev).score(test)["micro_f1"]
+  shuffled_score = task_models.IntentModel(task, cache, c, 0).fit(wrong, dev).score(test)["micro_f1"]
   assert true_score >= 0.9 and shuffled_score <= 0.3, (true_score, shuffled_score)
 
 

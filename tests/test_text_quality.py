@@ -132,7 +132,7 @@ def test_sampled_diversity_by_hand():
 def test_quality_reports_diversity_on_equal_size_samples(load_task, smollm2_tokenizer):
   from flax import nnx
   from ml_collections import ConfigDict
-  from msp_jax import experiment
+  from msp_jax import experiment, task_models
   from msp_jax.models import llama, weights
   cfg = llama.LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
                           num_kv_heads=1, head_dim=8, tie_word_embeddings=True)
@@ -141,7 +141,7 @@ def test_quality_reports_diversity_on_equal_size_samples(load_task, smollm2_toke
   task = load_task("nlupp", "hotels", "few_shot")
   c = ConfigDict({"downstream_hidden": 0, "downstream_steps": 10, "downstream_l2": (1e-3,), "downstream_eval_every": 10,
                   "downstream_thresholds": (0.5,)})
-  judge = experiment.IntentModel(task, experiment.FeatureCache(backbone), c, 0).fit(
+  judge = task_models.IntentModel(task, task_models.FeatureCache(backbone), c, 0).fit(
       [experiment.example_record(ex) for ex in task.splits["train"]], list(task.splits["dev"])[:20])
   records = lambda texts: [{"text": t, "attributes": {"intents": ["affirm"]}, "values": []} for t in texts]
   small, large = zipf_pool(40, 1), zipf_pool(240, 101)

@@ -1,0 +1,210 @@
+"""The grid's downstream models: a task's labels learned from frozen-backbone features, with every
+hyper-parameter chosen on the real dev split and the test split scored once.
+
+  NLU++      IntentModel: a multi-label intent head on mean-pooled states
+  CrossNER   EntityModel: a per-word BIO tagger on first-sub-token states
+  TOPv2      ParseModel: multi-label intent and slot-type heads (not exact-match semantic parsing)
+  files      AttributeSetsModel (one multi-label head per set) or EntityModel (seeds with spans)
+
+Each takes records ({"text", "attributes", "spans"}; "synthetic": True marks generated ones) and dev
+`Example`s in `fit`, and test `Example`s in `score`. The heads themselves are `downstream.py`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from msp_jax import downstream, features
+from msp_jax.data import user_files
+from msp_jax.data.spans import bio_labels, bio_tags, example_bio_tags
+from msp_jax.errors import MspError
+from msp_jax.metrics import task_scores
+
+
+class SelectionError(MspError):
+  """A selection grid (L2 penalties, eval interval, thresholds) that cannot be searched."""
+
+
+class FeatureCache:
+  """Backbone features of each text computed once per process (the grid reuses the test split and seeds)."""
+
+  def __init__(self, backbone):
+    self.backbone, self.pooled, self.words = backbone, {}, {}
+
+  def sentence(self, texts) -> np.ndarray:
+    new = sorted({t for t in texts if t not in self.pooled})
+    if new:
+      self.pooled.update(zip(new, features.text_embeddings(self.backbone, new)))
+    return np.stack([self.pooled[t] for t in texts])
+
+  def per_word(self, texts) -> list[np.ndarray]:
+    new = sorted({t for t in texts if t not in self.words})
+    if new:
+      self.words.update(zip(new, features.token_features(self.backbone, new)))
+    return [self.words[t] for t in texts]
+
+
+class LabelSetModel:
+  """Multi-label heads on pooled features, one per attribute set (`attribute_sets`)."""
+  attribute_sets: tuple = ()
+
+  def __init__(self, task, cache: FeatureCache, c, seed: int):
+    self.labels = {s: list(task.ontology[s].names) for s in self.attribute_sets}
+    self.cache, self.c, self.seed = cache, c, seed
+
+  selection_metric = {"intents": "micro_f1", "slots": "micro_f1"}  # each head's dev score
+
+  def fit(self, records, dev):
+    """Train on records; L2, steps and threshold of each head chosen on the dev Examples."""
+    x, x_dev = self.cache.sentence([r["text"] for r in records]), self.cache.sentence([ex.text for ex in dev])
+    self.models = {s: downstream.MultiLabelClassifier(hidden=self.c.downstream_hidden, steps=self.c.downstream_steps,
+                                                      seed=self.seed).fit_selected(
+                          x, downstream.intent_targets(records, labels, s), x_dev, downstream.intent_targets(dev, labels, s),
+                          selection_grid(self.c), self.selection_metric[s])
+                   for s, labels in self.labels.items()}
+    return self
+
+  @property
+  def selection(self) -> dict:
+    return {s: m.selection for s, m in self.models.items()}
+
+  def predict(self, texts) -> dict[str, list[set]]:
+    x = self.cache.sentence(texts)
+    return {s: [{labels[j] for j in np.flatnonzero(row)} for row in self.models[s].predict(x)]
+            for s, labels in self.labels.items()}
+
+  def predict_keys(self, texts) -> list[set]:
+    pred = self.predict(texts)
+    return [{(s, n) for s in self.attribute_sets for n in pred[s][i]} for i in range(len(texts))]
+
+
+class IntentModel(LabelSetModel):
+  """NLU++: multi-label intents from pooled features."""
+  attribute_sets = ("intents",)
+
+  def __init__(self, task, cache: FeatureCache, c, seed: int):
+    super().__init__(task, cache, c, seed)
+    self.general = {a.name for a in task.ontology["intents"].attributes if a.general}
+
+  def score(self, examples) -> dict:
+    """Standard micro/macro F1, and the original code's per-utterance formulas (all intents, and its
+    cross-domain general-intent restriction) beside the standard micro F1 on that restriction."""
+    gold = [set(ex.attributes["intents"]) for ex in examples]
+    pred = self.predict([ex.text for ex in examples])["intents"]
+    prf = task_scores.multilabel_prf(gold, pred, self.labels["intents"])
+    return {"micro_f1": prf["micro_f1"], "macro_f1": prf["macro_f1"], "micro_precision": prf["micro_precision"],
+            "micro_recall": prf["micro_recall"], "intent_f1_original": task_scores.intent_f1_original(gold, pred)["f1"],
+            "general_intent_f1": task_scores.general_intent_f1(gold, pred, self.general),
+            "general_intent_f1_original": task_scores.intent_f1_original(gold, pred, self.general)["f1"]}
+
+
+class EntityModel:
+  """CrossNER: a per-word BIO tagger on word features."""
+  attribute_sets = ("entities",)
+
+  def __init__(self, task, cache: FeatureCache, c, seed: int):
+    self.types = list(task.ontology["entities"].names)
+    self.tags = bio_labels(self.types)
+    self.cache, self.c, self.seed = cache, c, seed
+
+  def fit(self, records, dev):
+    """Train on records; L2 and steps chosen by span F1 on the dev Examples. With `mask_synthetic_o`, the
+    "O" words of synthetic records are out of the loss: a generated sentence that leaves out a requested
+    value or names an unrequested entity would otherwise teach "O" for an entity."""
+    texts = [r["text"] for r in records]
+    index = {t: i for i, t in enumerate(self.tags)}
+    tags = [[index[t] for t in bio_tags(r["text"], r["spans"] or [])] for r in records]
+    dev_tags = [[index[t] for t in example_bio_tags(ex)] for ex in dev]
+    mask = None
+    if self.c.get("mask_synthetic_o") and any(r.get("synthetic") for r in records):
+      mask = [[not (r.get("synthetic") and t == index["O"]) for t in row] for r, row in zip(records, tags)]
+    self.model = downstream.BIOTagger(tags=self.tags, hidden=self.c.downstream_hidden, steps=self.c.downstream_steps,
+                                      seed=self.seed).fit_selected(self.cache.per_word(texts), tags,
+                                                                   self.cache.per_word([ex.text for ex in dev]), dev_tags,
+                                                                   selection_grid(self.c), mask)
+    return self
+
+  @property
+  def selection(self) -> dict:
+    return {"entities": self.model.selection}
+
+  def predict_spans(self, texts) -> list[list]:
+    return [task_scores.bio_to_spans([self.tags[i] for i in row]) for row in self.model.predict(self.cache.per_word(texts))]
+
+  def predict_keys(self, texts) -> list[set]:
+    return [{("entities", t) for t, _, _ in spans} for spans in self.predict_spans(texts)]
+
+  def score(self, examples) -> dict:
+    """Standard exact span F1, and the original code's partial-match F1 on the entity strings."""
+    gold = [task_scores.bio_to_spans(example_bio_tags(ex)) for ex in examples]  # raises if a gold value is not in its text
+    pred = self.predict_spans([ex.text for ex in examples])
+    exact = task_scores.span_f1(gold, pred)
+    partial = task_scores.span_partial_f1_original([task_scores.span_texts(ex.text, g) for ex, g in zip(examples, gold)],
+                                                   [task_scores.span_texts(ex.text, p) for ex, p in zip(examples, pred)])
+    return {"span_f1": exact["f1"], "span_precision": exact["precision"], "span_recall": exact["recall"],
+            "span_partial_f1_original": partial["f1"]}
+
+
+class ParseModel(LabelSetModel):
+  """TOPv2: multi-label intents and multi-label slot types from pooled features, two linear heads.
+  Plainly not TOPv2's exact-match semantic parsing (no tree, no slot values)."""
+  attribute_sets = ("intents", "slots")
+  selection_metric = {"intents": "set_accuracy", "slots": "micro_f1"}  # the intents head by the main metric
+
+  def score(self, examples) -> dict:
+    pred = self.predict([ex.text for ex in examples])
+    gold = {s: [set(ex.attributes[s]) for ex in examples] for s in self.attribute_sets}
+    intents = task_scores.multilabel_prf(gold["intents"], pred["intents"], self.labels["intents"])
+    slots = task_scores.multilabel_prf(gold["slots"], pred["slots"], self.labels["slots"])
+    return {"intent_set_accuracy": task_scores.intent_set_accuracy(gold["intents"], pred["intents"]),
+            "intent_micro_f1": intents["micro_f1"], "slot_type_micro_f1": slots["micro_f1"],
+            "slot_type_macro_f1": slots["macro_f1"]}
+
+
+class AttributeSetsModel(LabelSetModel):
+  """A files dataset without entity spans: one multi-label head per attribute set, each chosen by micro F1."""
+
+  def __init__(self, task, cache: FeatureCache, c, seed: int):
+    self.attribute_sets = task.ontology.set_names
+    self.selection_metric = {s: "micro_f1" for s in self.attribute_sets}
+    super().__init__(task, cache, c, seed)
+
+  def score(self, examples) -> dict:
+    """Micro F1 over every (set, attribute) label, and micro / macro F1 per set."""
+    pred = self.predict([ex.text for ex in examples])
+    out = {"micro_f1": task_scores.attribute_prf([ex.keys() for ex in examples], self.predict_keys([ex.text for ex in examples]))["f1"]}
+    for s in self.attribute_sets:
+      prf = task_scores.multilabel_prf([set(ex.attributes[s]) for ex in examples], pred[s], self.labels[s])
+      out.update({f"{s}_micro_f1": prf["micro_f1"], f"{s}_macro_f1": prf["macro_f1"]})
+    return out
+
+
+MODELS = {"nlupp": IntentModel, "crossner": EntityModel, "topv2": ParseModel}
+MAIN_METRIC = {"nlupp": "micro_f1", "crossner": "span_f1", "topv2": "intent_set_accuracy"}
+
+
+def model_class(task):
+  """The benchmark's downstream model; for a files dataset, the BIO tagger when its seeds have entity
+  spans (set "entities"), else one multi-label head per attribute set."""
+  if task.dataset in MODELS:
+    return MODELS[task.dataset]
+  tagged = any(ex.spans for ex in task.splits["train"]) and user_files.ENTITIES in task.ontology.set_names
+  return EntityModel if tagged else AttributeSetsModel
+
+
+def main_metric(task) -> str:
+  return MAIN_METRIC.get(task.dataset) or ("span_f1" if model_class(task) is EntityModel else "micro_f1")
+
+
+def selection_grid(c) -> downstream.SelectionGrid:
+  try:
+    return downstream.SelectionGrid(l2=tuple(c.downstream_l2), eval_every=c.downstream_eval_every,
+                                    thresholds=tuple(c.downstream_thresholds))
+  except (ValueError, TypeError) as e:
+    raise SelectionError(f"config.downstream_l2={c.downstream_l2!r}, config.downstream_eval_every="
+                          f"{c.downstream_eval_every!r}, config.downstream_thresholds={c.downstream_thresholds!r}: {e}") from None
+
+
+def downstream_run(task, cache, c, seed: int, records, dev, test) -> dict:
+  """One downstream run: train on records with hyper-parameters chosen on dev, then score test once."""
+  model = model_class(task)(task, cache, c, seed).fit(records, dev)
+  return {"selection": model.selection, "scores": model.score(test)}
