@@ -69,6 +69,7 @@ def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_coll
   c.frequency_weight = 0.5       # weight of seed-set attribute frequency in the noise score (original: 0.5)
   c.min_value_coverage = 1.0     # CrossNER/TOPv2: share of the requested values an output must contain
   c.max_seeds = 0                # 0 = every training example seeds generations
+  c.max_request_values = 0       # > 0: a request asks for at most this many entity/slot values (0 = the seed's all)
   c.gen_batch_size = 16
   c.do_sample = True
   c.temperature = 0.8

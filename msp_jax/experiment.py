@@ -102,7 +102,8 @@ NEUTRAL_FIELDS = ("workdir", "output", "data_dir", "tasks", "methods", "num_seed
                   "checkpoint_every", "model_parallel", "coordinator_address", "num_processes", "process_id")
 GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fraction", "keep_fraction", "frequency_weight",
                      "min_value_coverage", "max_seeds", "gen_batch_size", "do_sample", "temperature", "top_k", "top_p",
-                     "repetition_penalty", "num_beams", "synthetic_per_example", "max_generation_rounds", "requests", "balance")
+                     "repetition_penalty", "num_beams", "synthetic_per_example", "max_generation_rounds", "requests", "balance",
+                     "max_request_values")
 DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "max_dev", "downstream_hidden", "downstream_steps",
                      "downstream_l2", "downstream_eval_every", "downstream_thresholds", "quality_sample", "quality_draws",
                      "mask_synthetic_o")
@@ -113,7 +114,7 @@ IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buc
 # Fields added after results were cached, each with the value that reproduces what was made before it
 # existed: at that value a field is left out of every key, so adding an option never invalidates the
 # results of a grid that does not use it (a grid runs for many hours, across invocations).
-ADDED_FIELDS = {"mask_synthetic_o": False}
+ADDED_FIELDS = {"mask_synthetic_o": False, "max_request_values": 0}
 
 
 def keyed(config: dict) -> dict:

@@ -54,8 +54,10 @@ def cooccurrence(seeds: Sequence[Example]) -> dict:
 
 
 def plan_requests(seeds: Sequence[Example], num_generations: int, combination_fraction: float,
-                  rng: np.random.Generator) -> list[Request]:
-  """`num_generations` requests per seed, deterministic given rng."""
+                  rng: np.random.Generator, max_values: int = 0) -> list[Request]:
+  """`num_generations` requests per seed, deterministic given rng. `max_values` > 0: a request asks for
+  at most that many (type, value) pairs, a seeded choice, and only their types (a small LM leaves out
+  most of a CrossNER sentence's ~6 values, and each one left out becomes a false "O" downstream)."""
   graph = cooccurrence(seeds)
   values_of = collections.defaultdict(list)  # type -> values seen with it, for new combinations
   for ex in seeds:
@@ -82,6 +84,11 @@ def plan_requests(seeds: Sequence[Example], num_generations: int, combination_fr
       for t in sorted(types - {t for t, _ in typed}):
         if values_of.get(t):
           typed.append((t, values_of[t][rng.integers(len(values_of[t]))]))
+      if max_values and len(typed) > max_values:
+        value_types = {t for t, _ in typed}
+        typed = [typed[i] for i in sorted(rng.choice(len(typed), max_values, replace=False))]
+        dropped = value_types - {t for t, _ in typed}  # types now without a value (intents are not value types)
+        attributes = {s: tuple(n for n in names if n not in dropped) for s, names in attributes.items()}
       values = tuple(v for _, v in typed) if seed.typed_values else seed.values
       requests.append(Request(len(requests), seed, attributes, tuple(typed), values, kind))
   return requests
@@ -205,12 +212,15 @@ class PerSeed(Planner):
   """The default: `num_generations` requests per seed, some with new combinations; more rounds only
   while fewer than `target` are kept (the experiment grid sets one)."""
 
-  def __init__(self, seeds, num_generations: int, combination_fraction: float, seed: int, target: int):
+  def __init__(self, seeds, num_generations: int, combination_fraction: float, seed: int, target: int,
+               max_values: int = 0):
     self.seeds, self.n, self.fraction, self.seed, self.target = seeds, num_generations, combination_fraction, seed, target
+    self.max_values = max_values
 
   def plan(self, round_, kept, offset):
     rng = np.random.default_rng([self.seed, 1] if round_ == 0 else [self.seed, 1, round_])
-    return [dataclasses.replace(r, index=offset + r.index) for r in plan_requests(self.seeds, self.n, self.fraction, rng)]
+    return [dataclasses.replace(r, index=offset + r.index)
+            for r in plan_requests(self.seeds, self.n, self.fraction, rng, self.max_values)]
 
   def shortfall(self, kept):
     return {"examples": self.target - len(kept)} if len(kept) < self.target else {}

@@ -244,6 +244,8 @@ def validate(c) -> None:
     raise ConfigError(f"config.method={c.method!r}: valid: msp, in_context")
   if c.get("max_generation_rounds", 1) < 1:
     raise ConfigError(f"config.max_generation_rounds={c.max_generation_rounds}: must be >= 1")
+  if c.get("max_request_values", 0) < 0:
+    raise ConfigError(f"config.max_request_values={c.max_request_values}: must be >= 0 (0: all of the seed's values)")
   if c.get("balance", 0) < 0:
     raise ConfigError(f"config.balance={c.balance}: must be >= 0 (0: no balancing)")
   if c.get("requests") and c.get("balance"):
@@ -274,6 +276,7 @@ def candidates_made_by(c, run, step: int | None) -> dict:
           "combination_fraction": c.combination_fraction, "max_seeds": c.max_seeds, "decoding": decoding_settings(c),
           # only when used, so the keys of runs made before these existed stay the same
           **({"data": data_fingerprint(run.task.splits["train"])} if c.get("data_path") else {}),
+          **({"max_request_values": c.max_request_values} if c.get("max_request_values") else {}),
           **({"requests": hashlib.sha256(open(c.requests, "rb").read()).hexdigest()[:16], "max_generation_rounds": c.max_generation_rounds}
              if c.get("requests") else {}),
           **({"balance": c.balance, "max_generation_rounds": c.max_generation_rounds} if c.get("balance") else {})}
@@ -385,7 +388,7 @@ def make_planner(c, seeds, ontology, target: int):
     return requested.FromFile(requested.read_requests(c.requests, ontology, seeds), seeds, c.seed, c.keep_fraction)
   if c.get("balance"):
     return requested.Balance(seeds, c.balance, c.seed, c.keep_fraction)
-  return requested.PerSeed(seeds, c.num_generations, c.combination_fraction, c.seed, target)
+  return requested.PerSeed(seeds, c.num_generations, c.combination_fraction, c.seed, target, c.get("max_request_values", 0))
 
 
 def describe_shortfall(missing: dict) -> str:

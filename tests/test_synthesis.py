@@ -38,6 +38,29 @@ def test_requests_keep_seed_sets_and_add_observed_combinations():
   assert [r.attributes for r in again] == [r.attributes for r in requests]
 
 
+def test_max_values_asks_for_at_most_that_many_values_and_only_their_types(load_task):
+  seeds = list(load_task("crossner", "politics", "few_shot").splits["train"])
+  rng = lambda: np.random.default_rng(3)
+  plain, capped = requested.plan_requests(seeds, 2, 0.25, rng()), requested.plan_requests(seeds, 2, 0.25, rng(), 2)
+  assert requested.plan_requests(seeds, 2, 0.25, rng(), 0) == plain  # 0: no cap, the same requests as before
+  assert max(len(r.typed_values) for r in plain) > 2 and len(capped) == len(plain)
+  seen = {tv for ex in seeds for tv in ex.typed_values}
+  for r in capped:
+    assert 1 <= len(r.typed_values) <= 2 or not r.seed.typed_values
+    assert set(r.typed_values) <= (set(r.seed.typed_values) if r.kind == "seed" else seen)
+    assert set(r.attributes["entities"]) == {t for t, _ in r.typed_values}  # no type without its value
+    assert r.values == tuple(v for _, v in r.typed_values)
+  assert len({r.typed_values for r in capped if r.seed is seeds[0]}) == 2  # each request its own choice
+  from configs import common
+  c = common.get_config()
+  c.update(max_request_values=2, num_generations=2, combination_fraction=0.25, seed=3)
+  planned = synthesis.make_planner(c, seeds, None, 0).plan(0, [], 0)  # what generate.py asks for
+  assert max(len(r.typed_values) for r in planned) == 2
+  c.max_request_values = -1
+  with pytest.raises(synthesis.ConfigError, match="config.max_request_values=-1: must be >= 0"):
+    synthesis.validate(c)
+
+
 def test_cut_at_stop_strings():
   assert synthesis.cut(" book a room please\n4) another") == "book a room please"
   assert synthesis.cut("so... anyway") == "so"
