@@ -186,8 +186,11 @@ def generated_records(c, backbone, dataset, domain, method, k: int) -> tuple[lis
     synthesis.synthesize(m, backbone)
     provenance.write_key(m.output, generation_fields(m))
   summary = json.load(open(m.output + ".summary.json"))
+  trained = os.path.join(m.workdir, "summary.json")
   source = {"file": m.output, "prompts": None if method == "in_context" else m.workdir, "seed": m.seed,
-            "rounds": summary.get("rounds", 1), "candidates": summary["candidates"], "kept": summary["kept"]}
+            "rounds": summary.get("rounds", 1), "candidates": summary["candidates"], "kept": summary["kept"],
+            "train_seconds": json.load(open(trained)).get("seconds") if method != "in_context" and os.path.exists(trained) else None,
+            "generate_seconds": summary.get("seconds")}
   return [json.loads(line) for line in open(m.output)], source
 
 
@@ -288,12 +291,13 @@ def run(c, backbone=None) -> str:
         if k == 0 and measured and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
           files.write_json_atomic(quality_path, measure(measured))
           provenance.write_key(quality_path, quality_fields)
+        t1 = time.time()
         result = {"task": f"{dataset}/{domain}", "method": method, "seed": k, "seed_examples": len(seeds),
                   "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
                   "generation": source, "dev_examples": len(dev), "test_examples": len(test),
                   **task_models.downstream_run(task, cache, c, k, seeds + [dict(r, synthetic=True) for r in synthetic],
-                                   dev, test),
-                  "seconds": round(time.time() - t0, 1)}
+                                               dev, test)}
+        result.update(seconds=round(time.time() - t0, 1), downstream_seconds=round(time.time() - t1, 1))
         files.write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
         provenance.write_key(os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k))
         print(f"[{dataset}/{domain}] {method} seed {k}: {task_models.main_metric(task)} "
@@ -387,6 +391,7 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
       if short:
         lines.append(f"'(short)': fewer synthetic examples survived denoising than the target after {rounds} generation "
                      f"round(s) (the fewest of its seeds shown); not ranked against the others: {', '.join(m for m, _ in short)}.")
+    lines += time_table([(m, results[dataset, domain, m][0]) for m in methods])
     q_rows = [(m, results[dataset, domain, m][1]) for m in methods if results[dataset, domain, m][1]]
     if q_rows:
       q0 = q_rows[0][1]
@@ -404,6 +409,24 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
   os.makedirs(c.workdir, exist_ok=True)
   files.write_text_atomic(path, "\n".join(lines))
   return path
+
+
+def time_table(runs_by_method: list[tuple[str, list[dict]]]) -> list[str]:
+  """Where the time went: minutes per method, summed over its seeds (a piece resumed across invocations
+  counts its last invocation only; '-' where the run predates the timing)."""
+  def minutes(values):
+    values = [v for v in values if v is not None]
+    return f"{sum(values) / 60:.1f}" if values else "-"
+  rows = []
+  for m, runs in runs_by_method:
+    if runs:
+      generation = [r.get("generation") or {} for r in runs]
+      rows.append(f"| {m} | {minutes(g.get('train_seconds') for g in generation)} | "
+                  f"{minutes(g.get('generate_seconds') for g in generation)} | {minutes(r.get('downstream_seconds') for r in runs)} |")
+  if not rows:
+    return []
+  return ["", "Wall time (min, summed over seeds; a piece resumed across invocations counts its last invocation only):", "",
+          "| method | prompt training | generation | downstream |", "| --- | --- | --- | --- |", *rows]
 
 
 def measure_file(c, path: str) -> dict:

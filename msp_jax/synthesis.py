@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -300,6 +301,7 @@ def synthesize(c, backbone=None) -> dict:
 
 
 def _synthesize(c, backbone) -> dict:
+  started = time.perf_counter()
   run = assembly.build(c, backbone)
   step = assembly.restore_prompts(run, c.checkpoint) if c.method == "msp" else None
   tok, ontology = run.backbone.tokenizer, run.task.ontology
@@ -371,6 +373,7 @@ def _synthesize(c, backbone) -> dict:
                         min_value_coverage=c.min_value_coverage,
                         **({"target": target, "max_generation_rounds": max_rounds} if target else {}))
   summary = {"output": output, "method": c.method, "checkpoint_step": step, "seeds": len(seeds),
+             "seconds": round(time.perf_counter() - started, 1), "resumed": bool(done),  # this invocation's
              "candidates": len(records), "kept": len(kept), "removed": removed, "target": target, "rounds": rounds,
              "short": bool(missing), "shortfall": missing, "attribute_counts": counts, "compilations": sampling.compilations(),
              "key": provenance.stable_key(output_made_by), "made_by": output_made_by}

@@ -153,6 +153,7 @@ def train(c, backbone: Backbone | None = None) -> dict:
 
 
 def _train(c, backbone: Backbone | None, guard: interrupts.StopGuard) -> dict:
+  started = time.perf_counter()
   run = build(c, backbone)
   os.makedirs(c.workdir, exist_ok=True)
   meta = metadata(run)
@@ -253,7 +254,8 @@ def _train(c, backbone: Backbone | None, guard: interrupts.StopGuard) -> dict:
       progress.close()
     log.close()
   summary = {"status": status, "step": step, "best": best, "best_step": store.best_step(),
-             "select_metric": c.select_metric, "last_eval": last_eval, "workdir": c.workdir}
+             "select_metric": c.select_metric, "last_eval": last_eval, "workdir": c.workdir,
+             "seconds": round(time.perf_counter() - started, 1), "resumed": resumed is not None}  # this invocation's
   store.close()
   if jax.process_index() == 0:
     files.write_json_atomic(os.path.join(c.workdir, "summary.json"), summary)

@@ -36,6 +36,11 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, raw_da
         (head, chosen), = r["selection"].items()  # chosen on dev, recorded per run
         assert r["dev_examples"] == 48 and chosen["l2"] in (1e-4, 1e-3, 1e-2) and chosen["steps"] in (25, 50)
         assert 0.0 <= chosen["dev_score"] <= 1.0 and (task == "crossner_music" or 0 < chosen["threshold"] < 1)
+        assert r["downstream_seconds"] > 0  # where the time goes: each piece timed
+        if method in ("prompt_tuning", "attention", "in_context"):
+          assert r["generation"]["generate_seconds"] > 0
+          assert (r["generation"]["train_seconds"] is None) == (method == "in_context")
+          assert method == "in_context" or r["generation"]["train_seconds"] > 0
   eda = json.load(open(os.path.join(workdir, "nlupp_hotels", "eda", "seed0.json")))
   assert eda["synthetic_examples"] == 6  # EDA always delivers its share
   quality = json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", "quality.json")))
@@ -43,6 +48,7 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, raw_da
   assert quality["quality_sample"] == 4 and quality["judge_dev_examples"] == 24
   table = open(os.path.join(workdir, "results.md")).read()
   assert "## nlupp/hotels" in table and "## crossner/music" in table
+  assert table.count("| method | prompt training | generation | downstream |") == 2 and "| in_context | - | " in table
   assert all(f"| {m} |" in table for m in METHODS) and "span_partial_f1 (original)" in table
   assert "general_intent_f1 (original)" in table and "(paper)" not in table and "random samples of 4 texts" in table
   first = json.load(open(os.path.join(workdir, "wall_time.json")))

@@ -69,6 +69,39 @@ def test_top_p_equals_transformers(p):
   np.testing.assert_array_equal(ours[~np.isinf(ours)], ref[~np.isinf(ref)])
 
 
+@pytest.mark.parametrize("p", [0.8, 0.95])
+def test_top_p_equals_transformers_at_a_real_vocabulary_size(p):
+  """SmolLM2's 49,152 tokens, peaked and flat rows: the bisection's threshold drops exactly HF's tokens."""
+  rng = np.random.default_rng(7)
+  logits = (rng.normal(size=(5, 49152)) * np.array([[0.5], [1.0], [2.0], [4.0], [6.0]])).astype(np.float32)
+  ref = hf.TopPLogitsWarper(top_p=p)(None, torch.tensor(logits)).numpy()
+  ours = np.asarray(sampling.apply_top_p(jnp.asarray(logits), p))
+  assert 1 < (~np.isinf(ref)).sum(-1).min() and (~np.isinf(ref)).sum(-1).max() < 49152  # the cut is inside every row
+  np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
+
+
+def test_sample_draws_from_the_softmax_and_never_a_masked_token():
+  """Inverse-CDF sampling: frequencies over 40,000 draws match softmax(scores) (chi-square), -inf never
+  comes up, across block boundaries (vocabulary 1,000 in blocks of 64) and in a one-token row."""
+  rng = np.random.default_rng(11)
+  scores = rng.normal(size=(2, 1000)).astype(np.float32) * 1.5
+  scores[0, rng.choice(1000, 700, replace=False)] = -np.inf
+  scores[1, :] = -np.inf
+  scores[1, 999] = 0.0  # the last token of a partial last block
+  draw = jax.jit(jax.vmap(lambda k: sampling.sample(k, jnp.asarray(scores), block=64)))
+  tokens = np.asarray(draw(jax.random.split(jax.random.key(0), 40000)))  # [draws, 2]
+  assert (tokens[:, 1] == 999).all()
+  probs = np.exp(scores[0] - scores[0].max())
+  probs /= probs.sum()
+  counts = np.bincount(tokens[:, 0], minlength=1000)
+  assert counts[probs == 0].sum() == 0
+  live = probs > 0
+  expected = probs[live] * len(tokens)
+  chi2 = ((counts[live] - expected) ** 2 / expected).sum()
+  dof = live.sum() - 1
+  assert chi2 < dof + 5 * np.sqrt(2 * dof), (chi2, dof)  # ~5 sigma: fails for a wrong distribution, not by chance
+
+
 def test_processor_chain_equals_transformers_in_its_order():
   logits, ids = random_logits(4), np.random.default_rng(5).integers(0, 101, (4, 7))
   chain = hf.LogitsProcessorList([hf.RepetitionPenaltyLogitsProcessor(1.2), hf.TemperatureLogitsWarper(0.7),
