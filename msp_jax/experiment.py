@@ -209,7 +209,7 @@ def check_source_data(c, grid_tasks) -> None:
       item = "files" if dataset == "files" else f"{dataset}/{domain}"
       raise ExperimentError(f"config.source_data=True: task {item!r} has no domain-adaptation source; valid: "
                             f"{' and '.join(SOURCE_DATASETS)} tasks (crossner other than {CROSSNER_SOURCE}, the source itself)")
-  if any(d == "crossner" for d, _ in grid_tasks) and not 0 < c.get("source_fraction", 0.5) <= 1:
+  if any(d == "crossner" for d, _ in grid_tasks) and not 0 < c.source_fraction <= 1:
     raise ExperimentError(f"config.source_fraction={c.source_fraction!r}: the share of CoNLL-2003 train sampled; "
                           "valid: 0 < source_fraction <= 1")
 
@@ -340,9 +340,11 @@ def run(c, backbone=None) -> str:
     seed_model, judge_scores = fit_judge(dataset, task, cache, c, dev)
     measure = lambda records: {**quality(records, task, seed_model, backbone, c.quality_sample, c.quality_draws), **judge_scores}
     for method in methods:
-      folder, label = os.path.join(task_folder(c, dataset, domain), method), f"[{dataset}/{domain}{' +source' * adapting}] {method}"
+      folder = os.path.join(task_folder(c, dataset, domain), method)
+      label = f"[{dataset}/{domain}{' +source' * adapting}] {method}"
       # the synthetic set's quality, the same in both settings: kept in the few-shot folder, keyed without source_data
-      quality_path, quality_fields = os.path.join(c.workdir, name, method, "quality.json"), result_fields(c, dataset, domain, method, None)
+      quality_path = os.path.join(c.workdir, name, method, "quality.json")
+      quality_fields = result_fields(c, dataset, domain, method, None)
       todo = [k for k in range(c.num_seeds) if c.rescore or not provenance.reusable(
           os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k), f"{label} seed {k}")]
       if not todo:
@@ -446,8 +448,10 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
               "another domain, labels restricted to the target's; the prompts and synthetic data are the few-shot ones. "
               "NLU++ ranks them by general_intent_f1, the original's metric of this setting.", ""]
   for (dataset, domain), section in [(t, a) for t in grid_tasks for a in (False, True)]:
-    # the grid's own setting always, the other one where this workdir holds current results of it
-    if section != adapting and not any(results[section][dataset, domain, m][0] for m in methods):
+    # the grid's own setting always, the other one where this workdir holds current results of it (the
+    # few-shot section also where only the synthetic sets' quality is: a source grid measures it there)
+    held = [results[section][dataset, domain, m] for m in methods]
+    if section != adapting and not any(runs or (quality and not section) for runs, quality in held):
       continue
     lines += table_section(c, dataset, domain, methods, results[section], section)
   path = os.path.join(c.workdir, "results.md")

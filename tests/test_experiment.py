@@ -343,6 +343,13 @@ def test_source_data_on_a_task_without_a_source_is_a_one_line_error(tasks, item,
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_source_fraction_outside_0_1_is_a_one_line_error(tmp_path):
+  from msp_jax import experiment
+  c = source_config(None, tasks="crossner/politics", source_fraction=0.0, workdir=str(tmp_path / "w"), model="no-such-model")
+  with pytest.raises(experiment.ExperimentError, match=r"^config.source_fraction=0.0: .*valid: 0 < source_fraction <= 1$"):
+    experiment.run(c)
+
+
 def test_source_grid_reuses_the_few_shot_prompts_and_generations_and_keeps_both_settings_current(
     base_grid, tmp_path, capsys, monkeypatch, raw_data_dir):
   import collections
