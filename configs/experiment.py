@@ -4,6 +4,7 @@ MSP with each mixer, on NLU++ hotels/banking and CrossNER music/politics (few-sh
   python evaluate.py --config=configs/experiment.py                   # the whole grid (CPU: many hours)
   python evaluate.py --config=configs/experiment.py:smoke             # a tiny slice end to end (minutes)
   python evaluate.py --config=configs/experiment.py --config.tasks=nlupp/hotels --config.num_seeds=3
+  python evaluate.py --config=configs/experiment.py --config.source_data=True   # domain adaptation (NLU++, CrossNER)
 
 Writes {workdir}/results.md (README quotes it with the command and wall time) and one JSON per run;
 rerunning resumes. All train.py / generate.py fields apply to the prompt runs of the grid.
@@ -25,6 +26,11 @@ def get_config(arg=None):
   c.min_value_coverage = 0.5     # CrossNER requests carry ~6.5 entities; 40 new tokens rarely fit all
   c.rescore = False              # redo downstream runs and quality metrics, reuse prompts and generations
   c.mask_synthetic_o = False     # CrossNER: the tagger's loss skips the "O" words of synthetic sentences
+  # Domain adaptation, the original paper's main setting: the downstream model also trains on real data of
+  # another domain (NLU++: the other domain's 20 folds; CrossNER: a random share of CoNLL-2003 train). The
+  # prompts and generations are the few-shot grid's (reused in the same workdir); results go to {task}+source/.
+  c.source_data = False
+  c.source_fraction = 0.5        # CrossNER: the share of CoNLL-2003 train sentences sampled (the original's half)
 
   # Selection on the real dev split, per downstream run (the test split is scored once, never selects).
   c.max_dev = 0                  # 0 = the whole dev split

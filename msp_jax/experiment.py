@@ -28,6 +28,13 @@ piece is keyed by the config fields it depends on (`<file>.key.json`; a prompt r
 after a change that matters it is recomputed, the old copy moved aside as `*.stale-<key>`, with one
 line saying which fields changed. `rescore=True` redoes the downstream runs and quality metrics only
 (e.g. after changing the downstream model's code), reusing the trained prompts and generations.
+
+`source_data=True` is the original paper's domain-adaptation setting: each downstream run also trains
+on real gold-labelled data of another domain (NLU++: the other domain's 20 folds; CrossNER: a seeded
+`source_fraction` of CoNLL-2003 train), labels restricted to the target's ontology. The generators
+see only the target's seeds, so prompts and generations are exactly the few-shot grid's (runs/ and
+synthetic/ are shared, never retrained); its results go to {task}+source/{method}/seed{k}.json and a
+section of their own in results.md. NLU++ ranks them by general_intent_f1 (the original's metric).
 """
 from __future__ import annotations
 
@@ -39,7 +46,8 @@ import numpy as np
 
 from msp_jax import assembly, augment, features, files, provenance, synthesis, task_models, trainer
 from msp_jax import checkpoints as ckpt
-from msp_jax.data import load_task, user_files
+from msp_jax.data import load_task, nlupp, user_files
+from msp_jax.data.splits import CROSSNER_SOURCE
 from msp_jax.errors import MspError
 from msp_jax.metrics import task_scores, text_quality
 from msp_jax.models.weights import load_backbone
@@ -48,6 +56,9 @@ from msp_jax.prompts import MIXERS
 BASELINES = ("seed", "eda", "in_context", "prompt_tuning")
 METHODS = (*BASELINES, *MIXERS)
 DOWNSTREAM_DATASETS = ("nlupp", "crossner", "topv2")
+SOURCE_DATASETS = ("nlupp", "crossner")  # the datasets with a domain-adaptation source (config.source_data)
+# The original scored NLU++ domain adaptation on the general intents only (ORIGINAL.md §8.2).
+SOURCE_MAIN_METRIC = {"nlupp": "general_intent_f1"}
 
 
 class ExperimentError(MspError):
@@ -106,7 +117,7 @@ GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fra
                      "max_request_values")
 DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "max_dev", "downstream_hidden", "downstream_steps",
                      "downstream_l2", "downstream_eval_every", "downstream_thresholds", "quality_sample", "quality_draws",
-                     "mask_synthetic_o")
+                     "mask_synthetic_o", "source_data", "source_fraction")
 INPUT_FIELDS = ("model", "dtype", "param_dtype", "dataset", "domain", "setting", "seed")  # every artifact's inputs
 IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buckets", "max_new_tokens", *GENERATION_FIELDS)
 
@@ -114,12 +125,14 @@ IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buc
 # Fields added after results were cached, each with the value that reproduces what was made before it
 # existed: at that value a field is left out of every key, so adding an option never invalidates the
 # results of a grid that does not use it (a grid runs for many hours, across invocations).
-ADDED_FIELDS = {"mask_synthetic_o": False, "max_request_values": 0}
+ADDED_FIELDS = {"mask_synthetic_o": False, "max_request_values": 0, "source_data": False}
 
 
 def keyed(config: dict) -> dict:
-  """`config` without the added fields that are at their old behaviour's value."""
-  return {k: v for k, v in config.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
+  """`config` without the added fields that are at their old behaviour's value. `source_fraction` has
+  no old value of its own: without source_data no source is sampled, so it goes with source_data."""
+  return {k: v for k, v in config.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])
+          and not (k == "source_fraction" and not config.get("source_data"))}
 
 
 def training_fields(config: dict) -> dict:
@@ -141,6 +154,10 @@ def generation_fields(m) -> dict:
 def result_fields(c, dataset: str, domain: str, method: str, seed: int | None) -> dict:
   """The fields a downstream result (seed{k}.json; seed None: quality.json) depends on."""
   config = keyed(dict(c.to_dict(), dataset=dataset, domain=domain, setting="few_shot"))
+  if seed is None:  # quality.json measures the synthetic set alone: one file for both settings
+    config.pop("source_data", None)
+  if seed is None or dataset != "crossner":  # only CrossNER samples a share of its source
+    config.pop("source_fraction", None)
   data = None if method in ("seed", "eda") else generation_fields(method_config(c, dataset, domain, method, seed or 0))
   inputs = {k: config[k] for k in INPUT_FIELDS}
   if dataset == "files":  # the folder and what is in it (added only here: the benchmarks' keys stay as they were)
@@ -169,6 +186,57 @@ def example_record(ex) -> dict:
   return {"text": ex.text, "attributes": {k: list(v) for k, v in ex.attributes.items()}, "values": list(ex.values),
           "spans": [{"type": s["type"], "value": ex.text[s["start"]:s["end"]], "start": s["start"], "end": s["end"]}
                     for s in ex.spans]}
+
+
+# --- domain adaptation: real data of another domain ------------------------------------------------
+
+def task_folder(c, dataset: str, domain: str) -> str:
+  """Where a task's downstream results go: the few-shot grid's folder, or its +source twin."""
+  return os.path.join(c.workdir, f"{dataset}_{domain}" + ("+source" if c.get("source_data") else ""))
+
+
+def setting_config(c, source_data: bool):
+  """`c` in one of the two settings (few-shot or domain adaptation), all other fields as they are."""
+  s = c.copy_and_resolve_references()
+  s.unlock()  # a config from an older file may lack the field
+  s.source_data = source_data
+  return s
+
+
+def check_source_data(c, grid_tasks) -> None:
+  """A grid with source_data=True runs on tasks that have a source, and samples a real share of it."""
+  for dataset, domain in grid_tasks:
+    if dataset not in SOURCE_DATASETS or (dataset, domain) == ("crossner", CROSSNER_SOURCE):
+      item = "files" if dataset == "files" else f"{dataset}/{domain}"
+      raise ExperimentError(f"config.source_data=True: task {item!r} has no domain-adaptation source; valid: "
+                            f"{' and '.join(SOURCE_DATASETS)} tasks (crossner other than {CROSSNER_SOURCE}, the source itself)")
+  if any(d == "crossner" for d, _ in grid_tasks) and not 0 < c.source_fraction <= 1:
+    raise ExperimentError(f"config.source_fraction={c.source_fraction!r}: the share of CoNLL-2003 train sampled; "
+                          "valid: 0 < source_fraction <= 1")
+
+
+def source_records(c, dataset: str, domain: str, task) -> tuple[list[dict], str]:
+  """The real source-domain records that domain adaptation adds to every downstream run, and what they are.
+
+  NLU++: every example of the other domain's 20 folds. CrossNER: round(source_fraction x N) of the N
+  CoNLL-2003 train sentences (0.5: 7020 of 14041; at least 1), drawn without replacement by the grid's
+  seed, in file order: the same sentences for every method and replicate, so the ± over seeds stays the
+  generator's and the head's (the original drew each sentence with probability 0.5). Gold labels
+  (`example_record`: spans from the BIO files), restricted to the target's ontology: the other domain's
+  own intents, or a CoNLL type the target does not annotate, are no labels of the target task; training
+  on them would need an output the target's model does not have. Never marked synthetic."""
+  if dataset == "nlupp":
+    (other,) = [d for d in nlupp.DOMAINS if d != domain]
+    examples = load_task(dataset, domain, "cross", seed=c.seed, data_dir=c.data_dir or None).splits["train"]
+    what = f"+ {other}, all {nlupp.NUM_FOLDS} folds"
+  else:
+    train = load_task(dataset, CROSSNER_SOURCE, "full", seed=c.seed, data_dir=c.data_dir or None).splits["train"]
+    n = max(1, round(c.source_fraction * len(train)))
+    keep = sorted(np.random.default_rng([c.seed, 13]).choice(len(train), n, replace=False))
+    examples = [train[i] for i in keep]
+    what = f"+ CoNLL-2003 sample: {n} of {len(train)} train sentences"
+  allowed = {s: frozenset(task.ontology[s].names) for s in task.ontology.set_names}
+  return [dict(example_record(ex.restricted(allowed)), uid=ex.uid) for ex in examples], what
 
 
 def generated_records(c, backbone, dataset, domain, method, k: int) -> tuple[list[dict], dict]:
@@ -251,6 +319,9 @@ def run(c, backbone=None) -> str:
     raise ExperimentError(f"config.num_seeds={c.num_seeds}, config.synthetic_per_example={c.synthetic_per_example}, "
                           f"config.max_generation_rounds={c.get('max_generation_rounds', 1)}: all must be >= 1")
   task_models.selection_grid(c)  # a bad grid fails before the backbone loads
+  adapting = bool(c.get("source_data"))
+  if adapting:
+    check_source_data(c, grid_tasks)
   if c.quality_sample < 2 or c.quality_draws < 1:
     raise ExperimentError(f"config.quality_sample={c.quality_sample}, config.quality_draws={c.quality_draws}: need >= 2 and >= 1")
   backbone = backbone or load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
@@ -265,11 +336,19 @@ def run(c, backbone=None) -> str:
     dev = list(task.splits["dev"])[:c.max_dev or None]
     n_synthetic = c.synthetic_per_example * min(len(seeds), c.max_seeds or len(seeds))  # generators see max_seeds
     name = f"{dataset}_{domain}"
+    # read once per task: the FeatureCache then embeds the source texts once for every method and seed
+    source, source_what = source_records(c, dataset, domain, task) if adapting else ([], "")
+    source_info = {"examples": len(source), "what": source_what,  # which examples: a short hash of their uids
+                   "uids_key": provenance.stable_key({"uids": sorted(r["uid"] for r in source)})}
+    metric = (adapting and SOURCE_MAIN_METRIC.get(dataset)) or task_models.main_metric(task)
     seed_model, judge_scores = fit_judge(dataset, task, cache, c, dev)
     measure = lambda records: {**quality(records, task, seed_model, backbone, c.quality_sample, c.quality_draws), **judge_scores}
     for method in methods:
-      folder, label = os.path.join(c.workdir, name, method), f"[{dataset}/{domain}] {method}"
-      quality_path, quality_fields = os.path.join(folder, "quality.json"), result_fields(c, dataset, domain, method, None)
+      folder = os.path.join(task_folder(c, dataset, domain), method)
+      label = f"[{dataset}/{domain}{' +source' * adapting}] {method}"
+      # the synthetic set's quality, the same in both settings: kept in the few-shot folder, keyed without source_data
+      quality_path = os.path.join(c.workdir, name, method, "quality.json")
+      quality_fields = result_fields(c, dataset, domain, method, None)
       todo = [k for k in range(c.num_seeds) if c.rescore or not provenance.reusable(
           os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k), f"{label} seed {k}")]
       if not todo:
@@ -282,26 +361,27 @@ def run(c, backbone=None) -> str:
         if method == "eda":
           copies = subsample(eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n_synthetic, k)
           return copies, copies, None
-        pool, source = generated_records(c, backbone, dataset, domain, method, k)
-        return subsample(pool, n_synthetic, k), pool, source
+        pool, origin = generated_records(c, backbone, dataset, domain, method, k)
+        return subsample(pool, n_synthetic, k), pool, origin
 
       for k in todo:
         t0 = time.time()
-        synthetic, measured, source = synthetic_set(k)
+        synthetic, measured, origin = synthetic_set(k)
         if k == 0 and measured and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
           files.write_json_atomic(quality_path, measure(measured))
           provenance.write_key(quality_path, quality_fields)
         t1 = time.time()
         result = {"task": f"{dataset}/{domain}", "method": method, "seed": k, "seed_examples": len(seeds),
                   "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
-                  "generation": source, "dev_examples": len(dev), "test_examples": len(test),
-                  **task_models.downstream_run(task, cache, c, k, seeds + [dict(r, synthetic=True) for r in synthetic],
+                  "generation": origin, "dev_examples": len(dev), "test_examples": len(test),
+                  **({"source_data": source_info} if adapting else {}),
+                  **task_models.downstream_run(task, cache, c, k, seeds + source + [dict(r, synthetic=True) for r in synthetic],
                                                dev, test)}
         result.update(seconds=round(time.time() - t0, 1), downstream_seconds=round(time.time() - t1, 1))
         files.write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
         provenance.write_key(os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k))
-        print(f"[{dataset}/{domain}] {method} seed {k}: {task_models.main_metric(task)} "
-              f"{result['scores'][task_models.main_metric(task)]:.3f} ({len(synthetic)} synthetic)", flush=True)
+        print(f"{label} seed {k}: {metric} {result['scores'][metric]:.3f} ({len(synthetic)} synthetic"
+              f"{f', {len(source)} source' if adapting else ''})", flush=True)
       if 0 not in todo and method != "seed" and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
         measured = synthetic_set(0)[1]  # seed 0's result was current, its quality not
         if measured:
@@ -320,13 +400,14 @@ def current(path: str, fields: dict) -> bool:
 
 
 def load_results(c, grid_tasks, methods) -> dict:
+  """The current results of `c`'s setting (few-shot or domain adaptation) and the synthetic sets' quality."""
   out = {}
   for dataset, domain in grid_tasks:
     for method in methods:
-      folder = os.path.join(c.workdir, f"{dataset}_{domain}", method)
+      folder = os.path.join(task_folder(c, dataset, domain), method)
       runs = [json.load(open(os.path.join(folder, f"seed{k}.json"))) for k in range(c.num_seeds)
               if current(os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k))]
-      q = os.path.join(folder, "quality.json")
+      q = os.path.join(c.workdir, f"{dataset}_{domain}", method, "quality.json")
       out[dataset, domain, method] = (runs, json.load(open(q)) if current(q, result_fields(c, dataset, domain, method, None)) else None)
   return out
 
@@ -359,52 +440,25 @@ def column_name(key: str) -> str:
 
 def write_table(c, grid_tasks, methods, wall: dict) -> str:
   """results.md: downstream scores (mean ± std over seeds, x100) and data quality per method."""
-  results = load_results(c, grid_tasks, methods)
+  adapting = bool(c.get("source_data"))
+  results = {a: load_results(setting_config(c, a), grid_tasks, methods) for a in (False, True)}
   lines = [f"# MSP downstream experiment ({c.model}, few-shot, {c.num_seeds} seeds)", "",
            f"Scores x100 on the real test split, mean ± std over seeds; {c.synthetic_per_example} synthetic "
            f"examples per seed example; prompt training {c.max_steps} steps. Each run chose its head's L2 penalty, "
            f"training steps and decision threshold on the real dev split (the 'dev' column: its selection score; the "
            f"choices are in each run's JSON). '(original)': the original MSP code's formula beside the standard "
            f"score. Wall time: {wall['seconds'] / 60:.1f} min over {wall['invocations']} invocation(s) of evaluate.py.", ""]
-  for dataset, domain in grid_tasks:
-    first = next((r[0] for r in [results[dataset, domain, m][0] for m in methods] if r), {})
-    metrics = list(first.get("scores", {}))
-    heads = list(first.get("selection", {}))
-    dev_column = [f"dev {first['selection'][heads[0]]['dev_metric']}"] if heads else []
-    lines += [f"## {dataset}/{domain}", "", "| method | synthetic | " + " | ".join(dev_column + [column_name(k) for k in metrics]) + " |",
-              "| --- | --- | " + " | ".join("---" for _ in dev_column + metrics) + " |"]
-    ranked, short = [], []
-    metric = task_models.MAIN_METRIC.get(dataset) or ("span_f1" if "span_f1" in first.get("scores", {}) else "micro_f1")
-    for m in methods:
-      runs, _ = results[dataset, domain, m]
-      if runs:
-        fewest = min(runs, key=lambda r: r["synthetic_examples"])  # seeds generate separately: the worst one counts
-        is_short = fewest["synthetic_examples"] < fewest["synthetic_target"]
-        synth = f"{fewest['synthetic_examples']}/{fewest['synthetic_target']}" + (" (short)" if is_short else "")
-        dev = [mean_std([r.get("selection", {}).get(heads[0], {}).get("dev_score") for r in runs])] if heads else []
-        lines.append(f"| {m} | {synth} | " + " | ".join(dev + [mean_std([r["scores"].get(k) for r in runs]) for k in metrics]) + " |")
-        (short if is_short else ranked).append((m, np.mean([r["scores"][metric] for r in runs])))
-    if ranked or short:
-      rounds = c.get("max_generation_rounds", 1)
-      order = " > ".join(m for m, _ in sorted(ranked, key=lambda x: -x[1]))
-      lines += ["", f"Order by mean {metric} (methods that added the full synthetic count only): {order or '-'}."]
-      if short:
-        lines.append(f"'(short)': fewer synthetic examples survived denoising than the target after {rounds} generation "
-                     f"round(s) (the fewest of its seeds shown); not ranked against the others: {', '.join(m for m, _ in short)}.")
-    lines += time_table([(m, results[dataset, domain, m][0]) for m in methods])
-    q_rows = [(m, results[dataset, domain, m][1]) for m in methods if results[dataset, domain, m][1]]
-    if q_rows:
-      q0 = q_rows[0][1]
-      keys = [k for k in q0 if k not in ("examples", "quality_sample", "quality_draws", "judge_dev_examples")]
-      sampled = (f"distinct-n and self-BLEU: mean over {q0['quality_draws']} random samples of {q0['quality_sample']} "
-                 f"texts each ('-' with fewer texts)" if "quality_sample" in q0 else "all metrics on the whole set")
-      judged = (f"; judge_dev_*: the attribute judge's own precision/recall/F1 on {q0['judge_dev_examples']} real dev "
-                f"examples it was not chosen on, i.e. how far to trust attribute_*" if "judge_dev_examples" in q0 else "")
-      lines += ["", f"Synthetic data quality (seed 0's set: the denoised generations, EDA's copies; {sampled}{judged}; '-': undefined):", "",
-                "| method | examples | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
-      for m, q in q_rows:
-        lines.append(f"| {m} | {q['examples']} | " + " | ".join("-" if q.get(k) is None or np.isnan(q[k]) else f"{q[k]:.3f}" for k in keys) + " |")
-    lines.append("")
+  if adapting or any(results[True][key][0] for key in results[True]):
+    lines += ["'Domain adaptation' sections (config.source_data): each run also trained on real gold-labelled data of "
+              "another domain, labels restricted to the target's; the prompts and synthetic data are the few-shot ones. "
+              "NLU++ ranks them by general_intent_f1, the original's metric of this setting.", ""]
+  for (dataset, domain), section in [(t, a) for t in grid_tasks for a in (False, True)]:
+    # the grid's own setting always, the other one where this workdir holds current results of it (the
+    # few-shot section also where only the synthetic sets' quality is: a source grid measures it there)
+    held = [results[section][dataset, domain, m] for m in methods]
+    if section != adapting and not any(runs or (quality and not section) for runs, quality in held):
+      continue
+    lines += table_section(c, dataset, domain, methods, results[section], section)
   path = os.path.join(c.workdir, "results.md")
   os.makedirs(c.workdir, exist_ok=True)
   files.write_text_atomic(path, "\n".join(lines))
@@ -427,6 +481,52 @@ def time_table(runs_by_method: list[tuple[str, list[dict]]]) -> list[str]:
     return []
   return ["", "Wall time (min, summed over seeds; a piece resumed across invocations counts its last invocation only):", "",
           "| method | prompt training | generation | downstream |", "| --- | --- | --- | --- |", *rows]
+
+
+def table_section(c, dataset, domain, methods, results, adapting: bool) -> list[str]:
+  """One task's downstream table in one setting; the synthetic data's quality under the few-shot one."""
+  first = next((r[0] for r in [results[dataset, domain, m][0] for m in methods] if r), {})
+  metrics = list(first.get("scores", {}))
+  heads = list(first.get("selection", {}))
+  dev_column = [f"dev {first['selection'][heads[0]]['dev_metric']}"] if heads else []
+  title = f"{dataset}/{domain}" + (f", domain adaptation ({first.get('source_data', {}).get('what', 'source data')})"
+                                   if adapting else "")
+  lines = [f"## {title}", "", "| method | synthetic | " + " | ".join(dev_column + [column_name(k) for k in metrics]) + " |",
+           "| --- | --- | " + " | ".join("---" for _ in dev_column + metrics) + " |"]
+  ranked, short = [], []
+  metric = ((adapting and SOURCE_MAIN_METRIC.get(dataset)) or task_models.MAIN_METRIC.get(dataset)
+            or ("span_f1" if "span_f1" in first.get("scores", {}) else "micro_f1"))
+  for m in methods:
+    runs, _ = results[dataset, domain, m]
+    if runs:
+      fewest = min(runs, key=lambda r: r["synthetic_examples"])  # seeds generate separately: the worst one counts
+      is_short = fewest["synthetic_examples"] < fewest["synthetic_target"]
+      synth = f"{fewest['synthetic_examples']}/{fewest['synthetic_target']}" + (" (short)" if is_short else "")
+      dev = [mean_std([r.get("selection", {}).get(heads[0], {}).get("dev_score") for r in runs])] if heads else []
+      lines.append(f"| {m} | {synth} | " + " | ".join(dev + [mean_std([r["scores"].get(k) for r in runs]) for k in metrics]) + " |")
+      (short if is_short else ranked).append((m, np.mean([r["scores"][metric] for r in runs])))
+  if ranked or short:
+    rounds = c.get("max_generation_rounds", 1)
+    order = " > ".join(m for m, _ in sorted(ranked, key=lambda x: -x[1]))
+    lines += ["", f"Order by mean {metric} (methods that added the full synthetic count only): {order or '-'}."]
+    if short:
+      lines.append(f"'(short)': fewer synthetic examples survived denoising than the target after {rounds} generation "
+                   f"round(s) (the fewest of its seeds shown); not ranked against the others: {', '.join(m for m, _ in short)}.")
+  lines += time_table([(m, results[dataset, domain, m][0]) for m in methods])
+  q_rows = [(m, results[dataset, domain, m][1]) for m in methods if results[dataset, domain, m][1] and not adapting]
+  if q_rows:
+    q0 = q_rows[0][1]
+    keys = [k for k in q0 if k not in ("examples", "quality_sample", "quality_draws", "judge_dev_examples")]
+    sampled = (f"distinct-n and self-BLEU: mean over {q0['quality_draws']} random samples of {q0['quality_sample']} "
+               f"texts each ('-' with fewer texts)" if "quality_sample" in q0 else "all metrics on the whole set")
+    judged = (f"; judge_dev_*: the attribute judge's own precision/recall/F1 on {q0['judge_dev_examples']} real dev "
+              f"examples it was not chosen on, i.e. how far to trust attribute_*" if "judge_dev_examples" in q0 else "")
+    lines += ["", f"Synthetic data quality (seed 0's set: the denoised generations, EDA's copies; {sampled}{judged}; '-': undefined):", "",
+              "| method | examples | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
+    for m, q in q_rows:
+      lines.append(f"| {m} | {q['examples']} | " + " | ".join("-" if q.get(k) is None or np.isnan(q[k]) else f"{q[k]:.3f}" for k in keys) + " |")
+  lines.append("")
+  return lines
 
 
 def measure_file(c, path: str) -> dict:

@@ -250,14 +250,18 @@ def test_each_seed_trains_and_samples_its_own_generator_and_rounds_reach_the_tar
   assert "not ranked against the others: " in table and "attention" in table.split("not ranked against the others: ")[1]
 
 
-@pytest.mark.parametrize("field,value,downstream_only", [("mask_synthetic_o", True, True), ("max_request_values", 2, False)])
-def test_an_added_field_at_its_old_value_keeps_every_key(field, value, downstream_only):
+@pytest.mark.parametrize("field,value,downstream_only,added_with", [
+    ("mask_synthetic_o", True, True, ()),
+    ("max_request_values", 2, False, ()),
+    ("source_data", True, True, ("source_fraction",))])  # source_fraction only matters with source_data
+def test_an_added_field_at_its_old_value_keeps_every_key(field, value, downstream_only, added_with):
   """A grid cached before a field existed stays current while the field keeps its old behaviour."""
   from configs import experiment as experiment_config
   from msp_jax import experiment
   new = experiment_config.get_config()
   old = new.copy_and_resolve_references()
-  del old[field]  # the config as it was before the field was added
+  for name in (field, *added_with):
+    del old[name]  # the config as it was before the field was added
   assert experiment.ADDED_FIELDS[field] == new[field]  # the default is the old behaviour
 
   def keys(c):
@@ -272,3 +276,131 @@ def test_an_added_field_at_its_old_value_keeps_every_key(field, value, downstrea
     assert (result != keys(old)[method][0]) == (downstream_only or method != "seed")  # seed-only: no synthetic data
     assert training == keys(old)[method][1]  # neither changes the trained prompts
     assert (generation != keys(old)[method][2]) == (not downstream_only)
+
+
+# --- domain adaptation (config.source_data): real data of another domain added to every run ----------
+
+def source_config(tfds_dir, **extra):
+  from configs import experiment as experiment_config
+  c = experiment_config.get_config()
+  c.update(data_dir=tfds_dir, source_data=True, **extra)
+  return c
+
+
+def test_nlupp_source_is_every_example_of_the_other_domain_with_the_targets_intents(load_task, raw_data_dir, tfds_dir):
+  from msp_jax import experiment
+  task = load_task("nlupp", "hotels", "few_shot")
+  records, what = experiment.source_records(source_config(tfds_dir), "nlupp", "hotels", task)
+  folder = raw_data_dir / "nlupp" / "data"
+  ontology = json.load(open(folder / "ontology.json"))["intents"]
+  hotels = {name for name, spec in ontology.items() if {"general", "hotels"} & set(spec["domain"])}
+  raw = {f"banking/fold{f}/{i}": ex for f in range(20) for i, ex in enumerate(json.load(open(folder / "banking" / f"fold{f}.json")))}
+  assert len(records) == len(raw) and what == "+ banking, all 20 folds"
+  assert {r["uid"]: (r["text"], sorted(r["attributes"]["intents"])) for r in records} == {
+      uid: (ex["text"], sorted(set(ex.get("intents", [])) & hotels)) for uid, ex in raw.items()}
+  assert any(set(ex.get("intents", [])) - hotels for ex in raw.values())  # banking's own intents were there to drop
+  assert not any(r.get("synthetic") for r in records)
+  held_out = {ex.uid for split in ("dev", "test") for ex in task.splits[split]}
+  assert held_out and not held_out & {r["uid"] for r in records}
+
+
+def read_bio(path):
+  """Sentences of a CoNLL file as (tokens, [(type, first token, end token)]), parsed here."""
+  sentences, rows = [], []
+  for line in list(open(path, encoding="utf-8")) + [""]:
+    if line.strip():
+      rows.append(line.rstrip("\n").split("\t"))
+    elif rows:
+      tokens, tags = [t for t, _ in rows], [g for _, g in rows]
+      starts = [i for i, g in enumerate(tags) if g.startswith("B-") or (g.startswith("I-") and (i == 0 or tags[i - 1][2:] != g[2:]))]
+      ends = [next((j for j in range(i + 1, len(tags)) if tags[j] != "I-" + tags[i][2:]), len(tags)) for i in starts]
+      sentences.append((tokens, [(tags[i][2:], i, e) for i, e in zip(starts, ends)]))
+      rows = []
+  return sentences
+
+
+def test_crossner_source_is_a_seeded_share_of_conll_with_its_gold_entities(load_task, raw_data_dir, tfds_dir):
+  """round(source_fraction x 14041) CoNLL-2003 train sentences, drawn by the grid's seed."""
+  from msp_jax import experiment
+  task = load_task("crossner", "politics", "few_shot")
+  raw = read_bio(raw_data_dir / "crossner" / "ner_data" / "conll2003" / "train.txt")
+  politics = {t for _, entities in read_bio(raw_data_dir / "crossner" / "ner_data" / "politics" / "train.txt") for t, _, _ in entities}
+  assert len(raw) == 14041 and {t for _, entities in raw for t, _, _ in entities} <= politics  # nothing dropped here
+  records, what = experiment.source_records(source_config(tfds_dir, source_fraction=0.01), "crossner", "politics", task)
+  assert len(records) == round(0.01 * 14041) == 140 and what == "+ CoNLL-2003 sample: 140 of 14041 train sentences"
+  for r in records:
+    tokens, entities = raw[int(r["uid"].removeprefix("conll2003/train/"))]
+    assert r["text"] == " ".join(tokens) and not r.get("synthetic")
+    assert [(s["type"], s["value"]) for s in r["spans"]] == [(t, " ".join(tokens[i:e])) for t, i, e in entities]
+    assert all(r["text"][s["start"]:s["end"]] == s["value"] for s in r["spans"])
+  again, _ = experiment.source_records(source_config(tfds_dir, source_fraction=0.01), "crossner", "politics", task)
+  other, _ = experiment.source_records(source_config(tfds_dir, source_fraction=0.01, seed=1), "crossner", "politics", task)
+  assert again == records and {r["uid"] for r in other} != {r["uid"] for r in records}
+
+
+@pytest.mark.parametrize("tasks,item", [("nlupp/hotels,topv2/weather", "topv2/weather"),
+                                        ("crossner/conll2003", "crossner/conll2003")])
+def test_source_data_on_a_task_without_a_source_is_a_one_line_error(tasks, item, tmp_path):
+  from msp_jax import experiment
+  c = source_config(None, tasks=tasks, workdir=str(tmp_path / "w"), model="no-such-model")  # fails before loading it
+  with pytest.raises(experiment.ExperimentError) as e:
+    experiment.run(c)
+  assert str(e.value).startswith(f"config.source_data=True: task {item!r} has no domain-adaptation source; valid: "
+                                 "nlupp and crossner tasks") and "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_source_fraction_outside_0_1_is_a_one_line_error(tmp_path):
+  from msp_jax import experiment
+  c = source_config(None, tasks="crossner/politics", source_fraction=0.0, workdir=str(tmp_path / "w"), model="no-such-model")
+  with pytest.raises(experiment.ExperimentError, match=r"^config.source_fraction=0.0: .*valid: 0 < source_fraction <= 1$"):
+    experiment.run(c)
+
+
+def test_source_grid_reuses_the_few_shot_prompts_and_generations_and_keeps_both_settings_current(
+    base_grid, tmp_path, capsys, monkeypatch, raw_data_dir):
+  import collections
+  import shutil
+  from msp_jax import experiment, features
+  workdir = str(tmp_path / "results")
+  shutil.copytree(base_grid.workdir, workdir)
+  embedded = []
+
+  def spy(backbone, texts):  # the real embeddings; records which texts were computed
+    embedded.extend(texts)
+    return real(backbone, texts)
+  real = features.text_embeddings
+  monkeypatch.setattr(features, "text_embeddings", spy)
+  c = dict_update(base_grid, workdir=workdir, source_data=True)
+  out = run_grid(c, capsys)
+  assert "training prompts" not in out and "generating" not in out and "recomputing" not in out, out
+  assert "[nlupp/hotels +source] attention seed 0: general_intent_f1 " in out, out
+  banking = [ex["text"] for f in range(20) for ex in json.load(open(raw_data_dir / "nlupp" / "data" / "banking" / f"fold{f}.json"))]
+  assert set(banking) <= set(embedded) and max(collections.Counter(embedded).values()) == 1  # once for both methods
+
+  few_shot = json.load(open(os.path.join(workdir, "nlupp_hotels", "seed", "seed0.json")))
+  for method in ("seed", "attention"):
+    r = json.load(open(os.path.join(workdir, "nlupp_hotels+source", method, "seed0.json")))
+    assert r["source_data"]["examples"] == len(banking) and r["seed_examples"] == few_shot["seed_examples"]
+    assert set(r["scores"]) == SCORE_KEYS["nlupp_hotels"] and r["test_examples"] == 16
+  assert not [f for _, _, names in os.walk(workdir) for f in names if ".stale-" in f]
+  for method in ("seed", "attention"):  # the few-shot results stay current under the few-shot config
+    path = os.path.join(workdir, "nlupp_hotels", method, "seed0.json")
+    assert experiment.current(path, experiment.result_fields(base_grid, "nlupp", "hotels", method, 0))
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert "## nlupp/hotels\n" in table and "## nlupp/hotels, domain adaptation (+ banking, all 20 folds)\n" in table, table
+  assert "Order by mean general_intent_f1" in table.split("domain adaptation (+ banking")[1] and "Order by mean micro_f1" in table
+
+  out = run_grid(dict_update(c, source_data=False), capsys)  # the few-shot grid: everything current, both sections
+  assert " seed 0: " not in out and "recomputing" not in out, out
+  assert "## nlupp/hotels, domain adaptation (+ banking, all 20 folds)\n" in open(os.path.join(workdir, "results.md")).read()
+
+
+def test_crossner_source_grid_trains_every_replicate_on_the_same_conll_sample(tiny_model_dir, tmp_path, tfds_dir, capsys):
+  c = tiny_grid(tiny_model_dir, tmp_path / "results", tfds_dir, tasks="crossner/politics", methods="seed", num_seeds=2,
+                source_data=True, source_fraction=0.01)
+  out = run_grid(c, capsys)
+  runs = [json.load(open(tmp_path / "results" / "crossner_politics+source" / "seed" / f"seed{k}.json")) for k in (0, 1)]
+  assert runs[0]["source_data"] == runs[1]["source_data"] and runs[0]["source_data"]["examples"] == 140, out
+  assert set(runs[0]["scores"]) == {"span_f1", "span_precision", "span_recall", "span_partial_f1_original"}
+  assert "Order by mean span_f1" in open(tmp_path / "results" / "results.md").read()
