@@ -25,6 +25,13 @@ def get_config(arg=None):
   c.min_value_coverage = 0.5     # CrossNER requests carry ~6.5 entities; 40 new tokens rarely fit all
   c.rescore = False              # redo downstream runs and quality metrics, reuse prompts and generations
   c.mask_synthetic_o = False     # CrossNER: the tagger's loss skips the "O" words of synthetic sentences
+  # Consistency filtering of each generated pool before its subsample to the target (consistency.py);
+  # over-generate with it (e.g. --config.num_generations=5) so the target survives.
+  c.consistency_filter = "none"  # none | classifier | roundtrip | both
+  c.consistency_action = "drop"  # classifier: drop a failing record, or relabel it to what the judge gives
+  c.consistency_recall = 0.9     # classifier threshold: the highest keeping this recall of gold dev attributes
+  c.consistency_alternatives = 3  # round trip: other attribute sets (of seeds) each text is also scored under
+  c.consistency_rank = 1         # round trip: keep a text whose own set ranks within the first this many
 
   # Selection on the real dev split, per downstream run (the test split is scored once, never selects).
   c.max_dev = 0                  # 0 = the whole dev split

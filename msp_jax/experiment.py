@@ -37,9 +37,9 @@ import time
 
 import numpy as np
 
-from msp_jax import assembly, augment, features, files, provenance, synthesis, task_models, trainer
+from msp_jax import assembly, augment, consistency, features, files, provenance, synthesis, task_models, trainer
 from msp_jax import checkpoints as ckpt
-from msp_jax.data import load_task, user_files
+from msp_jax.data import PromptLayout, load_task, user_files
 from msp_jax.errors import MspError
 from msp_jax.metrics import task_scores, text_quality
 from msp_jax.models.weights import load_backbone
@@ -105,7 +105,7 @@ GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fra
                      "repetition_penalty", "num_beams", "synthetic_per_example", "max_generation_rounds", "requests", "balance")
 DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "max_dev", "downstream_hidden", "downstream_steps",
                      "downstream_l2", "downstream_eval_every", "downstream_thresholds", "quality_sample", "quality_draws",
-                     "mask_synthetic_o")
+                     "mask_synthetic_o", "consistency_filter", *consistency.FIELDS)
 INPUT_FIELDS = ("model", "dtype", "param_dtype", "dataset", "domain", "setting", "seed")  # every artifact's inputs
 IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buckets", "max_new_tokens", *GENERATION_FIELDS)
 
@@ -113,12 +113,17 @@ IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buc
 # Fields added after results were cached, each with the value that reproduces what was made before it
 # existed: at that value a field is left out of every key, so adding an option never invalidates the
 # results of a grid that does not use it (a grid runs for many hours, across invocations).
-ADDED_FIELDS = {"mask_synthetic_o": False}
+ADDED_FIELDS = {"mask_synthetic_o": False, "consistency_filter": "none"}
+# Fields that only a filter reads: with consistency_filter "none" (the old behaviour) nothing uses them,
+# so they are out of every key whatever their values (an old grid stays current, and changing them
+# while the filter is off recomputes nothing).
+INACTIVE_WITHOUT = {"consistency_filter": consistency.FIELDS}
 
 
 def keyed(config: dict) -> dict:
-  """`config` without the added fields that are at their old behaviour's value."""
-  return {k: v for k, v in config.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
+  """`config` without the added fields that are at their old behaviour's value, nor the fields they switch off."""
+  inactive = {f for k, fields in INACTIVE_WITHOUT.items() if config.get(k, ADDED_FIELDS[k]) == ADDED_FIELDS[k] for f in fields}
+  return {k: v for k, v in config.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k]) and k not in inactive}
 
 
 def training_fields(config: dict) -> dict:
@@ -202,6 +207,41 @@ def subsample(records: list[dict], n: int, seed: int) -> list[dict]:
   return [records[i] for i in sorted(keep)]
 
 
+def consistency_thresholds(judge, dev, c) -> dict | None:
+  """The classifier filter's thresholds (None when it is off), chosen on the odd half of the dev Examples:
+  the judge was selected on the even half (`fit_judge`), so its recall there is not flattered by its own
+  selection. A one-example dev split has no odd half: that one example."""
+  if not consistency.uses_classifier(c):
+    return None
+  return consistency.choose_thresholds(judge, dev[1::2] or dev, c.downstream_thresholds, c.consistency_recall)
+
+
+def consistent_records(c, backbone, dataset, domain, method, k, pool, judge, thresholds) -> tuple[list[dict], dict | None]:
+  """Seed k's pool after the consistency filter(s) of `c` (before the subsample to the target), and what
+  each did: pool size, dropped / relabelled by the classifier, dropped by the round trip (None: not
+  applied; in-context has no trained prompts to score with); no filter: (pool, None)."""
+  if c.get("consistency_filter", "none") == "none":
+    return pool, None
+  kept, counts = pool, {"filter": c.consistency_filter, "action": c.consistency_action, "pool": len(pool),
+                        "dropped_classifier": None, "relabelled_classifier": None, "dropped_roundtrip": None}
+  if thresholds is not None:
+    kept, done = consistency.classifier_filter(kept, judge, thresholds, c.consistency_action)
+    counts.update(dropped_classifier=done["dropped"], relabelled_classifier=done["relabelled"], thresholds=thresholds,
+                  recall_target=c.consistency_recall)
+  if consistency.uses_roundtrip(c) and method != "in_context" and kept:
+    m = method_config(c, dataset, domain, method, k)
+    run = assembly.build(m, backbone)
+    assembly.restore_prompts(run, m.checkpoint)  # the prompts this pool was generated with
+    seeds = list(run.task.splits["train"])[:m.max_seeds or None]  # the sets the generator was asked for
+    layout = PromptLayout(run.task.ontology, run.task.splits["train"], m.num_shot)
+    scores = consistency.roundtrip_scores(kept, run.model, run.backbone.tokenizer, run.batch_config, layout, seeds,
+                                          c.consistency_alternatives, m.seed, m.gen_batch_size)
+    kept, dropped = consistency.roundtrip_filter(kept, scores, c.consistency_rank)
+    counts.update(dropped_roundtrip=dropped, alternatives=c.consistency_alternatives, rank=c.consistency_rank)
+  counts["kept"] = len(kept)
+  return kept, counts
+
+
 def fit_judge(dataset, task, cache, c, dev) -> tuple:
   """The attribute judge of generated text: a downstream model on the real seeds, chosen on the even
   half of the dev Examples; (judge, its precision/recall/F1 on the odd half), so its own error rate
@@ -247,6 +287,7 @@ def run(c, backbone=None) -> str:
     raise ExperimentError(f"config.num_seeds={c.num_seeds}, config.synthetic_per_example={c.synthetic_per_example}, "
                           f"config.max_generation_rounds={c.get('max_generation_rounds', 1)}: all must be >= 1")
   task_models.selection_grid(c)  # a bad grid fails before the backbone loads
+  consistency.validate(c)
   if c.quality_sample < 2 or c.quality_draws < 1:
     raise ExperimentError(f"config.quality_sample={c.quality_sample}, config.quality_draws={c.quality_draws}: need >= 2 and >= 1")
   backbone = backbone or load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
@@ -262,6 +303,7 @@ def run(c, backbone=None) -> str:
     n_synthetic = c.synthetic_per_example * min(len(seeds), c.max_seeds or len(seeds))  # generators see max_seeds
     name = f"{dataset}_{domain}"
     seed_model, judge_scores = fit_judge(dataset, task, cache, c, dev)
+    thresholds = consistency_thresholds(seed_model, dev, c)
     measure = lambda records: {**quality(records, task, seed_model, backbone, c.quality_sample, c.quality_draws), **judge_scores}
     for method in methods:
       folder, label = os.path.join(c.workdir, name, method), f"[{dataset}/{domain}] {method}"
@@ -271,25 +313,28 @@ def run(c, backbone=None) -> str:
       if not todo:
         continue
 
-      def synthetic_set(k: int) -> tuple[list[dict], list[dict], dict | None]:
-        """Seed k's added examples, the set its quality is measured on, and where they came from."""
+      def synthetic_set(k: int) -> tuple[list[dict], list[dict], dict | None, dict | None]:
+        """Seed k's added examples, the set its quality is measured on, where they came from, and what
+        the consistency filter did (generated data only: EDA copies keep their seeds' labels)."""
         if method == "seed":
-          return [], [], None
+          return [], [], None, None
         if method == "eda":
           copies = subsample(eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n_synthetic, k)
-          return copies, copies, None
+          return copies, copies, None, None
         pool, source = generated_records(c, backbone, dataset, domain, method, k)
-        return subsample(pool, n_synthetic, k), pool, source
+        pool, counts = consistent_records(c, backbone, dataset, domain, method, k, pool, seed_model, thresholds)
+        return subsample(pool, n_synthetic, k), pool, source, counts  # short of the target: what the filter left
 
       for k in todo:
         t0 = time.time()
-        synthetic, measured, source = synthetic_set(k)
+        synthetic, measured, source, counts = synthetic_set(k)
         if k == 0 and measured and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
           files.write_json_atomic(quality_path, measure(measured))
           provenance.write_key(quality_path, quality_fields)
         result = {"task": f"{dataset}/{domain}", "method": method, "seed": k, "seed_examples": len(seeds),
                   "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
-                  "generation": source, "dev_examples": len(dev), "test_examples": len(test),
+                  "generation": source, **({"consistency": counts} if counts else {}),
+                  "dev_examples": len(dev), "test_examples": len(test),
                   **task_models.downstream_run(task, cache, c, k, seeds + [dict(r, synthetic=True) for r in synthetic],
                                    dev, test),
                   "seconds": round(time.time() - t0, 1)}
@@ -384,7 +429,8 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
       order = " > ".join(m for m, _ in sorted(ranked, key=lambda x: -x[1]))
       lines += ["", f"Order by mean {metric} (methods that added the full synthetic count only): {order or '-'}."]
       if short:
-        lines.append(f"'(short)': fewer synthetic examples survived denoising than the target after {rounds} generation "
+        filtered = "" if c.get("consistency_filter", "none") == "none" else f" and the {c.consistency_filter} consistency filter"
+        lines.append(f"'(short)': fewer synthetic examples survived denoising{filtered} than the target after {rounds} generation "
                      f"round(s) (the fewest of its seeds shown); not ranked against the others: {', '.join(m for m, _ in short)}.")
     q_rows = [(m, results[dataset, domain, m][1]) for m in methods if results[dataset, domain, m][1]]
     if q_rows:
@@ -394,7 +440,10 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
                  f"texts each ('-' with fewer texts)" if "quality_sample" in q0 else "all metrics on the whole set")
       judged = (f"; judge_dev_*: the attribute judge's own precision/recall/F1 on {q0['judge_dev_examples']} real dev "
                 f"examples it was not chosen on, i.e. how far to trust attribute_*" if "judge_dev_examples" in q0 else "")
-      lines += ["", f"Synthetic data quality (seed 0's set: the denoised generations, EDA's copies; {sampled}{judged}; '-': undefined):", "",
+      if c.get("consistency_filter", "none") in ("classifier", "both"):  # the judge that scores them also chose them
+        judged += "; after the classifier filter the same judge's attribute_* flatter the generated sets"
+      filtered = "" if c.get("consistency_filter", "none") == "none" else f" after the {c.consistency_filter} consistency filter"
+      lines += ["", f"Synthetic data quality (seed 0's set: the denoised generations{filtered}, EDA's copies; {sampled}{judged}; '-': undefined):", "",
                 "| method | examples | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
       for m, q in q_rows:
         lines.append(f"| {m} | {q['examples']} | " + " | ".join("-" if q.get(k) is None or np.isnan(q[k]) else f"{q[k]:.3f}" for k in keys) + " |")
