@@ -14,7 +14,10 @@ real dev split (`downstream.SelectionGrid`) and records the choice; the test spl
 never enters selection. Every synthetic method adds the same number of examples: `synthetic_per_example`
 x the seed examples, a seeded subsample of its (denoised) output. A generator that keeps fewer generates
 more rounds (synthesis.py) until the target survives denoising or `max_generation_rounds` is reached;
-one still short is marked '(short)' in the table and left out of the order of methods.
+one still short is marked '(short)' in the table and left out of the order of methods. With
+`consistency_filter` (consistency.py) the pool is filtered before that subsample (by the attribute judge
+and/or a round trip under the trained prompts); the count compared with the target is what the filter
+kept, and each seed{k}.json records what it dropped or relabelled.
 Seed k is a whole replicate: the split stays that of `c.seed`, but seed k's prompts are trained with
 seed `c.seed + k` (runs/{task}_{method}_seed{k}), its data generated with that seed
 (synthetic/{task}_{method}_seed{k}.jsonl; in-context: sampled with it), and seed k's downstream model

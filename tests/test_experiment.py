@@ -244,7 +244,8 @@ def test_each_seed_trains_and_samples_its_own_generator_and_rounds_reach_the_tar
   assert "not ranked against the others: " in table and "attention" in table.split("not ranked against the others: ")[1]
 
 
-@pytest.mark.parametrize("field,value,downstream_only", [("mask_synthetic_o", True, True)])
+@pytest.mark.parametrize("field,value,downstream_only", [("mask_synthetic_o", True, True),
+                                                         ("consistency_filter", "classifier", True)])
 def test_an_added_field_at_its_old_value_keeps_every_key(field, value, downstream_only):
   """A grid cached before a field existed stays current while the field keeps its old behaviour."""
   from configs import experiment as experiment_config
@@ -266,3 +267,46 @@ def test_an_added_field_at_its_old_value_keeps_every_key(field, value, downstrea
     assert result != keys(old)[method][0]
     assert (training == keys(old)[method][1]) == downstream_only
     assert (generation == keys(old)[method][2]) == (downstream_only or method == "in_context")
+
+
+def test_the_consistency_filters_settings_are_out_of_every_key_while_it_is_off():
+  from configs import experiment as experiment_config
+  from msp_jax import consistency, experiment
+  new = experiment_config.get_config()
+  old = new.copy_and_resolve_references()
+  for field in ("consistency_filter", *consistency.FIELDS):
+    del old[field]  # a config from before the filter existed
+  changed = dict_update(new, consistency_action="relabel", consistency_recall=0.5, consistency_alternatives=5,
+                        consistency_rank=2)
+  for method in ("seed", "in_context", "attention"):
+    assert experiment.result_fields(old, "nlupp", "hotels", method, 0) == experiment.result_fields(changed, "nlupp", "hotels", method, 0)
+  on = dict_update(new, consistency_filter="both")
+  assert experiment.result_fields(on, "nlupp", "hotels", "attention", 0) != \
+      experiment.result_fields(dict_update(on, consistency_rank=2), "nlupp", "hotels", "attention", 0)
+
+
+def test_classifier_filter_in_the_grid_records_its_counts_and_adds_what_it_kept(base_grid, tmp_path, capsys):
+  """The generations of the base grid, filtered by the judge: each seed's JSON has the counts, the
+  table the filtered count, and the added examples are min(target, kept) of the filtered pool."""
+  import shutil
+  workdir = str(tmp_path / "results")
+  shutil.copytree(base_grid.workdir, workdir)
+  c = dict_update(base_grid, workdir=workdir, consistency_filter="classifier", consistency_recall=0.99)
+  out = run_grid(c, capsys)
+  assert "training prompts" not in out and "generating" not in out and "attention seed 0: " in out, out
+  result = json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", "seed0.json")))
+  counts = result["consistency"]
+  pool = [json.loads(line) for line in open(result["generation"]["file"])]
+  assert counts["pool"] == len(pool) == result["generation"]["kept"] and counts["relabelled_classifier"] == 0
+  assert counts["kept"] == counts["pool"] - counts["dropped_classifier"] and counts["dropped_roundtrip"] is None
+  intents = counts["thresholds"]["intents"]
+  assert intents["threshold"] in c.downstream_thresholds and intents["dev_attributes"] > 0 and counts["recall_target"] == 0.99
+  assert result["synthetic_examples"] == min(result["synthetic_target"], counts["kept"])
+  assert "consistency" not in json.load(open(os.path.join(workdir, "nlupp_hotels", "seed", "seed0.json")))
+  synth = f"{result['synthetic_examples']}/{result['synthetic_target']}"
+  assert f"| attention | {synth}" in open(os.path.join(workdir, "results.md")).read()
+
+  # dropping every failing record vs relabelling them: the same pool, the same judge
+  out = run_grid(dict_update(c, consistency_action="relabel"), capsys)
+  relabelled = json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", "seed0.json")))["consistency"]
+  assert relabelled["dropped_classifier"] + relabelled["relabelled_classifier"] == counts["dropped_classifier"], out
