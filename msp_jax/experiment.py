@@ -432,7 +432,7 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
       order = " > ".join(m for m, _ in sorted(ranked, key=lambda x: -x[1]))
       lines += ["", f"Order by mean {metric} (methods that added the full synthetic count only): {order or '-'}."]
       if short:
-        filtered = "" if c.get("consistency_filter", "none") == "none" else f" and the {c.consistency_filter} consistency filter"
+        filtered = "" if c.get("consistency_filter", "none") == "none" else f" and the consistency filter ({c.consistency_filter})"
         lines.append(f"'(short)': fewer synthetic examples survived denoising{filtered} than the target after {rounds} generation "
                      f"round(s) (the fewest of its seeds shown); not ranked against the others: {', '.join(m for m, _ in short)}.")
     q_rows = [(m, results[dataset, domain, m][1]) for m in methods if results[dataset, domain, m][1]]
@@ -445,7 +445,7 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
                 f"examples it was not chosen on, i.e. how far to trust attribute_*" if "judge_dev_examples" in q0 else "")
       if c.get("consistency_filter", "none") in ("classifier", "both"):  # the judge that scores them also chose them
         judged += "; after the classifier filter the same judge's attribute_* flatter the generated sets"
-      filtered = "" if c.get("consistency_filter", "none") == "none" else f" after the {c.consistency_filter} consistency filter"
+      filtered = "" if c.get("consistency_filter", "none") == "none" else f" after the consistency filter ({c.consistency_filter})"
       lines += ["", f"Synthetic data quality (seed 0's set: the denoised generations{filtered}, EDA's copies; {sampled}{judged}; '-': undefined):", "",
                 "| method | examples | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
       for m, q in q_rows:
