@@ -231,7 +231,9 @@ def consistent_records(c, backbone, dataset, domain, method, k, pool, judge, thr
     kept, done = consistency.classifier_filter(kept, judge, thresholds, c.consistency_action)
     counts.update(dropped_classifier=done["dropped"], relabelled_classifier=done["relabelled"], thresholds=thresholds,
                   recall_target=c.consistency_recall)
-  if consistency.uses_roundtrip(c) and method != "in_context" and kept:
+  if consistency.uses_roundtrip(c) and method != "in_context" and not kept:
+    counts.update(dropped_roundtrip=0, alternatives=c.consistency_alternatives, rank=c.consistency_rank)
+  elif consistency.uses_roundtrip(c) and method != "in_context":
     m = method_config(c, dataset, domain, method, k)
     run = assembly.build(m, backbone)
     assembly.restore_prompts(run, m.checkpoint)  # the prompts this pool was generated with

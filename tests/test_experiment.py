@@ -58,9 +58,12 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, raw_da
 @pytest.mark.parametrize("flag,message", [
     ("--config.methods=seed,gpt4", "config.methods='seed,gpt4': unknown 'gpt4'; valid: seed, eda"),
     ("--config.tasks=snips/weather", "config.tasks item 'snips/weather': expected dataset/domain"),
+    ("--config.consistency_filter=judge", "config.consistency_filter='judge': valid: none, classifier, roundtrip, both"),
+    ("--config.consistency_filter=both --config.consistency_rank=4",
+     "config.consistency_alternatives=3, config.consistency_rank=4: need alternatives >= 1 and 1 <= rank <= alternatives"),
 ])
 def test_bad_grid_is_a_one_line_error(flag, message, tiny_model_dir, tmp_path):
-  rc, out = evaluate(f"--config.model={tiny_model_dir}", f"--config.workdir={tmp_path}/w", flag)
+  rc, out = evaluate(f"--config.model={tiny_model_dir}", f"--config.workdir={tmp_path}/w", *flag.split())
   assert rc != 0 and out.strip().splitlines()[-1].startswith(f"error: {message}")
   assert not os.path.exists(f"{tmp_path}/w")
 
