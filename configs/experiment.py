@@ -31,6 +31,13 @@ def get_config(arg=None):
   # prompts and generations are the few-shot grid's (reused in the same workdir); results go to {task}+source/.
   c.source_data = False
   c.source_fraction = 0.5        # CrossNER: the share of CoNLL-2003 train sentences sampled (the original's half)
+  # Consistency filtering of each generated pool before its subsample to the target (consistency.py);
+  # over-generate with it (e.g. --config.num_generations=5) so the target survives.
+  c.consistency_filter = "none"  # none | classifier | roundtrip | both
+  c.consistency_action = "drop"  # classifier: drop a failing record, or relabel it to what the judge gives
+  c.consistency_recall = 0.9     # classifier threshold: the highest keeping this recall of gold dev attributes
+  c.consistency_alternatives = 3  # round trip: other attribute sets (of seeds) each text is also scored under
+  c.consistency_rank = 1         # round trip: keep a text whose own set ranks within the first this many
 
   # Selection on the real dev split, per downstream run (the test split is scored once, never selects).
   c.max_dev = 0                  # 0 = the whole dev split

@@ -14,7 +14,10 @@ real dev split (`downstream.SelectionGrid`) and records the choice; the test spl
 never enters selection. Every synthetic method adds the same number of examples: `synthetic_per_example`
 x the seed examples, a seeded subsample of its (denoised) output. A generator that keeps fewer generates
 more rounds (synthesis.py) until the target survives denoising or `max_generation_rounds` is reached;
-one still short is marked '(short)' in the table and left out of the order of methods.
+one still short is marked '(short)' in the table and left out of the order of methods. With
+`consistency_filter` (consistency.py) the pool is filtered before that subsample (by the attribute judge
+and/or a round trip under the trained prompts); the count compared with the target is what the filter
+kept, and each seed{k}.json records what it dropped or relabelled.
 Seed k is a whole replicate: the split stays that of `c.seed`, but seed k's prompts are trained with
 seed `c.seed + k` (runs/{task}_{method}_seed{k}), its data generated with that seed
 (synthetic/{task}_{method}_seed{k}.jsonl; in-context: sampled with it), and seed k's downstream model
@@ -44,9 +47,9 @@ import time
 
 import numpy as np
 
-from msp_jax import assembly, augment, features, files, provenance, synthesis, task_models, trainer
+from msp_jax import assembly, augment, consistency, features, files, provenance, synthesis, task_models, trainer
 from msp_jax import checkpoints as ckpt
-from msp_jax.data import load_task, nlupp, user_files
+from msp_jax.data import PromptLayout, load_task, nlupp, user_files
 from msp_jax.data.splits import CROSSNER_SOURCE
 from msp_jax.errors import MspError
 from msp_jax.metrics import task_scores, text_quality
@@ -117,7 +120,7 @@ GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fra
                      "max_request_values")
 DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "max_dev", "downstream_hidden", "downstream_steps",
                      "downstream_l2", "downstream_eval_every", "downstream_thresholds", "quality_sample", "quality_draws",
-                     "mask_synthetic_o", "source_data", "source_fraction")
+                     "mask_synthetic_o", "source_data", "source_fraction", "consistency_filter", *consistency.FIELDS)
 INPUT_FIELDS = ("model", "dtype", "param_dtype", "dataset", "domain", "setting", "seed")  # every artifact's inputs
 IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buckets", "max_new_tokens", *GENERATION_FIELDS)
 
@@ -125,14 +128,17 @@ IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buc
 # Fields added after results were cached, each with the value that reproduces what was made before it
 # existed: at that value a field is left out of every key, so adding an option never invalidates the
 # results of a grid that does not use it (a grid runs for many hours, across invocations).
-ADDED_FIELDS = {"mask_synthetic_o": False, "max_request_values": 0, "source_data": False}
+ADDED_FIELDS = {"mask_synthetic_o": False, "max_request_values": 0, "source_data": False, "consistency_filter": "none"}
+# Fields that only an added option reads: with the option at its old value nothing uses them, so they are
+# out of every key whatever their values (an old grid stays current, and changing them while the option is
+# off recomputes nothing).
+INACTIVE_WITHOUT = {"consistency_filter": consistency.FIELDS, "source_data": ("source_fraction",)}
 
 
 def keyed(config: dict) -> dict:
-  """`config` without the added fields that are at their old behaviour's value. `source_fraction` has
-  no old value of its own: without source_data no source is sampled, so it goes with source_data."""
-  return {k: v for k, v in config.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])
-          and not (k == "source_fraction" and not config.get("source_data"))}
+  """`config` without the added fields that are at their old behaviour's value, nor the fields they switch off."""
+  inactive = {f for k, fields in INACTIVE_WITHOUT.items() if config.get(k, ADDED_FIELDS[k]) == ADDED_FIELDS[k] for f in fields}
+  return {k: v for k, v in config.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k]) and k not in inactive}
 
 
 def training_fields(config: dict) -> dict:
@@ -274,6 +280,43 @@ def subsample(records: list[dict], n: int, seed: int) -> list[dict]:
   return [records[i] for i in sorted(keep)]
 
 
+def consistency_thresholds(judge, dev, c) -> dict | None:
+  """The classifier filter's thresholds (None when it is off), chosen on the odd half of the dev Examples:
+  the judge was selected on the even half (`fit_judge`), so its recall there is not flattered by its own
+  selection. A one-example dev split has no odd half: that one example."""
+  if not consistency.uses_classifier(c):
+    return None
+  return consistency.choose_thresholds(judge, dev[1::2] or dev, c.downstream_thresholds, c.consistency_recall)
+
+
+def consistent_records(c, backbone, dataset, domain, method, k, pool, judge, thresholds) -> tuple[list[dict], dict | None]:
+  """Seed k's pool after the consistency filter(s) of `c` (before the subsample to the target), and what
+  each did: pool size, dropped / relabelled by the classifier, dropped by the round trip (None: not
+  applied; in-context has no trained prompts to score with); no filter: (pool, None)."""
+  if c.get("consistency_filter", "none") == "none":
+    return pool, None
+  kept, counts = pool, {"filter": c.consistency_filter, "action": c.consistency_action, "pool": len(pool),
+                        "dropped_classifier": None, "relabelled_classifier": None, "dropped_roundtrip": None}
+  if thresholds is not None:
+    kept, done = consistency.classifier_filter(kept, judge, thresholds, c.consistency_action)
+    counts.update(dropped_classifier=done["dropped"], relabelled_classifier=done["relabelled"], thresholds=thresholds,
+                  recall_target=c.consistency_recall)
+  if consistency.uses_roundtrip(c) and method != "in_context" and not kept:
+    counts.update(dropped_roundtrip=0, alternatives=c.consistency_alternatives, rank=c.consistency_rank)
+  elif consistency.uses_roundtrip(c) and method != "in_context":
+    m = method_config(c, dataset, domain, method, k)
+    run = assembly.build(m, backbone)
+    assembly.restore_prompts(run, m.checkpoint)  # the prompts this pool was generated with
+    seeds = list(run.task.splits["train"])[:m.max_seeds or None]  # the sets the generator was asked for
+    layout = PromptLayout(run.task.ontology, run.task.splits["train"], m.num_shot)
+    scores = consistency.roundtrip_scores(kept, run.model, run.backbone.tokenizer, run.batch_config, layout, seeds,
+                                          c.consistency_alternatives, m.seed, m.gen_batch_size)
+    kept, dropped = consistency.roundtrip_filter(kept, scores, c.consistency_rank)
+    counts.update(dropped_roundtrip=dropped, alternatives=c.consistency_alternatives, rank=c.consistency_rank)
+  counts["kept"] = len(kept)
+  return kept, counts
+
+
 def fit_judge(dataset, task, cache, c, dev) -> tuple:
   """The attribute judge of generated text: a downstream model on the real seeds, chosen on the even
   half of the dev Examples; (judge, its precision/recall/F1 on the odd half), so its own error rate
@@ -322,6 +365,7 @@ def run(c, backbone=None) -> str:
   adapting = bool(c.get("source_data"))
   if adapting:
     check_source_data(c, grid_tasks)
+  consistency.validate(c)
   if c.quality_sample < 2 or c.quality_draws < 1:
     raise ExperimentError(f"config.quality_sample={c.quality_sample}, config.quality_draws={c.quality_draws}: need >= 2 and >= 1")
   backbone = backbone or load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
@@ -342,6 +386,7 @@ def run(c, backbone=None) -> str:
                    "uids_key": provenance.stable_key({"uids": sorted(r["uid"] for r in source)})}
     metric = (adapting and SOURCE_MAIN_METRIC.get(dataset)) or task_models.main_metric(task)
     seed_model, judge_scores = fit_judge(dataset, task, cache, c, dev)
+    thresholds = consistency_thresholds(seed_model, dev, c)
     measure = lambda records: {**quality(records, task, seed_model, backbone, c.quality_sample, c.quality_draws), **judge_scores}
     for method in methods:
       folder = os.path.join(task_folder(c, dataset, domain), method)
@@ -354,26 +399,29 @@ def run(c, backbone=None) -> str:
       if not todo:
         continue
 
-      def synthetic_set(k: int) -> tuple[list[dict], list[dict], dict | None]:
-        """Seed k's added examples, the set its quality is measured on, and where they came from."""
+      def synthetic_set(k: int) -> tuple[list[dict], list[dict], dict | None, dict | None]:
+        """Seed k's added examples, the set its quality is measured on, where they came from, and what
+        the consistency filter did (generated data only: EDA copies keep their seeds' labels)."""
         if method == "seed":
-          return [], [], None
+          return [], [], None, None
         if method == "eda":
           copies = subsample(eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n_synthetic, k)
-          return copies, copies, None
+          return copies, copies, None, None
         pool, origin = generated_records(c, backbone, dataset, domain, method, k)
-        return subsample(pool, n_synthetic, k), pool, origin
+        pool, counts = consistent_records(c, backbone, dataset, domain, method, k, pool, seed_model, thresholds)
+        return subsample(pool, n_synthetic, k), pool, origin, counts  # short of the target: what the filter left
 
       for k in todo:
         t0 = time.time()
-        synthetic, measured, origin = synthetic_set(k)
+        synthetic, measured, origin, counts = synthetic_set(k)
         if k == 0 and measured and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
           files.write_json_atomic(quality_path, measure(measured))
           provenance.write_key(quality_path, quality_fields)
         t1 = time.time()
         result = {"task": f"{dataset}/{domain}", "method": method, "seed": k, "seed_examples": len(seeds),
                   "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
-                  "generation": origin, "dev_examples": len(dev), "test_examples": len(test),
+                  "generation": origin, **({"consistency": counts} if counts else {}),
+                  "dev_examples": len(dev), "test_examples": len(test),
                   **({"source_data": source_info} if adapting else {}),
                   **task_models.downstream_run(task, cache, c, k, seeds + source + [dict(r, synthetic=True) for r in synthetic],
                                                dev, test)}
@@ -510,7 +558,8 @@ def table_section(c, dataset, domain, methods, results, adapting: bool) -> list[
     order = " > ".join(m for m, _ in sorted(ranked, key=lambda x: -x[1]))
     lines += ["", f"Order by mean {metric} (methods that added the full synthetic count only): {order or '-'}."]
     if short:
-      lines.append(f"'(short)': fewer synthetic examples survived denoising than the target after {rounds} generation "
+      filtered = "" if c.get("consistency_filter", "none") == "none" else f" and the consistency filter ({c.consistency_filter})"
+      lines.append(f"'(short)': fewer synthetic examples survived denoising{filtered} than the target after {rounds} generation "
                    f"round(s) (the fewest of its seeds shown); not ranked against the others: {', '.join(m for m, _ in short)}.")
   lines += time_table([(m, results[dataset, domain, m][0]) for m in methods])
   q_rows = [(m, results[dataset, domain, m][1]) for m in methods if results[dataset, domain, m][1] and not adapting]
@@ -521,7 +570,10 @@ def table_section(c, dataset, domain, methods, results, adapting: bool) -> list[
                f"texts each ('-' with fewer texts)" if "quality_sample" in q0 else "all metrics on the whole set")
     judged = (f"; judge_dev_*: the attribute judge's own precision/recall/F1 on {q0['judge_dev_examples']} real dev "
               f"examples it was not chosen on, i.e. how far to trust attribute_*" if "judge_dev_examples" in q0 else "")
-    lines += ["", f"Synthetic data quality (seed 0's set: the denoised generations, EDA's copies; {sampled}{judged}; '-': undefined):", "",
+    if c.get("consistency_filter", "none") in ("classifier", "both"):  # the judge that scores them also chose them
+      judged += "; after the classifier filter the same judge's attribute_* flatter the generated sets"
+    filtered = "" if c.get("consistency_filter", "none") == "none" else f" after the consistency filter ({c.consistency_filter})"
+    lines += ["", f"Synthetic data quality (seed 0's set: the denoised generations{filtered}, EDA's copies; {sampled}{judged}; '-': undefined):", "",
               "| method | examples | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
     for m, q in q_rows:
       lines.append(f"| {m} | {q['examples']} | " + " | ".join("-" if q.get(k) is None or np.isnan(q[k]) else f"{q[k]:.3f}" for k in keys) + " |")

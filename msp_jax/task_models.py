@@ -72,6 +72,11 @@ class LabelSetModel:
     return {s: [{labels[j] for j in np.flatnonzero(row)} for row in self.models[s].predict(x)]
             for s, labels in self.labels.items()}
 
+  def probabilities(self, texts) -> dict[str, np.ndarray]:
+    """{set: [N, L] probability of each of its labels} (`labels[set]` order)."""
+    x = self.cache.sentence(texts)
+    return {s: self.models[s].probabilities(x) for s in self.labels}
+
   def predict_keys(self, texts) -> list[set]:
     pred = self.predict(texts)
     return [{(s, n) for s in self.attribute_sets for n in pred[s][i]} for i in range(len(texts))]

@@ -64,9 +64,12 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, raw_da
 @pytest.mark.parametrize("flag,message", [
     ("--config.methods=seed,gpt4", "config.methods='seed,gpt4': unknown 'gpt4'; valid: seed, eda"),
     ("--config.tasks=snips/weather", "config.tasks item 'snips/weather': expected dataset/domain"),
+    ("--config.consistency_filter=judge", "config.consistency_filter='judge': valid: none, classifier, roundtrip, both"),
+    ("--config.consistency_filter=both --config.consistency_rank=4",
+     "config.consistency_alternatives=3, config.consistency_rank=4: need alternatives >= 1 and 1 <= rank <= alternatives"),
 ])
 def test_bad_grid_is_a_one_line_error(flag, message, tiny_model_dir, tmp_path):
-  rc, out = evaluate(f"--config.model={tiny_model_dir}", f"--config.workdir={tmp_path}/w", flag)
+  rc, out = evaluate(f"--config.model={tiny_model_dir}", f"--config.workdir={tmp_path}/w", *flag.split())
   assert rc != 0 and out.strip().splitlines()[-1].startswith(f"error: {message}")
   assert not os.path.exists(f"{tmp_path}/w")
 
@@ -253,7 +256,9 @@ def test_each_seed_trains_and_samples_its_own_generator_and_rounds_reach_the_tar
 @pytest.mark.parametrize("field,value,downstream_only,added_with", [
     ("mask_synthetic_o", True, True, ()),
     ("max_request_values", 2, False, ()),
-    ("source_data", True, True, ("source_fraction",))])  # source_fraction only matters with source_data
+    ("source_data", True, True, ("source_fraction",)),  # source_fraction only matters with source_data
+    ("consistency_filter", "classifier", True, ("consistency_action", "consistency_recall", "consistency_alternatives",
+                                                "consistency_rank"))])
 def test_an_added_field_at_its_old_value_keeps_every_key(field, value, downstream_only, added_with):
   """A grid cached before a field existed stays current while the field keeps its old behaviour."""
   from configs import experiment as experiment_config
@@ -404,3 +409,48 @@ def test_crossner_source_grid_trains_every_replicate_on_the_same_conll_sample(ti
   assert runs[0]["source_data"] == runs[1]["source_data"] and runs[0]["source_data"]["examples"] == 140, out
   assert set(runs[0]["scores"]) == {"span_f1", "span_precision", "span_recall", "span_partial_f1_original"}
   assert "Order by mean span_f1" in open(tmp_path / "results" / "results.md").read()
+
+
+def test_the_consistency_filters_settings_are_out_of_every_key_while_it_is_off():
+  from configs import experiment as experiment_config
+  from msp_jax import consistency, experiment
+  new = experiment_config.get_config()
+  old = new.copy_and_resolve_references()
+  for field in ("consistency_filter", *consistency.FIELDS):
+    del old[field]  # a config from before the filter existed
+  changed = dict_update(new, consistency_action="relabel", consistency_recall=0.5, consistency_alternatives=5,
+                        consistency_rank=2)
+  for method in ("seed", "in_context", "attention"):
+    assert experiment.result_fields(old, "nlupp", "hotels", method, 0) == experiment.result_fields(changed, "nlupp", "hotels", method, 0)
+  on = dict_update(new, consistency_filter="both")
+  assert experiment.result_fields(on, "nlupp", "hotels", "attention", 0) != \
+      experiment.result_fields(dict_update(on, consistency_rank=2), "nlupp", "hotels", "attention", 0)
+
+
+def test_classifier_filter_in_the_grid_records_its_counts_and_adds_what_it_kept(base_grid, tmp_path, capsys):
+  """The generations of the base grid, filtered by the judge: each seed's JSON has the counts, the
+  table the filtered count, and the added examples are min(target, kept) of the filtered pool."""
+  import shutil
+  workdir = str(tmp_path / "results")
+  shutil.copytree(base_grid.workdir, workdir)
+  c = dict_update(base_grid, workdir=workdir, consistency_filter="classifier", consistency_recall=0.5)
+  out = run_grid(c, capsys)
+  assert "training prompts" not in out and "generating" not in out and "attention seed 0: " in out, out
+  result = json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", "seed0.json")))
+  counts = result["consistency"]
+  pool = [json.loads(line) for line in open(result["generation"]["file"])]
+  assert counts["pool"] == len(pool) == result["generation"]["kept"] and counts["relabelled_classifier"] == 0
+  assert counts["kept"] == counts["pool"] - counts["dropped_classifier"] and counts["dropped_roundtrip"] is None
+  assert counts["dropped_classifier"] > 0  # the tiny model's texts: the judge rejects some (else nothing is tested)
+  intents = counts["thresholds"]["intents"]
+  assert intents["threshold"] in c.downstream_thresholds and intents["dev_attributes"] > 0 and counts["recall_target"] == 0.5
+  assert result["synthetic_examples"] == min(result["synthetic_target"], counts["kept"])
+  assert "consistency" not in json.load(open(os.path.join(workdir, "nlupp_hotels", "seed", "seed0.json")))
+  synth = f"{result['synthetic_examples']}/{result['synthetic_target']}"
+  assert f"| attention | {synth}" in open(os.path.join(workdir, "results.md")).read()
+
+  # dropping every failing record vs relabelling them: the same pool, the same judge
+  out = run_grid(dict_update(c, consistency_action="relabel"), capsys)
+  relabelled = json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", "seed0.json")))["consistency"]
+  assert relabelled["dropped_classifier"] + relabelled["relabelled_classifier"] == counts["dropped_classifier"], out
+  assert relabelled["kept"] == counts["kept"] + relabelled["relabelled_classifier"]
