@@ -103,9 +103,11 @@ NEUTRAL_FIELDS = ("workdir", "output", "data_dir", "tasks", "methods", "num_seed
 GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fraction", "keep_fraction", "frequency_weight",
                      "min_value_coverage", "max_seeds", "gen_batch_size", "do_sample", "temperature", "top_k", "top_p",
                      "repetition_penalty", "num_beams", "synthetic_per_example", "max_generation_rounds", "requests", "balance")
+FINETUNE_FIELDS = ("finetune_params", "finetune_epochs", "finetune_lr", "finetune_batch_size", "finetune_max_new_tokens",
+                   "finetune_repetition_penalty")  # read only with downstream="finetune"
 DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "max_dev", "downstream_hidden", "downstream_steps",
                      "downstream_l2", "downstream_eval_every", "downstream_thresholds", "quality_sample", "quality_draws",
-                     "mask_synthetic_o")
+                     "mask_synthetic_o", "downstream", *FINETUNE_FIELDS)
 INPUT_FIELDS = ("model", "dtype", "param_dtype", "dataset", "domain", "setting", "seed")  # every artifact's inputs
 IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buckets", "max_new_tokens", *GENERATION_FIELDS)
 
@@ -113,12 +115,18 @@ IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buc
 # Fields added after results were cached, each with the value that reproduces what was made before it
 # existed: at that value a field is left out of every key, so adding an option never invalidates the
 # results of a grid that does not use it (a grid runs for many hours, across invocations).
-ADDED_FIELDS = {"mask_synthetic_o": False}
+ADDED_FIELDS = {"mask_synthetic_o": False, "downstream": "probe", "finetune_params": "prompt", "finetune_epochs": 5,
+                "finetune_lr": 3e-2, "finetune_batch_size": 8, "finetune_max_new_tokens": 32,
+                "finetune_repetition_penalty": 1.2}
 
 
 def keyed(config: dict) -> dict:
-  """`config` without the added fields that are at their old behaviour's value."""
-  return {k: v for k, v in config.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
+  """`config` without the added fields that are at their old behaviour's value. The finetune_* fields
+  go whenever downstream is "probe" (whatever their values): the probe heads never read them, so
+  tuning them must neither recompute nor set aside a probe grid's results."""
+  probe = config.get("downstream", "probe") == "probe"
+  return {k: v for k, v in config.items()
+          if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k]) and not (probe and k in FINETUNE_FIELDS)}
 
 
 def training_fields(config: dict) -> dict:
@@ -247,6 +255,7 @@ def run(c, backbone=None) -> str:
     raise ExperimentError(f"config.num_seeds={c.num_seeds}, config.synthetic_per_example={c.synthetic_per_example}, "
                           f"config.max_generation_rounds={c.get('max_generation_rounds', 1)}: all must be >= 1")
   task_models.selection_grid(c)  # a bad grid fails before the backbone loads
+  task_models.check_downstream(c, [dataset for dataset, _ in grid_tasks])
   if c.quality_sample < 2 or c.quality_draws < 1:
     raise ExperimentError(f"config.quality_sample={c.quality_sample}, config.quality_draws={c.quality_draws}: need >= 2 and >= 1")
   backbone = backbone or load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
