@@ -364,11 +364,15 @@ def column_name(key: str) -> str:
 def write_table(c, grid_tasks, methods, wall: dict) -> str:
   """results.md: downstream scores (mean ± std over seeds, x100) and data quality per method."""
   results = load_results(c, grid_tasks, methods)
+  if c.get("downstream", "probe") == "finetune":
+    chose = (f"Downstream: the original's protocol, the backbone ({c.finetune_params}) writes each utterance's label "
+             f"string, greedy-decoded; each run kept the epoch (of {c.finetune_epochs}) with the best score on the real dev split")
+  else:
+    chose = "Each run chose its head's L2 penalty, training steps and decision threshold on the real dev split"
   lines = [f"# MSP downstream experiment ({c.model}, few-shot, {c.num_seeds} seeds)", "",
            f"Scores x100 on the real test split, mean ± std over seeds; {c.synthetic_per_example} synthetic "
-           f"examples per seed example; prompt training {c.max_steps} steps. Each run chose its head's L2 penalty, "
-           f"training steps and decision threshold on the real dev split (the 'dev' column: its selection score; the "
-           f"choices are in each run's JSON). '(original)': the original MSP code's formula beside the standard "
+           f"examples per seed example; prompt training {c.max_steps} steps. {chose} (the 'dev' column: its selection "
+           f"score; the choices are in each run's JSON). '(original)': the original MSP code's formula beside the standard "
            f"score. Wall time: {wall['seconds'] / 60:.1f} min over {wall['invocations']} invocation(s) of evaluate.py.", ""]
   for dataset, domain in grid_tasks:
     first = next((r[0] for r in [results[dataset, domain, m][0] for m in methods] if r), {})
