@@ -118,9 +118,12 @@ GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fra
                      "min_value_coverage", "max_seeds", "gen_batch_size", "do_sample", "temperature", "top_k", "top_p",
                      "repetition_penalty", "num_beams", "synthetic_per_example", "max_generation_rounds", "requests", "balance",
                      "max_request_values")
+FINETUNE_FIELDS = ("finetune_params", "finetune_epochs", "finetune_lr", "finetune_batch_size", "finetune_max_new_tokens",
+                   "finetune_repetition_penalty")  # read only with downstream="finetune"
 DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "max_dev", "downstream_hidden", "downstream_steps",
                      "downstream_l2", "downstream_eval_every", "downstream_thresholds", "quality_sample", "quality_draws",
-                     "mask_synthetic_o", "source_data", "source_fraction", "consistency_filter", *consistency.FIELDS)
+                     "mask_synthetic_o", "source_data", "source_fraction", "consistency_filter", *consistency.FIELDS,
+                     "downstream", *FINETUNE_FIELDS)
 INPUT_FIELDS = ("model", "dtype", "param_dtype", "dataset", "domain", "setting", "seed")  # every artifact's inputs
 IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buckets", "max_new_tokens", *GENERATION_FIELDS)
 
@@ -128,11 +131,13 @@ IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buc
 # Fields added after results were cached, each with the value that reproduces what was made before it
 # existed: at that value a field is left out of every key, so adding an option never invalidates the
 # results of a grid that does not use it (a grid runs for many hours, across invocations).
-ADDED_FIELDS = {"mask_synthetic_o": False, "max_request_values": 0, "source_data": False, "consistency_filter": "none"}
+ADDED_FIELDS = {"mask_synthetic_o": False, "max_request_values": 0, "source_data": False, "consistency_filter": "none",
+                "downstream": "probe"}
 # Fields that only an added option reads: with the option at its old value nothing uses them, so they are
 # out of every key whatever their values (an old grid stays current, and changing them while the option is
-# off recomputes nothing).
-INACTIVE_WITHOUT = {"consistency_filter": consistency.FIELDS, "source_data": ("source_fraction",)}
+# off recomputes nothing: e.g. the probe heads never read finetune_*).
+INACTIVE_WITHOUT = {"consistency_filter": consistency.FIELDS, "source_data": ("source_fraction",),
+                    "downstream": FINETUNE_FIELDS}
 
 
 def keyed(config: dict) -> dict:
@@ -366,6 +371,7 @@ def run(c, backbone=None) -> str:
   if adapting:
     check_source_data(c, grid_tasks)
   consistency.validate(c)
+  task_models.check_downstream(c, [dataset for dataset, _ in grid_tasks])
   if c.quality_sample < 2 or c.quality_draws < 1:
     raise ExperimentError(f"config.quality_sample={c.quality_sample}, config.quality_draws={c.quality_draws}: need >= 2 and >= 1")
   backbone = backbone or load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
@@ -490,11 +496,15 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
   """results.md: downstream scores (mean ± std over seeds, x100) and data quality per method."""
   adapting = bool(c.get("source_data"))
   results = {a: load_results(setting_config(c, a), grid_tasks, methods) for a in (False, True)}
+  if c.get("downstream", "probe") == "finetune":
+    chose = (f"Downstream: the original's protocol, the backbone ({c.finetune_params}) writes each utterance's label "
+             f"string, greedy-decoded; each run kept the epoch (of {c.finetune_epochs}) with the best score on the real dev split")
+  else:
+    chose = "Each run chose its head's L2 penalty, training steps and decision threshold on the real dev split"
   lines = [f"# MSP downstream experiment ({c.model}, few-shot, {c.num_seeds} seeds)", "",
            f"Scores x100 on the real test split, mean ± std over seeds; {c.synthetic_per_example} synthetic "
-           f"examples per seed example; prompt training {c.max_steps} steps. Each run chose its head's L2 penalty, "
-           f"training steps and decision threshold on the real dev split (the 'dev' column: its selection score; the "
-           f"choices are in each run's JSON). '(original)': the original MSP code's formula beside the standard "
+           f"examples per seed example; prompt training {c.max_steps} steps. {chose} (the 'dev' column: its selection "
+           f"score; the choices are in each run's JSON). '(original)': the original MSP code's formula beside the standard "
            f"score. Wall time: {wall['seconds'] / 60:.1f} min over {wall['invocations']} invocation(s) of evaluate.py.", ""]
   if adapting or any(results[True][key][0] for key in results[True]):
     lines += ["'Domain adaptation' sections (config.source_data): each run also trained on real gold-labelled data of "

@@ -6,6 +6,9 @@ hyper-parameter chosen on the real dev split and the test split scored once.
   TOPv2      ParseModel: multi-label intent and slot-type heads (not exact-match semantic parsing)
   files      AttributeSetsModel (one multi-label head per set) or EntityModel (seeds with spans)
 
+With `c.downstream = "finetune"` (NLU++ and CrossNER), the original MSP code's protocol instead: the
+backbone writes each utterance's label string (label_generator.py), its epoch chosen on dev.
+
 Each takes records ({"text", "attributes", "spans"}; "synthetic": True marks generated ones) and dev
 `Example`s in `fit`, and test `Example`s in `score`. The heads themselves are `downstream.py`.
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from msp_jax import downstream, features
+from msp_jax import downstream, features, label_generator
 from msp_jax.data import user_files
 from msp_jax.data.spans import bio_labels, bio_tags, example_bio_tags
 from msp_jax.errors import MspError
@@ -149,6 +152,81 @@ class EntityModel:
             "span_partial_f1_original": partial["f1"]}
 
 
+def finetune_config(c, seed: int) -> label_generator.FinetuneConfig:
+  return label_generator.FinetuneConfig(params=c.finetune_params, epochs=c.finetune_epochs, learning_rate=c.finetune_lr,
+                                        batch_size=c.finetune_batch_size, max_new_tokens=c.finetune_max_new_tokens,
+                                        repetition_penalty=c.finetune_repetition_penalty, seed=seed)
+
+
+class GeneratedIntentModel(IntentModel):
+  """NLU++, the original's protocol: the backbone (its soft prompt, or all of it) learns to write the
+  ";"-joined intents; the epoch is chosen by micro F1 of the parsed dev strings. Scored like IntentModel."""
+
+  def fit(self, records, dev):
+    self.strings = label_generator.IntentStrings(self.labels["intents"])
+    self.generator = label_generator.LabelGenerator(self.cache.backbone, finetune_config(self.c, self.seed))
+    gold = [set(ex.attributes["intents"]) for ex in dev]
+
+    def dev_score(strings):
+      pred = [self.strings.parse(s)[0] for s in strings]
+      return task_scores.multilabel_prf(gold, pred, self.labels["intents"])["micro_f1"]
+
+    self.generator.fit([r["text"] for r in records], [self.strings.format(r["attributes"].get("intents", ())) for r in records],
+                       [ex.text for ex in dev], dev_score)
+    return self
+
+  @property
+  def selection(self) -> dict:
+    return {"intents": {**self.generator.selection, "dev_metric": "micro_f1"}}
+
+  def predict(self, texts) -> dict[str, list[set]]:
+    parsed = [self.strings.parse(s) for s in self.generator.generate(texts)]
+    self.dropped = sum(n for _, n in parsed)  # label pieces of the last prediction that named no intent
+    return {"intents": [labels for labels, _ in parsed]}
+
+
+class GeneratedEntityModel(EntityModel):
+  """CrossNER, the original's protocol: the backbone learns to write "entity [type] <sep> ..."; the epoch
+  is chosen by exact span F1 on dev. Exact span F1 needs word offsets: each written entity is found in
+  the sentence (`label_generator.locate`), one that is not there is a false positive; the original's
+  partial-match score reads the written strings themselves."""
+
+  def fit(self, records, dev):
+    self.strings = label_generator.EntityStrings(self.types)
+    self.generator = label_generator.LabelGenerator(self.cache.backbone, finetune_config(self.c, self.seed))
+    gold = [task_scores.bio_to_spans(example_bio_tags(ex)) for ex in dev]
+    dev_score = lambda strings: task_scores.span_f1(gold, self.located([ex.text for ex in dev], strings))["f1"]
+    targets = [self.strings.format([(s["type"], s["value"]) for s in sorted(r["spans"] or [], key=lambda s: s["start"])])
+               for r in records]
+    self.generator.fit([r["text"] for r in records], targets, [ex.text for ex in dev], dev_score)
+    return self
+
+  @property
+  def selection(self) -> dict:
+    return {"entities": {**self.generator.selection, "dev_metric": "span_f1"}}
+
+  def written(self, strings) -> list[list[tuple[str, str]]]:
+    parsed = [self.strings.parse(s) for s in strings]
+    self.dropped = sum(n for _, n in parsed)  # pieces of the last prediction that were not "entity [known type]"
+    return [entities for entities, _ in parsed]
+
+  def located(self, texts, strings) -> list[list]:
+    return [label_generator.locate(t, e) for t, e in zip(texts, self.written(strings))]
+
+  def predict_spans(self, texts) -> list[list]:
+    return self.located(texts, self.generator.generate(texts))
+
+  def score(self, examples) -> dict:
+    """EntityModel's scores: exact span F1 on the located entities, the original's partial F1 on the written ones."""
+    gold = [task_scores.bio_to_spans(example_bio_tags(ex)) for ex in examples]
+    texts = [ex.text for ex in examples]
+    written = self.written(self.generator.generate(texts))
+    exact = task_scores.span_f1(gold, [label_generator.locate(t, e) for t, e in zip(texts, written)])
+    partial = task_scores.span_partial_f1_original([task_scores.span_texts(ex.text, g) for ex, g in zip(examples, gold)], written)
+    return {"span_f1": exact["f1"], "span_precision": exact["precision"], "span_recall": exact["recall"],
+            "span_partial_f1_original": partial["f1"]}
+
+
 class ParseModel(LabelSetModel):
   """TOPv2: multi-label intents and multi-label slot types from pooled features, two linear heads.
   Plainly not TOPv2's exact-match semantic parsing (no tree, no slot values)."""
@@ -184,6 +262,8 @@ class AttributeSetsModel(LabelSetModel):
 
 
 MODELS = {"nlupp": IntentModel, "crossner": EntityModel, "topv2": ParseModel}
+FINETUNE_MODELS = {"nlupp": GeneratedIntentModel, "crossner": GeneratedEntityModel}
+DOWNSTREAM = ("probe", "finetune")
 MAIN_METRIC = {"nlupp": "micro_f1", "crossner": "span_f1", "topv2": "intent_set_accuracy"}
 
 
@@ -209,7 +289,24 @@ def selection_grid(c) -> downstream.SelectionGrid:
                           f"{c.downstream_eval_every!r}, config.downstream_thresholds={c.downstream_thresholds!r}: {e}") from None
 
 
+def check_downstream(c, datasets) -> None:
+  """Refuses a downstream setting that cannot run on these datasets, before anything is loaded."""
+  kind = c.get("downstream", "probe")
+  if kind not in DOWNSTREAM:
+    raise SelectionError(f"config.downstream={kind!r}: valid: {', '.join(DOWNSTREAM)}")
+  if kind == "finetune":
+    unsupported = [d for d in datasets if d not in FINETUNE_MODELS]
+    if unsupported:
+      raise SelectionError(f"config.downstream='finetune' writes NLU++ and CrossNER label strings only; config.tasks has "
+                           f"{unsupported[0]}: use config.downstream='probe' for it")
+    finetune_config(c, 0).check()
+
+
 def downstream_run(task, cache, c, seed: int, records, dev, test) -> dict:
   """One downstream run: train on records with hyper-parameters chosen on dev, then score test once."""
-  model = model_class(task)(task, cache, c, seed).fit(records, dev)
-  return {"selection": model.selection, "scores": model.score(test)}
+  finetune = c.get("downstream", "probe") == "finetune"
+  model = (FINETUNE_MODELS[task.dataset] if finetune else model_class(task))(task, cache, c, seed).fit(records, dev)
+  result = {"selection": model.selection, "scores": model.score(test)}
+  if finetune:
+    result["test_labels_dropped"] = model.dropped  # written label pieces that named no label of the ontology
+  return result

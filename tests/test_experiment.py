@@ -253,13 +253,18 @@ def test_each_seed_trains_and_samples_its_own_generator_and_rounds_reach_the_tar
   assert "not ranked against the others: " in table and "attention" in table.split("not ranked against the others: ")[1]
 
 
-@pytest.mark.parametrize("field,value,downstream_only,added_with", [
-    ("mask_synthetic_o", True, True, ()),
-    ("max_request_values", 2, False, ()),
-    ("source_data", True, True, ("source_fraction",)),  # source_fraction only matters with source_data
-    ("consistency_filter", "classifier", True, ("consistency_action", "consistency_recall", "consistency_alternatives",
-                                                "consistency_rank"))])
-def test_an_added_field_at_its_old_value_keeps_every_key(field, value, downstream_only, added_with):
+@pytest.mark.parametrize("field,value,kind,added_with", [
+    ("mask_synthetic_o", True, "downstream", ()),
+    ("max_request_values", 2, "generation", ()),
+    ("source_data", True, "downstream", ("source_fraction",)),  # source_fraction only matters with source_data
+    ("consistency_filter", "classifier", "downstream", ("consistency_action", "consistency_recall",
+                                                        "consistency_alternatives", "consistency_rank")),
+    ("downstream", "finetune", "downstream", ("finetune_params", "finetune_epochs", "finetune_lr", "finetune_batch_size", "finetune_max_new_tokens", "finetune_repetition_penalty")),
+    # the probe heads never read the finetune_* fields: at downstream="probe" no value of theirs enters a key
+    ("finetune_params", "full", "unread", ()), ("finetune_epochs", 9, "unread", ()), ("finetune_lr", 1e-4, "unread", ()),
+    ("finetune_batch_size", 2, "unread", ()), ("finetune_max_new_tokens", 8, "unread", ()),
+    ("finetune_repetition_penalty", 1.0, "unread", ())])
+def test_an_added_field_at_its_old_value_keeps_every_key(field, value, kind, added_with):
   """A grid cached before a field existed stays current while the field keeps its old behaviour."""
   from configs import experiment as experiment_config
   from msp_jax import experiment
@@ -267,7 +272,7 @@ def test_an_added_field_at_its_old_value_keeps_every_key(field, value, downstrea
   old = new.copy_and_resolve_references()
   for name in (field, *added_with):
     del old[name]  # the config as it was before the field was added
-  assert experiment.ADDED_FIELDS[field] == new[field]  # the default is the old behaviour
+  assert kind == "unread" or experiment.ADDED_FIELDS[field] == new[field]  # the default is the old behaviour
 
   def keys(c):
     return {method: (experiment.result_fields(c, "crossner", "music", method, 1),
@@ -278,9 +283,10 @@ def test_an_added_field_at_its_old_value_keeps_every_key(field, value, downstrea
   changed = new.copy_and_resolve_references()
   changed[field] = value
   for method, (result, training, generation) in keys(changed).items():
-    assert (result != keys(old)[method][0]) == (downstream_only or method != "seed")  # seed-only: no synthetic data
-    assert training == keys(old)[method][1]  # neither changes the trained prompts
-    assert (generation != keys(old)[method][2]) == (not downstream_only)
+    # seed-only has no synthetic data: a generation field does not change its result
+    assert (result != keys(old)[method][0]) == (kind == "downstream" or (kind == "generation" and method != "seed"))
+    assert training == keys(old)[method][1]  # none changes the trained prompts
+    assert (generation != keys(old)[method][2]) == (kind == "generation")
 
 
 # --- domain adaptation (config.source_data): real data of another domain added to every run ----------
@@ -454,3 +460,31 @@ def test_classifier_filter_in_the_grid_records_its_counts_and_adds_what_it_kept(
   relabelled = json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", "seed0.json")))["consistency"]
   assert relabelled["dropped_classifier"] + relabelled["relabelled_classifier"] == counts["dropped_classifier"], out
   assert relabelled["kept"] == counts["kept"] + relabelled["relabelled_classifier"]
+
+
+def test_a_finetune_field_enters_the_result_key_when_finetuning():
+  from configs import experiment as experiment_config
+  from msp_jax import experiment
+  c = experiment_config.get_config()
+  c.downstream = "finetune"
+  before = experiment.result_fields(c, "nlupp", "hotels", "seed", 0)
+  c.finetune_epochs = 9
+  after = experiment.result_fields(c, "nlupp", "hotels", "seed", 0)
+  assert before != after and after["downstream"]["finetune_epochs"] == 9
+
+
+def test_finetune_grid_writes_both_score_families(tiny_model_dir, tmp_path, tfds_dir, capsys):
+  """downstream="finetune": the backbone writes label strings for NLU++ and CrossNER; each run records its
+  epoch choice and scores with the standard and the original's metrics, and results.md shows both."""
+  c = tiny_grid(tiny_model_dir, tmp_path / "results", tfds_dir, tasks="nlupp/hotels,crossner/music", methods="seed",
+                downstream="finetune", finetune_epochs=1, finetune_batch_size=16, finetune_max_new_tokens=6, max_dev=8,
+                max_test=8)
+  run_grid(c, capsys)
+  for task, head in (("nlupp_hotels", "intents"), ("crossner_music", "entities")):
+    r = json.load(open(os.path.join(str(c.workdir), task, "seed", "seed0.json")))
+    assert set(r["scores"]) == SCORE_KEYS[task] and r["test_examples"] == 8 and r["dev_examples"] == 8
+    assert all(0.0 <= v <= 1.0 for v in r["scores"].values()) and r["test_labels_dropped"] >= 0
+    chosen = r["selection"][head]
+    assert chosen["epochs"] == 1 and len(chosen["history"]) == 1 and 0.0 <= chosen["dev_score"] <= 1.0
+  table = open(os.path.join(str(c.workdir), "results.md")).read()
+  assert "intent_f1 (original)" in table and "span_partial_f1 (original)" in table and "| dev span_f1 |" in table

@@ -1,0 +1,162 @@
+"""The original's downstream protocol (label_generator.py): label strings written and parsed back as
+the original post-processed them, the loss on the target tokens alone, learning a toy, and an epoch
+chosen on dev only."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from msp_jax import label_generator as lg
+from msp_jax.models import llama, weights
+
+
+# --- label strings ----------------------------------------------------------------------------------
+
+def test_intent_strings_round_trip_and_normalise_as_the_original():
+  strings = lg.IntentStrings(["booking", "refund", "when", "check_in", "wifi", "dont_know",
+                              "one_two_three_four_five_six_seven_eight"])
+  assert strings.format({"when", "booking", "refund"}) == "booking;refund;when"
+  assert strings.parse("booking;refund;when") == ({"booking", "refund", "when"}, 0)
+  assert strings.parse("") == (set(), 0)
+  # lowercase; punctuation and "_" become spaces; articles go; 7 tokens; cut at the end token past index 0
+  assert strings.parse("Check-In; the WiFi ;don't know;Spa_Treatment<|endoftext|>refund") == ({"check_in", "wifi"}, 2)
+  assert strings.parse("dont-know;an wifi!") == ({"dont_know", "wifi"}, 0)
+  assert strings.parse("one two three four five six seven nine") == ({"one_two_three_four_five_six_seven_eight"}, 0)
+  assert strings.parse("booking\nrefund") == (set(), 1)  # "booking | refund" is one unknown piece
+
+
+def test_entity_strings_round_trip_parse_and_locate():
+  strings = lg.EntityStrings(["location", "event", "musicalartist", "album", "song"])
+  entities = [("location", "Stade de France"), ("event", "2003 World Championships")]
+  text = strings.format(entities)
+  assert text == "Stade de France [location] <sep> 2003 World Championships [event]"
+  assert strings.parse(text) == (entities, 0)
+  assert strings.parse("") == ([], 0)
+  written = "The Beatles [MusicalArtist] <sep> Abbey Road [ Album ] <sep> Paul [hero] <sep> no brackets</s>x"
+  assert strings.parse(written) == ([("musicalartist", "The Beatles"), ("album", "Abbey Road")], 2)
+  sentence = "I love the beatles and Abbey Road , Abbey Road"
+  found = lg.locate(sentence, [("musicalartist", "The Beatles"), ("album", "Abbey Road"), ("album", "Abbey Road"),
+                               ("song", "Yesterday")])
+  assert found == [("musicalartist", 2, 4), ("album", 5, 7), ("album", 8, 10), ("song", -1, -1)]
+
+
+def test_postprocess_cuts_at_end_tokens_past_the_start():
+  assert lg.postprocess(" booking;refund</s><pad>") == "booking;refund"
+  assert lg.postprocess("</s>booking") == "</s>booking"  # an end token at index 0 is not a cut (the original's > 0)
+  assert lg.postprocess("a\nb") == "a | b"
+
+
+# --- the model ----------------------------------------------------------------------------------------
+
+def tiny_backbone(tokenizer, hidden=16, embed_scale=1.0):
+  cfg = llama.LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=2, num_heads=2,
+                          num_kv_heads=1, head_dim=hidden // 2, tie_word_embeddings=True)
+  model = llama.Llama(cfg, rngs=nnx.Rngs(0))
+  model.embed[...] = model.embed[...] * embed_scale  # larger logits: a loss that depends on which tokens count
+  return weights.Backbone(model=model, config=cfg, tokenizer=tokenizer, model_type="llama", source="tiny")
+
+
+def test_loss_is_the_mean_cross_entropy_of_the_target_tokens_only(smollm2_tokenizer):
+  backbone = tiny_backbone(smollm2_tokenizer, embed_scale=30.0)
+  gen = lg.LabelGenerator(backbone, lg.FinetuneConfig(params="prompt"))
+  texts, targets = ["book a room for two nights please", "wifi?"], ["booking;how_long", ""]
+  got = gen.loss(gen.batch(texts, targets, rows=3))  # a filler row that must not count
+
+  # reference: each example alone, unpadded, tokenised here; numpy log-softmax
+  tok, eos = smollm2_tokenizer, smollm2_tokenizer.eos_token_id
+  prefix = np.asarray(gen.trainable["prompts"]["instruction"][...])[None]
+  total = all_tokens = 0.0
+  count = all_count = 0
+  for text, target in zip(texts, targets):
+    source = tok(text + "<label>", add_special_tokens=False)["input_ids"]
+    label = tok(target, add_special_tokens=False)["input_ids"] + [eos]
+    ids = np.asarray([source + label])
+    logits = np.asarray(backbone.model(jnp.asarray(ids), jnp.ones(ids.shape, bool), embedded_prefix=jnp.asarray(prefix)),
+                        np.float64)[0]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -logp[np.arange(ids.shape[1] - 1), ids[0, 1:]]  # logits[t] predict token t + 1
+    total += nll[len(source) - 1:].sum()
+    count += len(label)
+    all_tokens, all_count = all_tokens + nll.sum(), all_count + len(nll)
+  assert abs(got - total / count) < 1e-4 * abs(total / count), (got, total / count)
+  assert abs(total / count - all_tokens / all_count) > 0.05  # the mask matters: this test can fail
+
+
+def toy_task(words=("gym", "spa")):
+  """Two intents whose utterances differ by one word."""
+  train = [f"{p} {w}" for p in ("book the", "i want the", "where is the", "open the") for w in words]
+  dev = [f"{p} {w}" for p in ("show me the", "is there a") for w in words]
+  return train, [t.split()[-1] for t in train], dev, [t.split()[-1] for t in dev]
+
+
+def finetune_config(**extra):
+  from ml_collections import ConfigDict
+  c = ConfigDict({"downstream": "finetune", "finetune_params": "prompt", "finetune_epochs": 2, "finetune_lr": 0.3,
+                  "finetune_batch_size": 4, "finetune_max_new_tokens": 6, "finetune_repetition_penalty": 1.2})
+  c.update(extra)
+  return c
+
+
+def test_test_labels_never_choose_the_epoch(smollm2_tokenizer, load_task):
+  """NLU++ through the grid's entry point: scoring a test split with its label sets shuffled among the
+  examples leaves every per-epoch dev score and the chosen epoch as they were."""
+  import dataclasses
+  from msp_jax import experiment, task_models
+  task = load_task("nlupp", "hotels", "few_shot")
+  cache = task_models.FeatureCache(tiny_backbone(smollm2_tokenizer, embed_scale=30.0))
+  records = [experiment.example_record(ex) for ex in task.splits["train"][:8]]
+  dev, test = list(task.splits["dev"][:4]), list(task.splits["test"][:4])
+  shuffled = [dataclasses.replace(ex, attributes=test[j].attributes) for ex, j in zip(test, [1, 2, 3, 0])]
+  assert [ex.attributes for ex in shuffled] != [ex.attributes for ex in test]
+  runs = [task_models.downstream_run(task, cache, finetune_config(), 0, records, dev, t) for t in (test, shuffled)]
+  untimed = lambda chosen: {**chosen, "history": [{k: v for k, v in h.items() if not k.endswith("_seconds")}
+                                                  for h in chosen["history"]]}
+  assert untimed(runs[0]["selection"]["intents"]) == untimed(runs[1]["selection"]["intents"])
+  chosen = runs[0]["selection"]["intents"]
+  assert chosen["dev_metric"] == "micro_f1" and chosen["epochs"] in (1, 2) and len(chosen["history"]) == 2
+  assert chosen["dev_score"] == max(h["dev_score"] for h in chosen["history"])
+  assert set(runs[0]["scores"]) == {"micro_f1", "macro_f1", "micro_precision", "micro_recall", "intent_f1_original",
+                                    "general_intent_f1", "general_intent_f1_original"}
+
+
+def test_topv2_or_a_bad_value_is_a_one_line_error_naming_the_field():
+  from msp_jax import task_models
+  with pytest.raises(task_models.SelectionError, match=r"^config.downstream='finetune' writes NLU\+\+ and CrossNER"):
+    task_models.check_downstream(finetune_config(), ["nlupp", "topv2"])
+  with pytest.raises(task_models.SelectionError, match=r"^config.downstream='tune': valid: probe, finetune$"):
+    task_models.check_downstream(finetune_config(downstream="tune"), ["nlupp"])
+  with pytest.raises(lg.FinetuneError, match=r"^config.finetune_params='all': valid: prompt, full$"):
+    task_models.check_downstream(finetune_config(finetune_params="all"), ["nlupp"])
+  with pytest.raises(lg.FinetuneError, match=r"^config.finetune_epochs=0: must be >= 1$"):
+    task_models.check_downstream(finetune_config(finetune_epochs=0), ["crossner"])
+
+
+def test_prompt_variant_learns_to_write_labels_and_leaves_the_backbone_alone(tiny_t5_tokenizer):
+  """A 32-wide random Llama (its 300-token vocabulary: fast) cannot be steered to copy a word by a
+  prompt alone, but a trained prompt makes it write a valid label: dev micro F1 goes from 0 (the untrained
+  prompt writes no label) to above 0 (valid intents written) within twelve (short) epochs; the backbone is untouched."""
+  cfg = llama.LlamaConfig(vocab_size=len(tiny_t5_tokenizer), hidden_size=32, intermediate_size=64, num_layers=2,
+                          num_heads=2, num_kv_heads=1, head_dim=16, tie_word_embeddings=True)
+  model = llama.Llama(cfg, rngs=nnx.Rngs(0))
+  for path, p in nnx.iter_graph(model):  # larger weights: logits a prompt can move (HF init gives near-uniform ones)
+    if isinstance(p, nnx.Param) and p[...].ndim >= 2:
+      p[...] = p[...] * (10.0 if "embed" in str(path) else 3.0)
+  before = {str(k): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  backbone = weights.Backbone(model=model, config=cfg, tokenizer=tiny_t5_tokenizer, model_type="llama", source="tiny")
+  train, targets, dev, dev_gold = toy_task(("hot", "today"))
+  strings = lg.IntentStrings(["hot", "today"])
+
+  def dev_score(written):
+    from msp_jax.metrics import task_scores
+    return task_scores.multilabel_prf([{g} for g in dev_gold], [strings.parse(w)[0] for w in written])["micro_f1"]
+
+  gen = lg.LabelGenerator(backbone, lg.FinetuneConfig(params="prompt", epochs=12, learning_rate=0.5, batch_size=4,
+                                                      max_new_tokens=4, repetition_penalty=1.0))
+  assert dev_score(gen.generate(dev)) == 0.0
+  gen.fit(train, targets, dev, dev_score)
+  scores = [h["dev_score"] for h in gen.history]
+  assert max(scores) > 0.0 and gen.selection["dev_score"] == max(scores), gen.history
+  assert gen.history[-1]["train_loss"] < gen.history[0]["train_loss"], gen.history
+  after = {str(k): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  assert all(np.array_equal(before[k], after[k]) for k in before)
