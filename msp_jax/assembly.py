@@ -173,9 +173,6 @@ def restore_prompts(run: Run, which="best") -> int:
   "latest": generation never silently uses other prompts than the ones asked for.
   """
   c = run.config
-  which = str(which)
-  if which not in ("best", "latest") and not which.isdigit():
-    raise ConfigError(f"config.checkpoint={which!r}: valid: best, latest or a step number")
   folder = os.path.join(c.workdir, "checkpoints")
   if ckpt.read_metadata(c.workdir) is None:
     saved = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []

@@ -45,13 +45,14 @@ def kept_steps(workdir):
   return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
 
 
-def truncate_largest_array_file(workdir, step):
-  """Cuts the biggest file under a step's `state` item in half, as a full disk or a killed copy would."""
+def truncate_largest_array_file(workdir, step, every=False):
+  """Cuts the biggest file under a step's `state` item in half, as a full disk or a killed copy would;
+  `every`: each of its files (generation reads the prompts alone, which one file may not hold)."""
   folder = os.path.join(workdir, "checkpoints", str(step), "state")
   files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
-  path = max(files, key=os.path.getsize)
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) // 2)
+  for path in files if every else [max(files, key=os.path.getsize)]:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
 
 
 def listing(folder):
@@ -125,7 +126,7 @@ def test_damaged_workdirs_are_one_line_errors_and_write_nothing(script, case, ex
   workdir, extra = copy_of_trained, []
   meta = os.path.join(workdir, "metadata.json")
   if case == "corrupt_step":
-    truncate_largest_array_file(workdir, 4)
+    truncate_largest_array_file(workdir, 4, every=True)
     extra = ["--config.checkpoint=latest"]
   elif case == "no_metadata":
     os.remove(meta)
