@@ -37,7 +37,9 @@ def batch_for(ids):
               attribute_ids=np.zeros((b, 1, 1), np.int32), attribute_mask=np.ones((b, 1, 1), bool))
 
 
-def time_ours(backbone, ids, prompt_tokens, reps, full_finetune=False):
+def prompt_step(backbone, prompt_tokens, full_finetune=False):
+  """The jitted training step of a pooling mixer with `prompt_tokens` prefix tokens (instruction +
+  one attribute's 20), and its (trainable, opt_state, frozen): prompts only, or every weight."""
   d = backbone.config.hidden_size
   rng = np.random.default_rng(0)
   prompts = soft_prompts.SoftPrompts(rng.uniform(-0.5, 0.5, (prompt_tokens - 20, d)),
@@ -49,6 +51,11 @@ def time_ours(backbone, ids, prompt_tokens, reps, full_finetune=False):
   tx, _ = training.make_optimizer(training.OptimizerConfig(learning_rate=3e-2, total_steps=100))
   opt_state = tx.init(trainable)
   step = training.make_train_step(graphdef, tx, sharding.make_mesh(), trainable, opt_state, frozen)
+  return step, trainable, opt_state, frozen
+
+
+def time_ours(backbone, ids, prompt_tokens, reps, full_finetune=False):
+  step, trainable, opt_state, frozen = prompt_step(backbone, prompt_tokens, full_finetune)
   batch = batch_for(ids)
   state = {"t": trainable, "o": opt_state}
 

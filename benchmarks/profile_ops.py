@@ -1,0 +1,190 @@
+"""Where the time goes: XLA's own per-op profile of one jitted call on SmolLM2-135M-Instruct (CPU).
+
+  python benchmarks/profile_ops.py [--what forward train_step decode_step sampling] [--batch 8] [--seq 128]
+      [--prompt_tokens 20] [--decode_batch 64] [--cache 80] [--reps 3] [--top 12] [--json out.json]
+
+Each call runs under `jax.profiler.trace`; every XLA op (thunk) it executed is mapped to the HLO that
+made it (the compiled module's `metadata op_name`) and summed per call, then grouped by kind:
+
+  weight matmul      a dot with a weight matrix (q/k/v/o, MLP, LM head)
+  attention          the score and value dots and their softmax
+  layer slicing      copying one layer's weights / cache out of the stacked [L, ...] arrays (lax.scan)
+  cache write        writing new keys/values into the KV cache
+  layout copy        transposes and copies XLA inserted
+  other              norms, rotary, elementwise, the loss
+
+forward: 8 x 128 fp32 (benchmarks/forward.py's shape); train_step: the prompt-only step of
+benchmarks/train_step.py (prefix of --prompt_tokens, backward to the prompts only); decode_step: one
+token for --decode_batch rows against a cache of --cache slots, donated as in the sampler's loop;
+sampling: top-p 0.95 and the draw on those rows' logits (the rest of a sampler iteration).
+Op times are summed over XLA's threads (an op split over 2 cores counts twice), so compare shares;
+they hold for the machine they were measured on (printed first), and under load only the shares do.
+"""
+import argparse
+import collections
+import functools
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `python benchmarks/X.py`
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import msp_jax
+from benchmarks.machine import describe
+from benchmarks.train_step import batch_for, prompt_step
+from msp_jax import sampling
+from msp_jax.models import weights
+
+KINDS = ("weight matmul", "attention", "layer slicing", "cache write", "layout copy", "other")
+ATTENTION = ("btkgd,bskd->bkgts", "bkgts,bskd->btkgd", "softmax", "reduce_max")  # layers.attention's einsums
+
+
+def hlo_sources(compiled_text: str) -> dict[str, str]:
+  """{instruction name: its op_name metadata} for every instruction of a compiled HLO module."""
+  found = {}
+  for line in compiled_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", line)
+    if m:
+      found[m.group(1)] = m.group(2)
+  return found
+
+
+def kind_of(op: str, source: str) -> str:
+  """The kind of an XLA op, from its name and the jax source of its HLO."""
+  if any(a in source for a in ATTENTION):
+    return "attention"
+  if "dot_general" in source:
+    return "weight matmul"
+  if "dynamic_update_slice" in source or "dynamic-update-slice" in op:
+    return "cache write"
+  if "dynamic_slice" in source or "dynamic_index_in_dim" in source or "dynamic-slice" in op:
+    return "layer slicing"
+  if re.search(r"\b(copy|transpose)", op) or "transpose" in source:
+    return "layout copy"
+  return "other"
+
+
+def profile(fn, args, reps: int, make_args=None) -> tuple[list[dict], float]:
+  """Per-op milliseconds per call of jitted `fn` (already compiled by one warm-up call), and the
+  wall milliseconds per call. `make_args()` gives fresh arguments per call (for donated buffers)."""
+  fresh = make_args or (lambda: args)
+  jax.block_until_ready(fn(*fresh()))
+  sources = hlo_sources(fn.lower(*fresh()).compile().as_text())
+  folder = tempfile.mkdtemp(prefix="profile_ops_")
+  calls = [fresh() for _ in range(reps)]
+  with jax.profiler.trace(folder, create_perfetto_trace=True):
+    start = time.perf_counter()
+    for a in calls:
+      jax.block_until_ready(fn(*a))
+    wall_ms = (time.perf_counter() - start) * 1e3 / reps
+  trace = glob.glob(f"{folder}/**/*.trace.json.gz", recursive=True)
+  if not trace:
+    raise SystemExit(f"profile_ops: jax.profiler wrote no trace under {folder}")
+  events = json.load(gzip.open(trace[0]))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  total, count = collections.Counter(), collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") == "X" and name in sources:
+      total[name] += e.get("dur", 0)
+      count[name] += 1
+  rows = [dict(op=op, ms=round(us / reps / 1e3, 2), per_call=count[op] // reps, kind=kind_of(op, sources[op]),
+               source="/".join(sources[op].split("/")[-2:])[:60]) for op, us in total.most_common()]
+  return rows, wall_ms
+
+
+def summarise(what: str, rows: list[dict], wall_ms: float, top: int) -> dict:
+  ops_ms = sum(r["ms"] for r in rows)
+  by_kind = {k: round(sum(r["ms"] for r in rows if r["kind"] == k), 1) for k in KINDS}
+  print(f"\n## {what}: {wall_ms:.0f} ms a call (wall), {ops_ms:.0f} ms in XLA ops\n")
+  print("| kind | ms | share of op time |\n|---|---|---|")
+  for k, ms in by_kind.items():
+    if ms:
+      print(f"| {k} | {ms} | {ms / ops_ms:.0%} |")
+  print(f"\ntop {top} ops:\n\n| op | ms | x per call | kind | HLO source |\n|---|---|---|---|---|")
+  for r in rows[:top]:
+    print(f"| {r['op']} | {r['ms']} | {r['per_call']} | {r['kind']} | {r['source']} |")
+  return dict(what=what, wall_ms=round(wall_ms, 1), ops_ms=round(ops_ms, 1), by_kind=by_kind, top=rows[:top])
+
+
+def forward_case(backbone, args):
+  ids = jnp.asarray(np.random.default_rng(0).integers(3, backbone.config.vocab_size, (args.batch, args.seq)), jnp.int32)
+  mask = jnp.ones(ids.shape, bool)
+  fn = jax.jit(lambda model, ids, mask: model(ids, attention_mask=mask))
+  return fn, (backbone.model, ids, mask), None
+
+
+def train_step_case(backbone, args):
+  ids = np.random.default_rng(0).integers(3, backbone.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
+  step, trainable, opt_state, frozen = prompt_step(backbone, args.prompt_tokens)
+  batch = batch_for(ids)
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the step donates the prompts and optimizer state
+  return step, None, lambda: (copy(trainable), copy(opt_state), frozen, batch)
+
+
+def decode_step_case(backbone, args):
+  """One iteration of the sampler's model: one token per row against the cache (donated, as in its loop)."""
+  model, b = backbone.model, args.decode_batch
+  ids = jnp.asarray(np.random.default_rng(0).integers(3, backbone.config.vocab_size, (b, 16)), jnp.int32)
+  prefill = jax.jit(lambda model, ids, cache: model(ids, attention_mask=jnp.ones(ids.shape, bool), cache=cache))
+
+  @functools.partial(jax.jit, donate_argnums=1)
+  def step(model, cache, token):
+    return model(token[:, None], attention_mask=jnp.ones((b, 1), bool), cache=cache)
+
+  def fresh():
+    logits, cache = prefill(model, ids, model.init_cache(b, max(args.cache, 17)))
+    return model, cache, jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+
+  return step, None, fresh
+
+
+def sampling_case(backbone, args):
+  """The rest of a sampler iteration: top-p 0.95 and the draw, on the model's logits for --decode_batch rows."""
+  model, b = backbone.model, args.decode_batch
+  ids = jnp.asarray(np.random.default_rng(0).integers(3, backbone.config.vocab_size, (b, 16)), jnp.int32)
+  logits = jax.jit(lambda model, ids: model(ids)[:, -1])(model, ids)
+  fn = jax.jit(lambda logits, key: sampling.sample(key, sampling.apply_top_p(logits, 0.95)))
+  return fn, (logits, jax.random.key(0)), None
+
+
+CASES = {"forward": forward_case, "train_step": train_step_case, "decode_step": decode_step_case,
+         "sampling": sampling_case}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--what", nargs="+", default=list(CASES), choices=list(CASES))
+  parser.add_argument("--batch", type=int, default=8, help="forward / train_step rows")
+  parser.add_argument("--seq", type=int, default=128, help="forward / train_step tokens per row")
+  parser.add_argument("--prompt_tokens", type=int, default=20, help="train_step: soft-prompt length")
+  parser.add_argument("--decode_batch", type=int, default=64)
+  parser.add_argument("--cache", type=int, default=80, help="decode_step: cache slots (16 prompt + 64 new)")
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--top", type=int, default=12)
+  parser.add_argument("--json", help="also write the results here")
+  args = parser.parse_args()
+  machine = describe()
+  print(machine, flush=True)
+  backbone = msp_jax.load_backbone(weights.DEFAULT_BACKBONE, dtype=jnp.float32, with_tokenizer=False)
+  result = {**machine, "cases": []}
+  for what in args.what:
+    fn, fn_args, fresh = CASES[what](backbone, args)
+    rows, wall_ms = profile(fn, fn_args, args.reps, fresh)
+    result["cases"].append(summarise(what, rows, wall_ms, args.top))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
