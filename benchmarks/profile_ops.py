@@ -36,9 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import msp_jax
+from benchmarks.generate import make_inputs
 from benchmarks.machine import describe
 from benchmarks.train_step import batch_for, prompt_step
 from msp_jax import sampling
@@ -77,8 +77,9 @@ def profile(fn, args, reps: int, make_args=None) -> tuple[list[dict], float]:
   """Per-op milliseconds per call of jitted `fn` (already compiled by one warm-up call), and the
   wall milliseconds per call. `make_args()` gives fresh arguments per call (for donated buffers)."""
   fresh = make_args or (lambda: args)
-  jax.block_until_ready(fn(*fresh()))
-  sources = hlo_sources(fn.lower(*fresh()).compile().as_text())
+  first = fresh()
+  sources = hlo_sources(fn.lower(*first).compile().as_text())
+  jax.block_until_ready(fn(*first))  # the warm-up call: compiles
   folder = tempfile.mkdtemp(prefix="profile_ops_")
   calls = [fresh() for _ in range(reps)]
   with jax.profiler.trace(folder, create_perfetto_trace=True):
@@ -116,15 +117,19 @@ def summarise(what: str, rows: list[dict], wall_ms: float, top: int) -> dict:
   return dict(what=what, wall_ms=round(wall_ms, 1), ops_ms=round(ops_ms, 1), by_kind=by_kind, top=rows[:top])
 
 
+def random_ids(backbone, batch, length):
+  return make_inputs(batch, length, 0, backbone.config.vocab_size, backbone.config.hidden_size)[0]
+
+
 def forward_case(backbone, args):
-  ids = jnp.asarray(np.random.default_rng(0).integers(3, backbone.config.vocab_size, (args.batch, args.seq)), jnp.int32)
+  ids = jnp.asarray(random_ids(backbone, args.batch, args.seq))
   mask = jnp.ones(ids.shape, bool)
   fn = jax.jit(lambda model, ids, mask: model(ids, attention_mask=mask))
   return fn, (backbone.model, ids, mask), None
 
 
 def train_step_case(backbone, args):
-  ids = np.random.default_rng(0).integers(3, backbone.config.vocab_size, (args.batch, args.seq)).astype(np.int32)
+  ids = random_ids(backbone, args.batch, args.seq)
   step, trainable, opt_state, frozen = prompt_step(backbone, args.prompt_tokens)
   batch = batch_for(ids)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the step donates the prompts and optimizer state
@@ -134,7 +139,7 @@ def train_step_case(backbone, args):
 def decode_step_case(backbone, args):
   """One iteration of the sampler's model: one token per row against the cache (donated, as in its loop)."""
   model, b = backbone.model, args.decode_batch
-  ids = jnp.asarray(np.random.default_rng(0).integers(3, backbone.config.vocab_size, (b, 16)), jnp.int32)
+  ids = jnp.asarray(random_ids(backbone, b, 16))
   prefill = jax.jit(lambda model, ids, cache: model(ids, attention_mask=jnp.ones(ids.shape, bool), cache=cache))
 
   @functools.partial(jax.jit, donate_argnums=1)
@@ -151,7 +156,7 @@ def decode_step_case(backbone, args):
 def sampling_case(backbone, args):
   """The rest of a sampler iteration: top-p 0.95 and the draw, on the model's logits for --decode_batch rows."""
   model, b = backbone.model, args.decode_batch
-  ids = jnp.asarray(np.random.default_rng(0).integers(3, backbone.config.vocab_size, (b, 16)), jnp.int32)
+  ids = jnp.asarray(random_ids(backbone, b, 16))
   logits = jax.jit(lambda model, ids: model(ids)[:, -1])(model, ids)
   fn = jax.jit(lambda logits, key: sampling.sample(key, sampling.apply_top_p(logits, 0.95)))
   return fn, (logits, jax.random.key(0)), None
