@@ -23,7 +23,8 @@ def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_coll
   c.data_path = ""               # dataset=files: your folder (train.jsonl [dev, test, attributes.json]); domain unused
   c.num_shot = 2                 # exemplars in each prompt
   c.max_mixture = 10             # M: most attributes per example and set
-  c.buckets = (64, 128, 256)     # padded sequence lengths
+  c.buckets = (48, 64, 80, 96, 128, 160, 192, 256)  # padded sequence lengths (each new one compiles once)
+  c.group_by_length = True       # training batches of similar row lengths: less padding (data/iterator.py)
 
   # Soft prompts and mixer.
   c.mixture = mixture            # concat | pooling | attention | bottleneck | cnn
@@ -38,6 +39,7 @@ def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_coll
   c.optimizer = "adamw"          # adamw | adafactor
   c.learning_rate = 1e-2
   c.warmup_steps = 20
+  c.warmup_fraction = 0.0        # > 0: warm-up over this share of all steps instead (the original: 0.1)
   c.decay = "cosine"             # cosine | constant
   c.weight_decay = 0.0
   c.clip_norm = 1.0
@@ -47,7 +49,7 @@ def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_coll
   c.max_steps = 0                # optimizer steps; 0 = no cap (num_epochs decides)
 
   # Evaluation, selection and checkpoints.
-  c.eval_every = 50              # steps between dev evaluations (and best-k checkpoints)
+  c.eval_every = 50              # steps between dev evaluations (and best-k checkpoints); 0 = once an epoch
   c.eval_batches = 0             # dev batches per eval; 0 = the whole dev split
   c.bleu_examples = 32           # dev examples generated greedily for BLEU; 0 = skip
   c.max_new_tokens = 40

@@ -51,10 +51,12 @@ def validate(c, backbone: Backbone | None = None) -> None:
     fail("domain", f"valid for {c.dataset}: {', '.join(msp_data.domains(c.dataset))}")
   if c.setting not in msp_data.SETTINGS:
     fail("setting", f"valid: {', '.join(msp_data.SETTINGS)}")
-  for field in ("max_steps", "num_epochs", "n_tokens", "patience", "bleu_examples", "eval_batches"):
+  for field in ("max_steps", "num_epochs", "n_tokens", "patience", "bleu_examples", "eval_batches", "eval_every"):
     if getattr(c, field) < 0:
       fail(field, "must be >= 0")
-  for field in ("batch_size", "grad_accum_steps", "eval_every", "checkpoint_every", "attribute_tokens",
+  if not 0 <= c.get("warmup_fraction", 0.0) < 1:
+    fail("warmup_fraction", "the share of all steps spent warming up: valid 0 <= warmup_fraction < 1 (0: warmup_steps)")
+  for field in ("batch_size", "grad_accum_steps", "checkpoint_every", "attribute_tokens",
                 "max_new_tokens", "keep_best", "log_every"):
     if getattr(c, field) < 1:
       fail(field, "must be >= 1")

@@ -132,9 +132,19 @@ def dev_bleu(run: Run, graphdef, trainable, frozen, mesh) -> float:
   return text_quality.corpus_bleu(hyps, [[ex.text] for ex in examples])
 
 
+def warmup_steps(c, total_steps: int) -> int:
+  """`warmup_fraction` of all steps when set (the original's schedule scales with the run), else `warmup_steps`."""
+  return round(c.warmup_fraction * total_steps) if c.get("warmup_fraction", 0.0) else c.warmup_steps
+
+
+def eval_interval(c, steps_per_epoch: int) -> int:
+  """Optimizer steps between dev evaluations: `eval_every`, or once an epoch when it is 0."""
+  return c.eval_every or max(1, steps_per_epoch // c.grad_accum_steps)
+
+
 def make_tx(c, total_steps: int):
   return training.make_optimizer(training.OptimizerConfig(
-      name=c.optimizer, learning_rate=c.learning_rate, warmup_steps=c.warmup_steps, decay=c.decay,
+      name=c.optimizer, learning_rate=c.learning_rate, warmup_steps=warmup_steps(c, total_steps), decay=c.decay,
       total_steps=total_steps, weight_decay=c.weight_decay, clip_norm=c.clip_norm, grad_accum_steps=c.grad_accum_steps))
 
 
@@ -165,8 +175,10 @@ def _train(c, backbone: Backbone | None, guard: interrupts.StopGuard) -> dict:
   graphdef, trainable, frozen = training.split(run.model)
   frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh))
   train_it = msp_data.task_batches(run.task, "train", run.backbone.tokenizer, global_batch_size=c.batch_size,
-                                   config=run.batch_config, seed=c.seed, num_epochs=None, num_exemplars=c.num_shot)
+                                   config=run.batch_config, seed=c.seed, num_epochs=None, num_exemplars=c.num_shot,
+                                   group_by_length=c.get("group_by_length", False))
   total_steps = c.max_steps or c.num_epochs * train_it.steps_per_epoch // c.grad_accum_steps
+  eval_every = eval_interval(c, train_it.steps_per_epoch)
   tx, schedule = make_tx(c, total_steps)
   rep = sharding.replicated(mesh)
   trainable = jax.device_put(trainable, rep)
@@ -230,7 +242,7 @@ def _train(c, backbone: Backbone | None, guard: interrupts.StopGuard) -> dict:
       if progress:
         progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:.0f}")
         progress.update(1)
-      if step % c.eval_every == 0 or step == total_steps:
+      if step % eval_every == 0 or step == total_steps:
         last_eval = evaluate(run, graphdef, trainable, frozen, eval_step, mesh)
         value = last_eval[c.select_metric]
         improved = best is None or (value < best if minimize else value > best)

@@ -114,3 +114,40 @@ def test_training_exemplars_never_contain_the_example(load_task, smollm2_tokeniz
       header, exemplars = prompt.split("\n", 1)
       assert header.endswith(" in the hotels domain:")
       assert target not in [line[3:] for line in exemplars.split("\n")[:-1]]
+
+
+def test_length_grouping_keeps_each_epoch_and_cuts_batches_from_sorted_lengths():
+  examples = [Example(f"d/train/{i}", "d", f"{i:02d}" + "x" * ((7 * i) % 13), {"intents": ()}) for i in range(14)]
+  grouped = lambda: BatchIterator(examples, to_segments, CharTokenizer(), global_batch_size=4, num_epochs=None,
+                                  config=BatchConfig(buckets=(32,)), group_by_length=True, process_index=0, process_count=1)
+  plain = BatchIterator(examples, to_segments, CharTokenizer(), global_batch_size=4, num_epochs=None,
+                        config=BatchConfig(buckets=(32,)), process_index=0, process_count=1)
+  it = grouped()
+  for epoch in range(2):
+    batches = [seen(next(it)) for _ in range(3)]  # 3 full batches of 4; 2 examples dropped
+    kept = sum(batches, [])
+    assert sorted(kept) == sorted(examples[i].text for i in plain.order(epoch)[:12])  # the same 12 as without grouping
+    lengths = sorted(sorted(len(t) for t in b) for b in batches)  # each batch is a run of the sorted lengths
+    assert [x for b in lengths for x in b] == sorted(len(t) for t in kept)
+  assert [seen(next(it)) for _ in range(3)] != batches  # a new epoch, a new order
+  resumed, straight = grouped(), grouped()
+  resumed.set_state(json.loads(json.dumps({"seed": 0, "epoch": 1, "step": 1})))
+  for _ in range(4):
+    next(straight)
+  a, b = next(resumed), next(straight)
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_length_grouping_cuts_padding_on_nlu_hotels(load_task, smollm2_tokenizer):
+  task = load_task("nlupp", "hotels", "few_shot", seed=0)
+  config = BatchConfig(buckets=(48, 64, 80, 96, 128), max_mixture=10)  # the grid's buckets up to 128
+
+  def pad_share(group):
+    it = task_batches(task, "train", smollm2_tokenizer, global_batch_size=8, config=config, group_by_length=group,
+                      process_index=0, process_count=1)
+    batches = list(it)
+    assert len(batches) == 12
+    return 1 - sum(b["attention_mask"].sum() for b in batches) / sum(b["attention_mask"].size for b in batches)
+
+  plain, grouped = pad_share(False), pad_share(True)
+  assert grouped < 0.25 < 0.4 < plain, (plain, grouped)  # measured: 0.19 and 0.44

@@ -96,6 +96,8 @@ def test_restoring_onto_another_backbone_is_an_error(tiny_model_dir, tmp_path):
     ("--config.mixture=mean", "config.mixture='mean': valid: concat, pooling, attention, bottleneck, cnn, none"),
     ("--config.max_steps=-3", "config.max_steps=-3: must be >= 0"),
     ("--config.domain=casino", "config.domain='casino': valid for nlupp: banking, hotels"),
+    ("--config.warmup_fraction=1.5", "config.warmup_fraction=1.5: the share of all steps spent warming up: "
+                                     "valid 0 <= warmup_fraction < 1 (0: warmup_steps)"),
 ])
 def test_config_errors_are_one_line(flag, message, tmp_path):
   proc = run_train([flag, f"--config.workdir={tmp_path}/w"])
@@ -128,3 +130,16 @@ def test_short_real_run_lowers_dev_loss(tmp_path):
   before = next(l["dev_loss"] for l in lines if l["step"] == 0)
   after = summary["last_eval"]["dev_loss"]
   assert after < before - 0.4, (before, after)
+
+
+def test_epoch_evaluations_and_warmup_as_a_share_of_the_steps(tiny_model_dir, tmp_path):
+  """eval_every=0: dev loss once an epoch (98 hotels seeds / batch 32 = 3 steps); warmup_fraction=0.5 of 6
+  steps = 3 linear warm-up steps to the learning rate (hand-computed: lr x step / 3)."""
+  c = common.get_config(mixture="pooling")
+  c.update(model=tiny_model_dir, workdir=str(tmp_path / "run"), n_tokens=4, batch_size=32, max_steps=0, num_epochs=2,
+           eval_every=0, eval_batches=1, bleu_examples=0, warmup_fraction=0.5, learning_rate=0.3, decay="constant",
+           checkpoint_every=100)
+  trainer.train(c)
+  lines = [json.loads(l) for l in open(os.path.join(c.workdir, "metrics.jsonl"))]
+  assert [l["step"] for l in lines if "dev_loss" in l] == [0, 3, 6]
+  np.testing.assert_allclose([l["lr"] for l in lines if "lr" in l], [0.1, 0.2, 0.3, 0.3, 0.3, 0.3], rtol=1e-6)

@@ -56,6 +56,14 @@ def make_batch(segments: Sequence[Segments], tokenizer, config: BatchConfig = Ba
   return batch
 
 
+def row_length(segments: Segments, tokenizer) -> int:
+  """Tokens of one example's text + target + EOS: its row before padding (decoder-only), the sort key of
+  length grouping (encoder-decoder: both sides together)."""
+  text = len(_encode(tokenizer, [segments.text])[0])
+  target = len(_encode(tokenizer, [segments.target])[0]) + 1 if segments.target is not None else 0
+  return text + target
+
+
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
   # No special tokens: EOS is placed explicitly, and the text must tokenise the same in training
   # and in generation.

@@ -5,6 +5,11 @@ its own contiguous slice of each global batch, so `process_count` hosts together
 an epoch once, in batches of one shape. Exemplars are drawn with a generator seeded by (seed, epoch, example index): the
 batches depend only on the seed and the position, which is all a checkpoint needs to store
 (`get_state` / `set_state`).
+
+With `group_by_length` (training) each epoch's kept examples are sorted by their row's token count
+and cut into batches whose order is then shuffled: every batch still holds a random epoch's examples
+once, but rows of one batch have similar lengths, so the bucketed length T wastes less on padding
+(NLU++ hotels rows are 36-73 tokens from p10 to p90: random batches of 8 mostly pad to the 128 bucket).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from msp_jax.data.batching import BatchConfig, make_batch
+from msp_jax.data.batching import BatchConfig, make_batch, row_length
 from msp_jax.data.example import Example
 from msp_jax.data.layout import PromptLayout, Segments
 from msp_jax.data.sources import DataError
@@ -29,7 +34,7 @@ class BatchIterator:
   def __init__(self, examples: Sequence[Example], to_segments: Callable[[Example, np.random.Generator], Segments],
                tokenizer, *, global_batch_size: int, config: BatchConfig = BatchConfig(), seed: int = 0,
                num_epochs: int | None = 1, shuffle: bool = True, drop_remainder: bool = True,
-               process_index: int | None = None, process_count: int | None = None):
+               group_by_length: bool = False, process_index: int | None = None, process_count: int | None = None):
     if process_index is None or process_count is None:
       import jax  # only to ask which host this is
       process_index, process_count = jax.process_index(), jax.process_count()
@@ -39,7 +44,8 @@ class BatchIterator:
       raise DataError("cannot iterate over an empty split")
     self.examples, self.to_segments, self.tokenizer, self.config = list(examples), to_segments, tokenizer, config
     self.global_batch_size, self.seed, self.num_epochs = global_batch_size, seed, num_epochs
-    self.shuffle, self.drop_remainder = shuffle, drop_remainder
+    self.shuffle, self.drop_remainder, self.group_by_length = shuffle, drop_remainder, group_by_length
+    self._orders: dict[int, np.ndarray] = {}  # the last epoch's order (grouping tokenizes the whole epoch)
     self.local_batch_size = global_batch_size // process_count
     self.process_index = process_index
     self.epoch, self.step = 0, 0  # the next batch is `step` of `epoch`
@@ -61,8 +67,29 @@ class BatchIterator:
     self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
   def order(self, epoch: int) -> np.ndarray:
+    """The examples of `epoch` in batch order (a pure function of seed and epoch)."""
     n = len(self.examples)
-    return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+    if not self.shuffle:
+      return np.arange(n)
+    if epoch not in self._orders:
+      order = np.random.default_rng([self.seed, epoch]).permutation(n)
+      if self.group_by_length:
+        order = self._grouped(epoch, order)
+      self._orders = {epoch: order}
+    return self._orders[epoch]
+
+  def _grouped(self, epoch: int, order: np.ndarray) -> np.ndarray:
+    """`order`'s full batches re-cut from their examples sorted by row length, in a seeded random order;
+    the remainder (dropped, or the final partial batch) stays the same examples, last."""
+    full = len(order) // self.global_batch_size * self.global_batch_size
+    kept, rest = order[:full], order[full:]
+    lengths = [row_length(self.to_segments(self.examples[i], self.exemplar_rng(epoch, i)), self.tokenizer) for i in kept]
+    batches = kept[np.argsort(lengths, kind="stable")].reshape(-1, self.global_batch_size)
+    shuffled = batches[np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))]
+    return np.concatenate([shuffled.ravel(), rest])
+
+  def exemplar_rng(self, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([self.seed, epoch, int(index)])
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
@@ -85,7 +112,7 @@ class BatchIterator:
     rows = self.order(epoch)[step * self.global_batch_size:(step + 1) * self.global_batch_size]
     real = np.arange(self.global_batch_size) < len(rows)
     rows = np.resize(rows, self.global_batch_size)  # repeats rows to fill a final partial batch
-    segments = [self.to_segments(self.examples[i], np.random.default_rng([self.seed, epoch, int(i)])) for i in rows]
+    segments = [self.to_segments(self.examples[i], self.exemplar_rng(epoch, i)) for i in rows]
     batch = make_batch(segments, self.tokenizer, self.config, example_mask=real)
     mine = slice(self.process_index * self.local_batch_size, (self.process_index + 1) * self.local_batch_size)
     return {name: array[mine] for name, array in batch.items()}
@@ -93,11 +120,12 @@ class BatchIterator:
 
 def task_batches(task, split: str, tokenizer, *, global_batch_size: int, config: BatchConfig = BatchConfig(),
                  seed: int = 0, num_epochs: int | None = 1, shuffle: bool | None = None,
-                 num_exemplars: int = 2, pool_size: int = 10, with_target: bool = True,
+                 num_exemplars: int = 2, pool_size: int = 10, with_target: bool = True, group_by_length: bool = False,
                  process_index: int | None = None, process_count: int | None = None) -> BatchIterator:
   """Batches of a task's split in the MSP prompt layout; exemplars always come from task's train split.
 
-  Training (split "train") shuffles and drops the remainder; dev/test keep order and pad.
+  Training (split "train") shuffles and drops the remainder (and groups rows by length if asked);
+  dev/test keep order and pad.
   """
   if split not in task.splits:
     raise DataError(f"unknown split {split!r}; valid: {', '.join(task.splits)}")
@@ -106,4 +134,5 @@ def task_batches(task, split: str, tokenizer, *, global_batch_size: int, config:
   return BatchIterator(task.splits[split], lambda ex, rng: layout.segments(ex, rng, with_target), tokenizer,
                        global_batch_size=global_batch_size, config=config, seed=seed, num_epochs=num_epochs,
                        shuffle=training if shuffle is None else shuffle, drop_remainder=training,
+                       group_by_length=group_by_length and training,
                        process_index=process_index, process_count=process_count)
