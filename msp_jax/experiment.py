@@ -295,8 +295,9 @@ def consistency_thresholds(judge, dev, c) -> dict | None:
   return consistency.choose_thresholds(judge, dev[1::2] or dev, c.downstream_thresholds, c.consistency_recall)
 
 
-def consistent_records(c, backbone, dataset, domain, method, k, pool, judge, thresholds) -> tuple[list[dict], dict | None]:
-  """Seed k's pool after the consistency filter(s) of `c` (before the subsample to the target), and what
+def consistent_records(c, backbone, m, method, pool, judge, thresholds) -> tuple[list[dict], dict | None]:
+  """The pool that method config `m` generated after the consistency filter(s) of `c` (before the subsample
+  to the target; the round trip scores under `m`'s trained prompts), and what
   each did: pool size, dropped / relabelled by the classifier, dropped by the round trip (None: not
   applied; in-context has no trained prompts to score with); no filter: (pool, None)."""
   if c.get("consistency_filter", "none") == "none":
@@ -310,7 +311,6 @@ def consistent_records(c, backbone, dataset, domain, method, k, pool, judge, thr
   if consistency.uses_roundtrip(c) and method != "in_context" and not kept:
     counts.update(dropped_roundtrip=0, alternatives=c.consistency_alternatives, rank=c.consistency_rank)
   elif consistency.uses_roundtrip(c) and method != "in_context":
-    m = method_config(c, dataset, domain, method, k)
     run = assembly.build(m, backbone)
     assembly.restore_prompts(run, m.checkpoint)  # the prompts this pool was generated with
     seeds = list(run.task.splits["train"])[:m.max_seeds or None]  # the sets the generator was asked for
@@ -416,7 +416,8 @@ def run(c, backbone=None) -> str:
           copies = subsample(eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n_synthetic, k)
           return copies, copies, None, None
         pool, origin = generated_records(c, backbone, dataset, domain, method, k)
-        pool, counts = consistent_records(c, backbone, dataset, domain, method, k, pool, seed_model, thresholds)
+        pool, counts = consistent_records(c, backbone, method_config(c, dataset, domain, method, k), method, pool,
+                                          seed_model, thresholds)
         return subsample(pool, n_synthetic, k), pool, origin, counts  # short of the target: what the filter left
 
       for k in todo:

@@ -1,0 +1,156 @@
+"""Variants of one grid method scored on the dev split only: decoding sweeps and the lever ablations.
+
+  python benchmarks/dev_sweep.py --task nlupp/hotels --method attention --seeds 2 \
+      --variant default: --variant t1.2:temperature=1.2 --variant p1:top_p=1.0 [--set learning_rate=0.1 ...] \
+      [--workdir /tmp/dev_sweep] [--json out.json]
+
+Each variant is `name:field=value,...` over configs/experiment.py (after the `--set` fields every variant
+shares); `method=...` in a variant switches the grid method (seed, eda, in_context, prompt_tuning, a mixer).
+For each variant and seed k it does what the grid does for a row (`msp_jax/experiment.py`): train seed k's
+prompts (reused by every variant with the same training fields), generate, apply the consistency filter,
+take the seeded subsample of the grid's target count, and fit the downstream model on seeds + that data
+with its choices made on dev. The score is that run's dev score (the selection's): the test split is
+never loaded into a choice here, so these numbers may choose the grid's defaults. Prints one line per
+run and a table (mean ± std over seeds), and keeps every piece in the workdir, keyed like the grid's,
+so an interrupted or extended sweep resumes.
+"""
+import argparse
+import ast
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `python benchmarks/X.py`
+
+import numpy as np
+
+from benchmarks.machine import describe
+from configs import experiment as experiment_config
+from msp_jax import augment, assembly, experiment, files, provenance, task_models
+from msp_jax.data import load_task
+from msp_jax.models.weights import load_backbone
+
+
+def parse_fields(c, text: str) -> dict:
+  """`field=value,...` typed like the config's field (tuples and lists as Python literals)."""
+  out = {}
+  for item in filter(None, (x.strip() for x in split_top_level(text))):
+    field, sep, value = item.partition("=")
+    if not sep or (field not in c and field != "method"):
+      raise SystemExit(f"error: {item!r}: expected field=value with a field of configs/experiment.py (or method)")
+    old = c.get(field)
+    out[field] = (value if field == "method" or isinstance(old, str) else
+                  value.lower() in ("1", "true") if isinstance(old, bool) else ast.literal_eval(value))
+  return out
+
+
+def split_top_level(text: str) -> list[str]:
+  """Splits on commas outside brackets: `buckets=(64, 128),top_p=0.9` is two items."""
+  items, depth, start = [], 0, 0
+  for i, ch in enumerate(text):
+    depth += ch in "([" and 1 or ch in ")]" and -1 or 0
+    if ch == "," and depth == 0:
+      items.append(text[start:i])
+      start = i + 1
+  return items + [text[start:]]
+
+
+def prompts_dir(root: str, m) -> str:
+  """One prompt run per distinct set of training fields, shared by the variants that only differ after it."""
+  return os.path.join(root, "runs", f"{os.path.basename(m.workdir)}-{provenance.stable_key(experiment.training_fields(m.to_dict()))}")
+
+
+def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k, synonyms, judge, thresholds):
+  """Seed k's added records for one variant (the grid's row recipe), and where they came from."""
+  n = c.synthetic_per_example * min(len(task.splits["train"]), c.max_seeds or len(task.splits["train"]))
+  if method == "seed":
+    return [], {"synthetic": 0, "target": 0}
+  if method == "eda":
+    copies = experiment.subsample(experiment.eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n, k)
+    return copies, {"synthetic": len(copies), "target": n}
+  m = experiment.method_config(c, dataset, domain, method, k)
+  m.workdir = prompts_dir(root, m)
+  m.output = os.path.join(root, "synthetic", f"{name}_{dataset}_{domain}_{method}_seed{k}.jsonl")
+  origin = {}
+  if not provenance.reusable(m.output, experiment.generation_fields(m), f"{name} seed {k} generations"):
+    if method != "in_context" and not os.path.exists(os.path.join(m.workdir, "summary.json")):
+      print(f"[{name}] training prompts: {method} seed {k} -> {m.workdir}", flush=True)
+      experiment.trainer.train(m, backbone)
+    print(f"[{name}] generating: {method} seed {k}", flush=True)
+    experiment.synthesis.synthesize(m, backbone)
+    provenance.write_key(m.output, experiment.generation_fields(m))
+  summary = json.load(open(m.output + ".summary.json"))
+  origin.update(candidates=summary["candidates"], kept=summary["kept"], generate_seconds=summary.get("seconds"))
+  if method != "in_context":
+    trained = json.load(open(os.path.join(m.workdir, "summary.json")))
+    origin.update(train_seconds=trained.get("seconds"), best_step=trained.get("best_step"), best_dev_loss=trained.get("best"))
+  pool = [json.loads(line) for line in open(m.output)]
+  pool, counts = experiment.consistent_records(c, backbone, m, method, pool, judge, thresholds)
+  if counts:
+    origin["consistency"] = counts
+  kept = experiment.subsample(pool, n, k)
+  origin.update(synthetic=len(kept), target=n)
+  return kept, origin
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--task", default="nlupp/hotels")
+  p.add_argument("--method", default="attention")
+  p.add_argument("--seeds", type=int, default=1)
+  p.add_argument("--variant", action="append", required=True, help="name:field=value,... (empty after ':' = the config)")
+  p.add_argument("--set", default="", help="field=value,... applied to every variant")
+  p.add_argument("--workdir", default="/tmp/dev_sweep")
+  p.add_argument("--json", default="")
+  a = p.parse_args()
+  base = experiment_config.get_config()
+  base.update(**parse_fields(base, a.set))
+  dataset, _, domain = a.task.partition("/")
+  variants = []
+  for spec in a.variant:
+    name, _, fields = spec.partition(":")
+    variants.append((name, parse_fields(base, fields)))
+  print(describe(), flush=True)
+  backbone = load_backbone(base.model, dtype=base.dtype or None, param_dtype=base.param_dtype or None)
+  experiment.keep_compiled_programs(a.workdir)
+  task = load_task(dataset, domain, "few_shot", seed=base.seed, data_dir=base.data_dir or None)
+  seeds = [experiment.example_record(ex) for ex in task.splits["train"]]
+  dev = list(task.splits["dev"])[:base.max_dev or None]
+  cache = task_models.FeatureCache(backbone)
+  judge, _ = experiment.fit_judge(dataset, task, cache, base, dev)
+  synonyms = augment.embedding_synonyms(assembly.embedding_table(backbone.model), backbone.tokenizer)
+  results = []
+  for name, fields in variants:
+    c = base.copy_and_resolve_references()
+    method = fields.get("method", a.method)
+    c.update(**{k: v for k, v in fields.items() if k != "method"})
+    thresholds = experiment.consistency_thresholds(judge, dev, c)
+    for k in range(a.seeds):
+      start = time.time()
+      synthetic, origin = synthetic_records(c, a.workdir, name, backbone, task, dataset, domain, method, k, synonyms,
+                                            judge, thresholds)
+      model = task_models.model_class(task)(task, cache, c, k).fit(seeds + [dict(r, synthetic=True) for r in synthetic], dev)
+      head, chosen = next(iter(model.selection.items()))
+      r = {"variant": name, "fields": fields, "method": method, "seed": k, "dev_metric": f"{head} {chosen['dev_metric']}",
+           "dev_score": chosen["dev_score"], "selection": model.selection, **origin, "seconds": round(time.time() - start, 1)}
+      results.append(r)
+      print(f"[{name}] seed {k}: dev {r['dev_metric']} {r['dev_score']:.4f} ({len(synthetic)} synthetic; "
+            f"{r['seconds']:.0f} s)", flush=True)
+  print(f"\n{a.task}: dev score, mean ± std over {a.seeds} seed(s) (generator re-trained per seed)\n")
+  print("| variant | method, fields | dev score | synthetic | best prompt step | best dev loss |\n| --- | --- | --- | --- | --- | --- |")
+  for name, fields in variants:
+    rows = [r for r in results if r["variant"] == name]
+    scores = [r["dev_score"] for r in rows]
+    loss = [r["best_dev_loss"] for r in rows if r.get("best_dev_loss") is not None]
+    print(f"| {name} | {rows[0]['method']}{''.join(f', {k}={v}' for k, v in fields.items() if k != 'method')} | "
+          f"{100 * np.mean(scores):.1f} ± {100 * np.std(scores):.1f} | "
+          f"{'/'.join(str(r.get('synthetic', 0)) for r in rows)} | {'/'.join(str(r.get('best_step', '-')) for r in rows)} | "
+          f"{f'{np.mean(loss):.3f}' if loss else '-'} |")
+  if a.json:
+    files.write_json_atomic(a.json, {"machine": describe(), "task": a.task, "method": a.method, "set": a.set,
+                                     "results": results})
+
+
+if __name__ == "__main__":
+  main()
