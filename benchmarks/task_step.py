@@ -3,6 +3,11 @@ padded to max_mixture (as every batch was before bucketing), and the padding sha
 
   python benchmarks/task_step.py [--mixture concat] [--dataset nlupp] [--domain hotels] [--steps 8]
       [--batch 8] [--json out.json]
+  python benchmarks/task_step.py --epoch [--config configs/experiment.py] ...   # one epoch, rows grouped by length or not
+
+With --epoch: one epoch of the config's batches (buckets and all) twice, in random order and grouped by
+row length (data/iterator.py), each shape compiled before timing: padding share, prefix + T per row,
+distinct shapes (compiles) and epoch seconds each way.
 
 The same batches, in the same order, go through the same jitted prompt-only step twice; the only
 difference is the width M of attribute_ids / attribute_mask. Masked slots cannot change the loss
@@ -24,6 +29,7 @@ import numpy as np
 
 from benchmarks.machine import describe
 from configs import common
+from configs import experiment as experiment_config
 from msp_jax import data as msp_data
 from msp_jax import assembly, sharding, trainer, training
 
@@ -48,11 +54,15 @@ def main():
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--json")
+  parser.add_argument("--epoch", action="store_true", help="time an epoch with and without length grouping")
+  parser.add_argument("--config", default="configs/common.py", help="buckets and prompt lengths from this config")
   args = parser.parse_args()
   machine = describe()
   print(machine, flush=True)
-  c = common.get_config(mixture=args.mixture)
-  c.dataset, c.domain, c.batch_size = args.dataset, args.domain, args.batch
+  c = (experiment_config.get_config() if args.config.endswith("experiment.py") else common.get_config(mixture=args.mixture))
+  c.mixture, c.dataset, c.domain, c.batch_size = args.mixture, args.dataset, args.domain, args.batch
+  if args.epoch:
+    return epoch_with_and_without_grouping(c, args, machine)
   run = assembly.build(c)
   mesh = sharding.make_mesh()
   graphdef, trainable, frozen = training.split(run.model)
@@ -85,6 +95,37 @@ def main():
             "max_mixture_median_s": round(statistics.median(r["max_mixture_s"] for r in rows), 3), "steps": rows}
   result["bucketed_over_max_mixture"] = round(result["bucketed_median_s"] / result["max_mixture_median_s"], 3)
   print(json.dumps({k: v for k, v in result.items() if k != "steps"}, indent=1))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+def epoch_with_and_without_grouping(c, args, machine):
+  run = assembly.build(c)
+  mesh = sharding.make_mesh()
+  graphdef, trainable, frozen = training.split(run.model)
+  tx, _ = trainer.make_tx(c, 1000)
+  step = training.make_train_step(graphdef, tx, mesh, trainable, tx.init(trainable), frozen)
+  fresh = lambda: {"t": jax.tree.map(jnp.copy, trainable), "o": tx.init(trainable)}
+  prefix = c.n_tokens + (0 if c.mixture == "none" else c.attribute_tokens)  # concat: x M (in the M column)
+  result = {**machine, "mixture": c.mixture, "task": f"{c.dataset}/{c.domain}", "batch": c.batch_size,
+            "buckets": list(c.buckets)}
+  for grouped in (False, True):
+    batches = list(msp_data.task_batches(run.task, "train", run.backbone.tokenizer, global_batch_size=c.batch_size,
+                                         config=run.batch_config, seed=c.seed, num_exemplars=c.num_shot,
+                                         group_by_length=grouped))
+    shapes = {(b["input_ids"].shape, b["attribute_ids"].shape): b for b in batches}
+    compile_s = sum(timed(step, fresh(), frozen, b, mesh)[1] for b in shapes.values())  # first call: compile + step
+    state = fresh()
+    seconds = sum(timed(step, state, frozen, b, mesh)[1] for b in batches)
+    mask = np.concatenate([b["attention_mask"].ravel() for b in batches])
+    way = "grouped" if grouped else "random"
+    result[way] = {"steps": len(batches), "shapes": len(shapes), "pad_tokens": round(1 - mask.mean(), 3),
+                   "prefix_plus_T": round(float(np.mean([prefix + b["input_ids"].shape[1] for b in batches])), 1),
+                   "epoch_s": round(seconds, 2), "first_calls_s": round(compile_s, 1)}
+    print(f"{way}: {result[way]}", flush=True)
+  result["grouped_over_random_epoch"] = round(result["grouped"]["epoch_s"] / result["random"]["epoch_s"], 3)
+  print(json.dumps({k: v for k, v in result.items() if k not in machine}, indent=1))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)
