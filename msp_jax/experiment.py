@@ -170,6 +170,8 @@ def result_fields(c, dataset: str, domain: str, method: str, seed: int | None) -
     config.pop("source_data", None)
   if seed is None or dataset != "crossner":  # only CrossNER samples a share of its source
     config.pop("source_fraction", None)
+  if seed is None or dataset in ("nlupp", "topv2"):  # only the span tagger reads it (CrossNER, span-labelled files)
+    config.pop("mask_synthetic_o", None)
   data = None if method in ("seed", "eda") else generation_fields(method_config(c, dataset, domain, method, seed or 0))
   inputs = {k: config[k] for k in INPUT_FIELDS}
   if dataset == "files":  # the folder and what is in it (added only here: the benchmarks' keys stay as they were)
