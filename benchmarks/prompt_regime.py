@@ -43,7 +43,7 @@ def moved(before: dict, after: dict) -> dict:
 def run_one(base, backbone, lr: float, n_tokens: int, epochs: int, workdir: str) -> dict:
   m = base.copy_and_resolve_references()
   probe = assembly.build(m, backbone)  # steps per epoch come from the data; the schedule needs the total
-  steps_per_epoch = -(-len(probe.task.splits["train"]) // m.batch_size)
+  steps_per_epoch = len(probe.task.splits["train"]) // m.batch_size  # full batches, as the trainer's epoch
   total = epochs * steps_per_epoch
   m.update(learning_rate=lr, n_tokens=n_tokens, num_epochs=epochs, max_steps=total, warmup_steps=max(1, total // 10),
            decay="cosine", eval_every=steps_per_epoch, eval_batches=0, patience=0, bleu_examples=0,
