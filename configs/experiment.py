@@ -78,7 +78,7 @@ def get_config(arg=None):
   # (README): 10 epochs over the seeds, 10% warm-up then cosine decay, dev loss once an epoch; generation
   # uses the best epoch's prompts. On NLU++ hotels (attention) lr 0.01 / 0.1 / 0.3 reached dev loss 3.364 /
   # 3.304 / 3.323, best at epoch 4-5 each, never after more than one worse epoch: patience 3 stops ~epoch 8.
-  c.n_tokens = 20
+  c.n_tokens = 20                # 100 tokens: dev loss 3.238 vs 3.322, the same downstream dev F1 (51.5 vs 51.7), 2x the cost
   c.num_epochs = 10
   c.max_steps = 0
   c.learning_rate = 0.1
