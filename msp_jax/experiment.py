@@ -516,7 +516,7 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
     chose = "Each run chose its head's L2 penalty, training steps and decision threshold on the real dev split"
   lines = [f"# MSP downstream experiment ({c.model}, few-shot, {c.num_seeds} seeds)", "",
            f"Scores x100 on the real test split, mean ± std over seeds; {c.synthetic_per_example} synthetic "
-           f"examples per seed example; prompt training {c.max_steps} steps. {chose} (the 'dev' column: its selection "
+           f"examples per seed example; prompt training {prompt_training(c)}. {chose} (the 'dev' column: its selection "
            f"score; the choices are in each run's JSON). '(original)': the original MSP code's formula beside the standard "
            f"score. Wall time: {wall['seconds'] / 60:.1f} min over {wall['invocations']} invocation(s) of evaluate.py.", ""]
   if adapting or any(results[True][key][0] for key in results[True]):
@@ -534,6 +534,13 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
   os.makedirs(c.workdir, exist_ok=True)
   files.write_text_atomic(path, "\n".join(lines))
   return path
+
+
+def prompt_training(c) -> str:
+  """How the grid's prompts were trained, in words for results.md."""
+  length = f"{c.max_steps} steps" if c.max_steps else f"up to {c.num_epochs} epochs"
+  stop = f", early stop after {c.patience} evaluations without improvement" if c.patience else ""
+  return f"{length} at lr {c.learning_rate:g}, the best {c.select_metric} checkpoint generates{stop}"
 
 
 def time_table(runs_by_method: list[tuple[str, list[dict]]]) -> list[str]:
