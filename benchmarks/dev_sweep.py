@@ -63,7 +63,7 @@ def prompts_dir(root: str, m) -> str:
 
 def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k, synonyms, judge, thresholds):
   """Seed k's added records for one variant (the grid's row recipe), and where they came from."""
-  n = c.synthetic_per_example * min(len(task.splits["train"]), c.max_seeds or len(task.splits["train"]))
+  n = experiment.synthetic_target(c, len(task.splits["train"]))
   if method == "seed":
     return [], {"synthetic": 0, "target": 0}
   if method == "eda":
@@ -72,20 +72,10 @@ def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k,
   m = experiment.method_config(c, dataset, domain, method, k)
   m.workdir = prompts_dir(root, m)
   m.output = os.path.join(root, "synthetic", f"{name}_{dataset}_{domain}_{method}_seed{k}.jsonl")
-  origin = {}
-  if not provenance.reusable(m.output, experiment.generation_fields(m), f"{name} seed {k} generations"):
-    if method != "in_context" and not os.path.exists(os.path.join(m.workdir, "summary.json")):
-      print(f"[{name}] training prompts: {method} seed {k} -> {m.workdir}", flush=True)
-      experiment.trainer.train(m, backbone)
-    print(f"[{name}] generating: {method} seed {k}", flush=True)
-    experiment.synthesis.synthesize(m, backbone)
-    provenance.write_key(m.output, experiment.generation_fields(m))
-  summary = json.load(open(m.output + ".summary.json"))
-  origin.update(candidates=summary["candidates"], kept=summary["kept"], generate_seconds=summary.get("seconds"))
+  pool, origin = experiment.generated_records(m, backbone, method, f"[{name}]", k)
   if method != "in_context":
     trained = json.load(open(os.path.join(m.workdir, "summary.json")))
-    origin.update(train_seconds=trained.get("seconds"), best_step=trained.get("best_step"), best_dev_loss=trained.get("best"))
-  pool = [json.loads(line) for line in open(m.output)]
+    origin.update(best_step=trained.get("best_step"), best_dev_loss=trained.get("best"))
   pool, counts = experiment.consistent_records(c, backbone, m, method, pool, judge, thresholds)
   if counts:
     origin["consistency"] = counts

@@ -5,8 +5,8 @@
 
 Each (learning rate, instruction length) trains seed 0's prompts exactly as the grid's method config
 does (`experiment.method_config`), except: `epochs` epochs over the seeds, warm-up 10% of the steps
-then cosine decay (the original's schedule, ../shared/ORIGINAL.md §3.1), and the dev loss after every
-epoch. Prints per run the dev loss at step 0 and per epoch, the best epoch, and how far the best
+then cosine decay (the original's schedule, ../shared/ORIGINAL.md §3.1), the dev loss after every
+epoch on the whole dev split, and no early stop. Prints per run the dev loss at step 0 and per epoch, the best epoch, and how far the best
 prompts moved from their initialisation (relative L2 per part: instruction prompt, attribute banks,
 mixer). Dev loss is comparable across instruction lengths: it is the seed utterance's tokens only.
 Runs resume (they are ordinary train.py workdirs), so an interrupted sweep continues where it stopped.
@@ -23,7 +23,7 @@ from flax import nnx
 
 from benchmarks.machine import describe
 from configs import experiment as experiment_config
-from msp_jax import assembly, experiment, trainer, training
+from msp_jax import assembly, experiment, files, trainer, training
 from msp_jax.models.weights import load_backbone
 
 
@@ -42,19 +42,15 @@ def moved(before: dict, after: dict) -> dict:
 
 def run_one(base, backbone, lr: float, n_tokens: int, epochs: int, workdir: str) -> dict:
   m = base.copy_and_resolve_references()
-  probe = assembly.build(m, backbone)  # steps per epoch come from the data; the schedule needs the total
-  steps_per_epoch = len(probe.task.splits["train"]) // m.batch_size  # full batches, as the trainer's epoch
-  total = epochs * steps_per_epoch
-  m.update(learning_rate=lr, n_tokens=n_tokens, num_epochs=epochs, max_steps=total, warmup_steps=max(1, total // 10),
-           decay="cosine", eval_every=steps_per_epoch, eval_batches=0, patience=0, bleu_examples=0,
-           checkpoint_every=steps_per_epoch, workdir=os.path.join(workdir, f"lr{lr:g}_n{n_tokens}"))
+  m.update(learning_rate=lr, n_tokens=n_tokens, num_epochs=epochs, max_steps=0, warmup_fraction=0.1, decay="cosine",
+           eval_every=0, eval_batches=0, patience=0, bleu_examples=0, workdir=os.path.join(workdir, f"lr{lr:g}_n{n_tokens}"))
   initial = leaves_by_part(assembly.build(m, backbone).model)
   summary = trainer.train(m, backbone)
   run = assembly.build(m, backbone)
   best_step = assembly.restore_prompts(run, "best")
   evals = [json.loads(line) for line in open(os.path.join(m.workdir, "metrics.jsonl")) if '"dev_loss"' in line]
-  return {"lr": lr, "n_tokens": n_tokens, "epochs": epochs, "steps": total, "steps_per_epoch": steps_per_epoch,
-          "warmup_steps": m.warmup_steps, "dev_loss": {int(e["step"]): e["dev_loss"] for e in evals},
+  return {"lr": lr, "n_tokens": n_tokens, "epochs": epochs, "steps": summary["step"],
+          "warmup_steps": trainer.warmup_steps(m, summary["step"]), "dev_loss": {int(e["step"]): e["dev_loss"] for e in evals},
           "best_step": best_step, "best_dev_loss": summary["best"], "moved": moved(initial, leaves_by_part(run.model)),
           "train_seconds": summary["seconds"]}
 
@@ -84,8 +80,7 @@ def main():
             f"({r['best_dev_loss']:.4f}); moved " + ", ".join(f"{k} {v:.3f}" for k, v in r["moved"].items())
             + f"; {r['train_seconds']:.0f} s", flush=True)
   if a.json:
-    with open(a.json, "w") as f:
-      json.dump({"machine": describe(), "task": a.task, "method": a.method, "runs": results}, f, indent=1)
+    files.write_json_atomic(a.json, {"machine": describe(), "task": a.task, "method": a.method, "runs": results})
 
 
 if __name__ == "__main__":

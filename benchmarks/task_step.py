@@ -15,6 +15,7 @@ difference is the width M of attribute_ids / attribute_mask. Masked slots cannot
 Prints one line per step: sequence bucket T, mixture width M, padding shares, seconds each way.
 """
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -28,8 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.machine import describe
-from configs import common
-from configs import experiment as experiment_config
 from msp_jax import data as msp_data
 from msp_jax import assembly, sharding, trainer, training
 
@@ -55,11 +54,14 @@ def main():
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--json")
   parser.add_argument("--epoch", action="store_true", help="time an epoch with and without length grouping")
-  parser.add_argument("--config", default="configs/common.py", help="buckets and prompt lengths from this config")
+  parser.add_argument("--config", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "common.py"), help="a config file: buckets, prompt lengths, ...")
   args = parser.parse_args()
   machine = describe()
   print(machine, flush=True)
-  c = (experiment_config.get_config() if args.config.endswith("experiment.py") else common.get_config(mixture=args.mixture))
+  spec = importlib.util.spec_from_file_location("benchmark_config", args.config)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
   c.mixture, c.dataset, c.domain, c.batch_size = args.mixture, args.dataset, args.domain, args.batch
   if args.epoch:
     return epoch_with_and_without_grouping(c, args, machine)
@@ -120,7 +122,7 @@ def epoch_with_and_without_grouping(c, args, machine):
     seconds = sum(timed(step, state, frozen, b, mesh)[1] for b in batches)
     mask = np.concatenate([b["attention_mask"].ravel() for b in batches])
     way = "grouped" if grouped else "random"
-    result[way] = {"steps": len(batches), "shapes": len(shapes), "pad_tokens": round(1 - mask.mean(), 3),
+    result[way] = {"steps": len(batches), "shapes": len(shapes), "pad_tokens": round(float(1 - mask.mean()), 3),
                    "prefix_plus_T": round(float(np.mean([prefix + b["input_ids"].shape[1] for b in batches])), 1),
                    "epoch_s": round(seconds, 2), "first_calls_s": round(compile_s, 1)}
     print(f"{way}: {result[way]}", flush=True)

@@ -253,18 +253,22 @@ def source_records(c, dataset: str, domain: str, task) -> tuple[list[dict], str]
   return [dict(example_record(ex.restricted(allowed)), uid=ex.uid) for ex in examples], what
 
 
-def generated_records(c, backbone, dataset, domain, method, k: int) -> tuple[list[dict], dict]:
-  """Train seed k's prompts (unless in-context) and generate, each only if not done with these settings;
-  (the denoised records, where they came from)."""
-  m = method_config(c, dataset, domain, method, k)
-  label = f"[{dataset}/{domain}] {method} seed {k}"
+def synthetic_target(c, n_seeds: int) -> int:
+  """Examples every synthetic method adds: `synthetic_per_example` x the seeds the generators see."""
+  return c.synthetic_per_example * min(n_seeds, c.max_seeds or n_seeds)
+
+
+def generated_records(m, backbone, method: str, where: str, k: int) -> tuple[list[dict], dict]:
+  """Train seed k's prompts of method config `m` (unless in-context) and generate, each only if not done
+  with these settings; (the denoised records, where they came from). `where` starts the progress lines."""
+  label = f"{where} {method} seed {k}"
   if not provenance.reusable(m.output, generation_fields(m), f"{label} generations"):
     if method != "in_context":
       set_aside_stale_prompts(m, label)
       if not os.path.exists(os.path.join(m.workdir, "summary.json")):
-        print(f"[{dataset}/{domain}] training prompts: {method} seed {k}", flush=True)
+        print(f"{where} training prompts: {method} seed {k}", flush=True)
         trainer.train(m, backbone)
-    print(f"[{dataset}/{domain}] generating: {method} seed {k}", flush=True)
+    print(f"{where} generating: {method} seed {k}", flush=True)
     synthesis.synthesize(m, backbone)
     provenance.write_key(m.output, generation_fields(m))
   summary = json.load(open(m.output + ".summary.json"))
@@ -388,7 +392,7 @@ def run(c, backbone=None) -> str:
     seeds = [example_record(ex) for ex in task.splits["train"]]
     test = list(task.splits["test"])[:c.max_test or None]
     dev = list(task.splits["dev"])[:c.max_dev or None]
-    n_synthetic = c.synthetic_per_example * min(len(seeds), c.max_seeds or len(seeds))  # generators see max_seeds
+    n_synthetic = synthetic_target(c, len(seeds))
     name = f"{dataset}_{domain}"
     # read once per task: the FeatureCache then embeds the source texts once for every method and seed
     source, source_what = source_records(c, dataset, domain, task) if adapting else ([], "")
@@ -417,9 +421,9 @@ def run(c, backbone=None) -> str:
         if method == "eda":
           copies = subsample(eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n_synthetic, k)
           return copies, copies, None, None
-        pool, origin = generated_records(c, backbone, dataset, domain, method, k)
-        pool, counts = consistent_records(c, backbone, method_config(c, dataset, domain, method, k), method, pool,
-                                          seed_model, thresholds)
+        m = method_config(c, dataset, domain, method, k)
+        pool, origin = generated_records(m, backbone, method, f"[{dataset}/{domain}]", k)
+        pool, counts = consistent_records(c, backbone, m, method, pool, seed_model, thresholds)
         return subsample(pool, n_synthetic, k), pool, origin, counts  # short of the target: what the filter left
 
       for k in todo:
