@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -122,19 +123,59 @@ def apply_top_p(logits, p: float):
 def sample(key, scores, block: int = 256):
   """One token per row from softmax(scores) (-inf: never), by inverting the CDF with one uniform per
   row. The same distribution as `jax.random.categorical`, whose Gumbel noise for every vocabulary entry
-  cost more than the decode step's forward on CPU. Two levels (block masses, then the chosen block's
-  tokens) keep the cumulative sums short."""
+  cost more than the decode step's forward on CPU."""
   probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+  return _draw(jax.random.uniform(key, (probs.shape[0], 1)), probs, block)[:, 0]
+
+
+def sample_top_p(key, scores, p: float, *, candidates: int | None = None, group: int = 4, block: int = 256):
+  """One token per row from the top-p nucleus of softmax(scores): the distribution of `sample(key,
+  apply_top_p(scores, p))`, by rejection instead of finding the cut.
+
+  Token i is in the nucleus iff S(prob_i) > 1 - p, where S(t) is the mass of the tokens no likelier than
+  t (`apply_top_p`'s rule). So: draw `candidates` tokens per row from the whole softmax, keep the first
+  whose S (one masked sum each) clears 1 - p. The nucleus holds at least p of the mass, so all are
+  rejected with probability at most (1 - p) ** candidates; those rows (rare: a row-step in ~10^4 at the
+  default count) take the exact cut, which keeps the distribution exact. Rows go through in cache-sized
+  groups. XLA:CPU, batch 64 x 49,152: 4 ms a call instead of the cut's 18 ms (31 masked sums).
+  """
+  candidates = candidates or _candidates(p)
+  if p >= 1.0 or candidates > 16:  # a narrow nucleus would be rejected too often: cut it
+    return sample(key, apply_top_p(scores, p), block)
+  draw_key, fallback_key = jax.random.split(key)
+  u = jax.random.uniform(draw_key, (scores.shape[0], candidates))
+
+  def first_kept(row):  # one row: (token, whether a candidate was kept)
+    u_row, scores_row = row
+    probs = jax.nn.softmax(scores_row.astype(jnp.float32))
+    drawn = _draw(u_row[None], probs[None], block)[0]                               # [candidates]
+    mass_below = jnp.sum(jnp.where(probs[None] <= probs[drawn][:, None], probs[None], 0.0), axis=-1)
+    kept = mass_below > 1.0 - p
+    return drawn[jnp.argmax(kept)], kept.any()
+
+  token, found = jax.lax.map(first_kept, (u, scores), batch_size=group)
+  return jax.lax.cond(found.all(), lambda: token,
+                      lambda: jnp.where(found, token, sample(fallback_key, apply_top_p(scores, p), block)))
+
+
+def _candidates(p: float) -> int:
+  """Draws per row so that all fall outside the nucleus (mass >= p) with probability <= 1e-4."""
+  return max(1, math.ceil(math.log(1e-4) / math.log(1.0 - p))) if p < 1.0 else 1
+
+
+def _draw(u, probs, block: int):
+  """Tokens [B, n] for uniforms u [B, n] in [0, 1) under probs [B, V], by inverting the CDF in two levels
+  (block masses, then the chosen block's tokens) to keep the cumulative sums short."""
   b, v = probs.shape
   nblocks = -(-v // block)
   probs = jnp.pad(probs, ((0, 0), (0, nblocks * block - v))).reshape(b, nblocks, block)
-  mass = probs.sum(-1)                                                   # [B, blocks]
+  mass = probs.sum(-1)                                                            # [B, blocks]
   cdf = jnp.cumsum(mass, axis=-1)
-  u = jax.random.uniform(key, (b, 1)) * cdf[:, -1:]
-  chosen = _first_above(cdf, u, mass > 0)                                # the block holding u
-  inside = jnp.take_along_axis(probs, chosen[:, None, None], axis=1)[:, 0]  # [B, block]
-  before = jnp.pad(cdf[:, :-1], ((0, 0), (1, 0)))                          # mass of the earlier blocks
-  start = jnp.take_along_axis(before, chosen[:, None], axis=1)
+  u = u[..., None] * cdf[:, None, -1:]                                            # [B, n, 1]
+  chosen = _first_above(cdf[:, None], u, (mass > 0)[:, None])                     # [B, n]: the block holding u
+  inside = jnp.take_along_axis(probs, chosen[..., None], axis=1)                  # [B, n, block]
+  before = jnp.pad(cdf[:, :-1], ((0, 0), (1, 0)))                                 # mass of the earlier blocks
+  start = jnp.take_along_axis(before, chosen, axis=1)[..., None]
   token = _first_above(start + jnp.cumsum(inside, axis=-1), u, inside > 0)
   return chosen * block + token
 
@@ -143,15 +184,17 @@ def _first_above(cdf, u, positive):
   """Per row, the first index of positive probability whose cumulative value exceeds u (if rounding
   leaves none, the last index of positive probability): never a token of probability zero."""
   hit = (cdf > u) & positive
-  last = cdf.shape[-1] - 1 - jnp.argmax(positive[:, ::-1], axis=-1)
+  last = cdf.shape[-1] - 1 - jnp.argmax(positive[..., ::-1], axis=-1)
   return jnp.where(hit.any(axis=-1), jnp.argmax(hit, axis=-1), last)
 
 
-def process(logits, seen, config: DecodeConfig):
+def process(logits, seen, config: DecodeConfig, *, top_p: bool = True):
+  """The processor chain in transformers' order; `top_p=False` leaves the nucleus to `sample_top_p`."""
   logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
   if config.do_sample:
     logits = logits / config.temperature if config.temperature != 1.0 else logits
-    logits = apply_top_p(apply_top_k(logits, config.top_k), config.top_p)
+    logits = apply_top_k(logits, config.top_k)
+    logits = apply_top_p(logits, config.top_p) if top_p else logits
   return logits
 
 
@@ -275,9 +318,9 @@ def _sample(lm, logits, seen, state, rng, config: DecodeConfig):
 
   def body(carry):
     i, logits, seen, state, done, out = carry
-    scores = process(logits, seen, config)
+    scores = process(logits, seen, config, top_p=False)
     if config.do_sample:
-      token = sample(jax.random.fold_in(rng, i), scores)
+      token = sample_top_p(jax.random.fold_in(rng, i), scores, config.top_p)
     else:
       token = jnp.argmax(scores, axis=-1)
     token = jnp.where(done, config.pad_id, token.astype(jnp.int32))

@@ -80,6 +80,16 @@ def test_top_p_equals_transformers_at_a_real_vocabulary_size(p):
   np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
 
 
+def chi_square_ok(tokens, probs):
+  """Frequencies of `tokens` match `probs` (chi-square within ~5 sigma) and no zero-probability token came up."""
+  counts = np.bincount(tokens, minlength=len(probs))
+  live = probs > 0
+  expected = probs[live] * len(tokens)
+  chi2 = ((counts[live] - expected) ** 2 / expected).sum()
+  dof = live.sum() - 1
+  return counts[~live].sum() == 0 and chi2 <= dof + 5 * np.sqrt(2 * dof), (counts[~live].sum(), chi2, dof)
+
+
 def test_sample_draws_from_the_softmax_and_never_a_masked_token():
   """Inverse-CDF sampling: frequencies over 40,000 draws match softmax(scores) (chi-square), -inf never
   comes up, across block boundaries (vocabulary 1,000 in blocks of 64) and in a one-token row."""
@@ -93,13 +103,31 @@ def test_sample_draws_from_the_softmax_and_never_a_masked_token():
   assert (tokens[:, 1] == 999).all()
   probs = np.exp(scores[0] - scores[0].max())
   probs /= probs.sum()
-  counts = np.bincount(tokens[:, 0], minlength=1000)
-  assert counts[probs == 0].sum() == 0
-  live = probs > 0
-  expected = probs[live] * len(tokens)
-  chi2 = ((counts[live] - expected) ** 2 / expected).sum()
-  dof = live.sum() - 1
-  assert chi2 < dof + 5 * np.sqrt(2 * dof), (chi2, dof)  # ~5 sigma: fails for a wrong distribution, not by chance
+  ok, detail = chi_square_ok(tokens[:, 0], probs)
+  assert ok, detail
+
+
+@pytest.mark.parametrize("p, candidates", [(0.9, None), (0.5, 1), (0.3, None)])
+def test_sample_top_p_draws_from_transformers_nucleus(p, candidates):
+  """Rejection top-p = softmax over HF's `TopPLogitsWarper` output, by chi-square over 40,000 draws per row, a
+  peaked and a flat row: with the default candidate count (0.9), with one candidate so that about half the
+  draws take the exact fallback (0.5), and where the nucleus is too narrow for rejection (0.3: the cut)."""
+  rng = np.random.default_rng(13)
+  scores = (rng.normal(size=(2, 1000)) * np.array([[2.0], [0.5]])).astype(np.float32)
+  nucleus = hf.TopPLogitsWarper(top_p=p)(None, torch.tensor(scores)).numpy()
+  probs = np.exp(nucleus - nucleus.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  draw = jax.jit(jax.vmap(lambda k: sampling.sample_top_p(k, jnp.asarray(scores), p, candidates=candidates, block=64)))
+  tokens = np.asarray(draw(jax.random.split(jax.random.key(1), 40000)))  # [draws, 2]
+  for row in range(2):
+    ok, detail = chi_square_ok(tokens[:, row], probs[row])
+    assert ok, (p, row, detail)
+
+
+def test_sample_top_p_at_one_is_the_plain_draw():
+  scores = jnp.asarray(random_logits(4))
+  key = jax.random.key(3)
+  np.testing.assert_array_equal(np.asarray(sampling.sample_top_p(key, scores, 1.0)), np.asarray(sampling.sample(key, scores)))
 
 
 def test_processor_chain_equals_transformers_in_its_order():
