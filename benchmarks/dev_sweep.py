@@ -12,7 +12,9 @@ take the seeded subsample of the grid's target count, and fit the downstream mod
 with its choices made on dev. The score is that run's dev score (the selection's): the test split is
 never loaded into a choice here, so these numbers may choose the grid's defaults. Prints one line per
 run and a table (mean ± std over seeds), and keeps every piece in the workdir, keyed like the grid's,
-so an interrupted or extended sweep resumes.
+so an interrupted or extended sweep resumes. `--grid results` reuses the grid's own prompts and generations
+wherever a variant asks for exactly what the grid made (e.g. the consistency filters, which only select from
+the grid's pool), read only.
 """
 import argparse
 import ast
@@ -61,7 +63,23 @@ def prompts_dir(root: str, m) -> str:
   return os.path.join(root, "runs", f"{os.path.basename(m.workdir)}-{provenance.stable_key(experiment.training_fields(m.to_dict()))}")
 
 
-def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k, synonyms, judge, thresholds):
+def grid_paths(m, grid: str, dataset: str, domain: str, method: str, k: int) -> bool:
+  """Points `m` at the grid's prompts and generations of this row when the grid (workdir `grid`) made them
+  with exactly these settings (read only: nothing there is retrained, regenerated or moved aside)."""
+  if not grid:
+    return False
+  name = f"{dataset}_{domain}_{method}_seed{k}"
+  run, output = os.path.join(grid, "runs", name), os.path.join(grid, "synthetic", f"{name}.jsonl")
+  made = provenance.read_key(output)
+  if made is None or made.get("key") != provenance.stable_key(experiment.generation_fields(m)):
+    return False
+  if method != "in_context" and not os.path.exists(os.path.join(run, "summary.json")):
+    return False
+  m.workdir, m.output = run, output
+  return True
+
+
+def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k, synonyms, judge, thresholds, grid=""):
   """Seed k's added records for one variant (the grid's row recipe), and where they came from."""
   n = experiment.synthetic_target(c, len(task.splits["train"]))
   if method == "seed":
@@ -72,6 +90,7 @@ def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k,
   m = experiment.method_config(c, dataset, domain, method, k)
   m.workdir = prompts_dir(root, m)
   m.output = os.path.join(root, "synthetic", f"{name}_{dataset}_{domain}_{method}_seed{k}.jsonl")
+  reused = grid_paths(m, grid, dataset, domain, method, k)
   pool, origin = experiment.generated_records(m, backbone, method, f"[{name}]", k)
   if method != "in_context":
     trained = json.load(open(os.path.join(m.workdir, "summary.json")))
@@ -80,8 +99,17 @@ def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k,
   if counts:
     origin["consistency"] = counts
   kept = experiment.subsample(pool, n, k)
-  origin.update(synthetic=len(kept), target=n)
+  origin.update(synthetic=len(kept), target=n, from_grid=reused)
   return kept, origin
+
+
+def filtered(counts: dict | None) -> str:
+  """What the consistency filter did to one pool: `pool -> kept (classifier -n, round trip -m)`."""
+  if not counts:
+    return "-"
+  parts = [f"{what} -{counts[key]}" for what, key in (("classifier", "dropped_classifier"), ("round trip", "dropped_roundtrip"))
+           if counts.get(key) is not None]
+  return f"{counts['pool']} -> {counts['kept']} ({', '.join(parts)})"
 
 
 def main():
@@ -92,6 +120,8 @@ def main():
   p.add_argument("--variant", action="append", required=True, help="name:field=value,... (empty after ':' = the config)")
   p.add_argument("--set", default="", help="field=value,... applied to every variant")
   p.add_argument("--workdir", default="/tmp/dev_sweep")
+  p.add_argument("--grid", default="", help="a grid workdir whose prompts and generations a variant reuses when made "
+                 "with its settings (read only)")
   p.add_argument("--json", default="")
   a = p.parse_args()
   base = experiment_config.get_config()
@@ -119,7 +149,7 @@ def main():
     for k in range(a.seeds):
       start = time.time()
       synthetic, origin = synthetic_records(c, a.workdir, name, backbone, task, dataset, domain, method, k, synonyms,
-                                            judge, thresholds)
+                                            judge, thresholds, a.grid)
       model = task_models.model_class(task)(task, cache, c, k).fit(seeds + [dict(r, synthetic=True) for r in synthetic], dev)
       head, chosen = next(iter(model.selection.items()))
       r = {"variant": name, "fields": fields, "method": method, "seed": k, "dev_metric": f"{head} {chosen['dev_metric']}",
@@ -128,7 +158,8 @@ def main():
       print(f"[{name}] seed {k}: dev {r['dev_metric']} {r['dev_score']:.4f} ({len(synthetic)} synthetic; "
             f"{r['seconds']:.0f} s)", flush=True)
   print(f"\n{a.task}: dev score, mean ± std over {a.seeds} seed(s) (generator re-trained per seed)\n")
-  print("| variant | method, fields | dev score | synthetic | best prompt step | best dev loss |\n| --- | --- | --- | --- | --- | --- |")
+  print("| variant | method, fields | dev score | synthetic | best prompt step | best dev loss | filter: pool -> kept |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |")
   for name, fields in variants:
     rows = [r for r in results if r["variant"] == name]
     scores = [r["dev_score"] for r in rows]
@@ -136,7 +167,7 @@ def main():
     print(f"| {name} | {rows[0]['method']}{''.join(f', {k}={v}' for k, v in fields.items() if k != 'method')} | "
           f"{100 * np.mean(scores):.1f} ± {100 * np.std(scores):.1f} | "
           f"{'/'.join(str(r.get('synthetic', 0)) for r in rows)} | {'/'.join(str(r.get('best_step', '-')) for r in rows)} | "
-          f"{f'{np.mean(loss):.3f}' if loss else '-'} |")
+          f"{f'{np.mean(loss):.3f}' if loss else '-'} | {' / '.join(filtered(r.get('consistency')) for r in rows)} |")
   if a.json:
     files.write_json_atomic(a.json, {"machine": describe(), "task": a.task, "method": a.method, "set": a.set,
                                      "results": results})
