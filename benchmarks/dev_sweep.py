@@ -95,7 +95,7 @@ def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k,
   if method != "in_context":
     trained = json.load(open(os.path.join(m.workdir, "summary.json")))
     origin.update(best_step=trained.get("best_step"), best_dev_loss=trained.get("best"))
-  pool, counts = experiment.consistent_records(c, backbone, m, method, pool, judge, thresholds)
+  pool, counts = experiment.consistent_records(c, backbone, m, method, pool, judge, thresholds, n)
   if counts:
     origin["consistency"] = counts
   kept = experiment.subsample(pool, n, k)
@@ -109,7 +109,8 @@ def filtered(counts: dict | None) -> str:
     return "-"
   parts = [f"{what} -{counts[key]}" for what, key in (("classifier", "dropped_classifier"), ("round trip", "dropped_roundtrip"))
            if counts.get(key) is not None]
-  return f"{counts['pool']} -> {counts['kept']} ({', '.join(parts)})"
+  filled = f", {counts['filled']} filled back" if counts.get("filled") else ""
+  return f"{counts['pool']} -> {counts['kept']} ({', '.join(parts)}{filled})"
 
 
 def main():

@@ -104,28 +104,38 @@ def relabelled(record: dict, attributes: dict) -> dict:
 
 
 def classifier_filter(records: list[dict], judge, thresholds: dict, action: str) -> tuple[list[dict], dict]:
-  """(the records that pass, or relabelled ones; {"dropped", "relabelled"}). `thresholds`: `choose_thresholds`'s."""
+  """(the records that pass, or relabelled ones; {"dropped", "relabelled", "rejected"}). `thresholds`:
+  `choose_thresholds`'s. "rejected" lists the dropped records, the nearest to passing first: by the
+  lowest margin of a requested attribute's probability over its threshold (the tagger: by the share of
+  requested types it finds), so a pool left short of the target can be filled with the best of them."""
   texts = [r["text"] for r in records]
   if not records:
-    return [], {"dropped": 0, "relabelled": 0}
+    return [], {"dropped": 0, "relabelled": 0, "rejected": []}
   if isinstance(judge, task_models.LabelSetModel):
     probabilities = judge.probabilities(texts)
     given = [{s: [n for j, n in enumerate(labels) if probabilities[s][i, j] > thresholds[s]["threshold"]]
               for s, labels in judge.labels.items()} for i in range(len(records))]
+    index = {s: {n: j for j, n in enumerate(labels)} for s, labels in judge.labels.items()}
+    margin = [min((probabilities[s][i, index[s][n]] - thresholds[s]["threshold"]
+                   for s in judge.labels for n in r["attributes"].get(s, ()) if n in index[s]), default=0.0)
+              for i, r in enumerate(records)]
   else:  # the tagger: the requested types it finds (it gives no probability per type)
     found = judge.predict_keys(texts)
     given = [{s: [n for n in r["attributes"].get(s, ()) if (s, n) in found[i]] for s in judge.attribute_sets}
              for i, r in enumerate(records)]
-  kept, dropped, changed = [], 0, 0
-  for r, g in zip(records, given):
+    margin = [np.mean([n in g[s] for s in judge.attribute_sets for n in r["attributes"].get(s, ())] or [1.0])
+              for r, g in zip(records, given)]
+  kept, rejected, changed = [], [], 0
+  for i, (r, g) in enumerate(zip(records, given)):
     if all(set(r["attributes"].get(s, ())) <= set(g[s]) for s in judge.attribute_sets):
       kept.append(r)
     elif action == "relabel" and any(g.values()):
       kept.append(relabelled(r, g))
       changed += 1
     else:
-      dropped += 1
-  return kept, {"dropped": dropped, "relabelled": changed}
+      rejected.append(i)
+  rejected.sort(key=lambda i: -margin[i])  # stable: ties keep the pool's order
+  return kept, {"dropped": len(rejected), "relabelled": changed, "rejected": [records[i] for i in rejected]}
 
 
 # --- (b) the round trip -----------------------------------------------------------------------------
@@ -193,8 +203,9 @@ def roundtrip_scores(records: list[dict], model, tokenizer, batch_config, layout
   return [flat[end - len(row):end] for row, end in zip(segments, ends)]
 
 
-def roundtrip_filter(records: list[dict], scores: list[np.ndarray], rank: int) -> tuple[list[dict], int]:
-  """(records whose own set ranks within the first `rank`, how many were dropped)."""
+def roundtrip_filter(records: list[dict], scores: list[np.ndarray], rank: int) -> tuple[list[dict], list[dict]]:
+  """(records whose own set ranks within the first `rank`, the dropped ones, the best-ranked first)."""
   ranks = roundtrip_ranks(scores)
   kept = [r for r, k in zip(records, ranks) if k <= rank]
-  return kept, len(records) - len(kept)
+  rejected = sorted((i for i, k in enumerate(ranks) if k > rank), key=lambda i: ranks[i])
+  return kept, [records[i] for i in rejected]

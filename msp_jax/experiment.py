@@ -301,17 +301,22 @@ def consistency_thresholds(judge, dev, c) -> dict | None:
   return consistency.choose_thresholds(judge, dev[1::2] or dev, c.downstream_thresholds, c.consistency_recall)
 
 
-def consistent_records(c, backbone, m, method, pool, judge, thresholds) -> tuple[list[dict], dict | None]:
+def consistent_records(c, backbone, m, method, pool, judge, thresholds, target: int) -> tuple[list[dict], dict | None]:
   """The pool that method config `m` generated after the consistency filter(s) of `c` (before the subsample
-  to the target; the round trip scores under `m`'s trained prompts), and what
-  each did: pool size, dropped / relabelled by the classifier, dropped by the round trip (None: not
-  applied; in-context has no trained prompts to score with); no filter: (pool, None)."""
+  to the target; the round trip scores under `m`'s trained prompts), and what each did: pool size,
+  dropped / relabelled by the classifier, dropped by the round trip (None: not applied; in-context has
+  no trained prompts to score with), and `filled`: when fewer than `target` pass, the shortfall is taken
+  back from the dropped records, those nearest to passing first (round-trip rejects, which passed the
+  classifier, before classifier rejects), so every method still adds the target count.
+  No filter: (pool, None)."""
   if c.get("consistency_filter", "none") == "none":
     return pool, None
   kept, counts = pool, {"filter": c.consistency_filter, "action": c.consistency_action, "pool": len(pool),
                         "dropped_classifier": None, "relabelled_classifier": None, "dropped_roundtrip": None}
+  rejected = []
   if thresholds is not None:
     kept, done = consistency.classifier_filter(kept, judge, thresholds, c.consistency_action)
+    rejected = done["rejected"]
     counts.update(dropped_classifier=done["dropped"], relabelled_classifier=done["relabelled"], thresholds=thresholds,
                   recall_target=c.consistency_recall)
   if consistency.uses_roundtrip(c) and method != "in_context" and not kept:
@@ -324,9 +329,11 @@ def consistent_records(c, backbone, m, method, pool, judge, thresholds) -> tuple
     scores = consistency.roundtrip_scores(kept, run.model, run.backbone.tokenizer, run.batch_config, layout, seeds,
                                           c.consistency_alternatives, m.seed, m.gen_batch_size)
     kept, dropped = consistency.roundtrip_filter(kept, scores, c.consistency_rank)
-    counts.update(dropped_roundtrip=dropped, alternatives=c.consistency_alternatives, rank=c.consistency_rank)
-  counts["kept"] = len(kept)
-  return kept, counts
+    rejected = dropped + rejected
+    counts.update(dropped_roundtrip=len(dropped), alternatives=c.consistency_alternatives, rank=c.consistency_rank)
+  filled = rejected[:max(0, target - len(kept))]
+  counts.update(filled=len(filled), kept=len(kept) + len(filled))
+  return kept + filled, counts
 
 
 def fit_judge(dataset, task, cache, c, dev) -> tuple:
@@ -423,8 +430,8 @@ def run(c, backbone=None) -> str:
           return copies, copies, None, None
         m = method_config(c, dataset, domain, method, k)
         pool, origin = generated_records(m, backbone, method, f"[{dataset}/{domain}]", k)
-        pool, counts = consistent_records(c, backbone, m, method, pool, seed_model, thresholds)
-        return subsample(pool, n_synthetic, k), pool, origin, counts  # short of the target: what the filter left
+        pool, counts = consistent_records(c, backbone, m, method, pool, seed_model, thresholds, n_synthetic)
+        return subsample(pool, n_synthetic, k), pool, origin, counts
 
       for k in todo:
         t0 = time.time()

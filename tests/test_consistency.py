@@ -92,15 +92,35 @@ def test_classifier_filter_drops_or_relabels_records_the_judge_disagrees_with(ho
       {"text": b.text, "attributes": {"intents": []}, "spans": []}]  # nothing requested: nothing to contradict
   thresholds = {"intents": {"threshold": 0.5}}
   kept, counts = consistency.classifier_filter(records, judge, thresholds, "drop")
-  assert kept == [records[0], records[3]] and counts == {"dropped": 2, "relabelled": 0}
+  assert kept == [records[0], records[3]] and (counts["dropped"], counts["relabelled"]) == (2, 0)
+  # nearest to passing first: record 2 lacks one intent (its own are confident), record 1 lacks all of them
+  assert counts["rejected"] == [records[2], records[1]]
   kept, counts = consistency.classifier_filter(records, judge, thresholds, "relabel")
-  assert counts == {"dropped": 0, "relabelled": 2}
+  assert (counts["dropped"], counts["relabelled"], counts["rejected"]) == (0, 2, [])
   assert [sorted(r["attributes"]["intents"]) for r in kept] == [
       sorted(a.attributes["intents"]), sorted(a.attributes["intents"]), sorted(b.attributes["intents"]), []]
   assert [r.get("relabelled", False) for r in kept] == [False, True, True, False]
   # a threshold above every probability leaves a failing record nothing: relabelling drops it too
   kept, counts = consistency.classifier_filter(records, judge, {"intents": {"threshold": 1.0}}, "relabel")
-  assert kept == [records[3]] and counts == {"dropped": 3, "relabelled": 0}
+  assert kept == [records[3]] and (counts["dropped"], counts["relabelled"]) == (3, 0)
+
+
+def test_a_pool_left_short_is_filled_back_with_the_rejects_nearest_to_passing(hotel_judge):
+  """The grid's filter step: with a target above what passes, the shortfall comes back from the rejected
+  records in the classifier's order, and the counts say so; with a target it can meet, nothing comes back."""
+  task, judge = hotel_judge
+  train = [ex for ex in task.splits["train"] if ex.attributes["intents"]]
+  a, b = train[0], next(ex for ex in train if not set(ex.attributes["intents"]) & set(train[0].attributes["intents"]))
+  records = [{"text": a.text, "attributes": {"intents": list(a.attributes["intents"])}, "spans": []},
+             {"text": a.text, "attributes": {"intents": list(b.attributes["intents"])}, "spans": []},
+             {"text": b.text, "attributes": {"intents": list(b.attributes["intents"]) + list(a.attributes["intents"])},
+              "spans": []}]
+  c = judge_config()
+  thresholds = {"intents": {"threshold": 0.5}}
+  kept, counts = experiment.consistent_records(c, None, None, "attention", records, judge, thresholds, target=2)
+  assert kept == [records[0], records[2]] and (counts["pool"], counts["dropped_classifier"], counts["filled"], counts["kept"]) == (3, 2, 1, 2)
+  kept, counts = experiment.consistent_records(c, None, None, "attention", records, judge, thresholds, target=1)
+  assert kept == [records[0]] and (counts["filled"], counts["kept"]) == (0, 1)
 
 
 def test_relabelling_drops_the_spans_of_types_no_longer_there():
@@ -118,8 +138,9 @@ def test_relabelling_drops_the_spans_of_types_no_longer_there():
 def test_roundtrip_rank_counts_alternatives_at_least_as_likely(scores, ranks):
   assert consistency.roundtrip_ranks(scores).tolist() == ranks
   records = [{"i": i} for i in range(len(scores))]
-  assert consistency.roundtrip_filter(records, scores, 1) == ([records[0], records[4]], 3)
-  assert consistency.roundtrip_filter(records, scores, 2) == ([records[0], records[1], records[2], records[4]], 1)
+  # dropped: the best-ranked first (ties in pool order)
+  assert consistency.roundtrip_filter(records, scores, 1) == ([records[0], records[4]], [records[1], records[2], records[3]])
+  assert consistency.roundtrip_filter(records, scores, 2) == ([records[0], records[1], records[2], records[4]], [records[3]])
 
 
 def test_roundtrip_scores_are_the_summed_log_probabilities_of_the_text(tiny_model_dir, load_task):
@@ -196,7 +217,7 @@ def test_tagger_filter_passes_records_whose_requested_types_it_finds(load_task):
   record = experiment.example_record(ex)
   asked_more = dict(record, attributes={"entities": sorted(ex.attributes["entities"]) + [absent]})
   kept, counts = consistency.classifier_filter([record, asked_more], judge, chosen, "drop")
-  assert kept == [record] and counts == {"dropped": 1, "relabelled": 0}
+  assert kept == [record] and (counts["dropped"], counts["relabelled"], counts["rejected"]) == (1, 0, [asked_more])
   kept, counts = consistency.classifier_filter([record, asked_more], judge, chosen, "relabel")
-  assert counts == {"dropped": 0, "relabelled": 1}
+  assert (counts["dropped"], counts["relabelled"]) == (0, 1)
   assert sorted(kept[1]["attributes"]["entities"]) == sorted(ex.attributes["entities"]) and kept[1]["spans"] == record["spans"]

@@ -447,7 +447,8 @@ def test_the_consistency_filters_settings_are_out_of_every_key_while_it_is_off()
 
 def test_classifier_filter_in_the_grid_records_its_counts_and_adds_what_it_kept(base_grid, tmp_path, capsys):
   """The generations of the base grid, filtered by the judge: each seed's JSON has the counts, the
-  table the filtered count, and the added examples are min(target, kept) of the filtered pool."""
+  table the added count, and the added examples are the target (filled back from the rejects when fewer
+  pass), or the whole pool when even that is smaller."""
   import shutil
   workdir = str(tmp_path / "results")
   shutil.copytree(base_grid.workdir, workdir)
@@ -458,7 +459,8 @@ def test_classifier_filter_in_the_grid_records_its_counts_and_adds_what_it_kept(
   counts = result["consistency"]
   pool = [json.loads(line) for line in open(result["generation"]["file"])]
   assert counts["pool"] == len(pool) == result["generation"]["kept"] and counts["relabelled_classifier"] == 0
-  assert counts["kept"] == counts["pool"] - counts["dropped_classifier"] and counts["dropped_roundtrip"] is None
+  assert counts["kept"] == counts["pool"] - counts["dropped_classifier"] + counts["filled"] and counts["dropped_roundtrip"] is None
+  assert counts["filled"] == max(0, min(result["synthetic_target"], counts["pool"]) - (counts["pool"] - counts["dropped_classifier"]))
   assert counts["dropped_classifier"] > 0  # the tiny model's texts: the judge rejects some (else nothing is tested)
   intents = counts["thresholds"]["intents"]
   assert intents["threshold"] in c.downstream_thresholds and intents["dev_attributes"] > 0 and counts["recall_target"] == 0.5
@@ -471,7 +473,7 @@ def test_classifier_filter_in_the_grid_records_its_counts_and_adds_what_it_kept(
   out = run_grid(dict_update(c, consistency_action="relabel"), capsys)
   relabelled = json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", "seed0.json")))["consistency"]
   assert relabelled["dropped_classifier"] + relabelled["relabelled_classifier"] == counts["dropped_classifier"], out
-  assert relabelled["kept"] == counts["kept"] + relabelled["relabelled_classifier"]
+  assert relabelled["kept"] - relabelled["filled"] == counts["kept"] - counts["filled"] + relabelled["relabelled_classifier"]
 
 
 def test_a_finetune_field_enters_the_result_key_when_finetuning():
