@@ -158,11 +158,10 @@ class GPT2(L.DecoderLM):
       q = jnp.einsum("btd,dhk->bthk", h, w["wq"]) + w["bq"]
       k = jnp.einsum("btd,dhk->bthk", h, w["wk"]) + w["bk"]
       v = jnp.einsum("btd,dhk->bthk", h, w["wv"]) + w["bv"]
-      new_kv = (None, None)
-      if kc is not None:  # attend over the cache plus this call's keys; return only the new ones
-        new_kv = (k, v)
-        k, v = L.update_layer_cache(kc, vc, k, v, cache.index)
-      a = L.attention(q, k, v, attn_mask, scale=s)
+      if kc is None:
+        a, new_kv = L.attention(q, k, v, attn_mask, scale=s), (None, None)
+      else:  # attend over the cache plus this call's keys; return only the new ones
+        a, new_kv = L.cached_attention(q, k, v, kc, vc, cache.index, attn_mask, scale=s), (k, v)
       x = x + jnp.einsum("bthk,hkd->btd", a, w["wo"]) + w["bo"]
       h = L.layer_norm(x, w["mlp_norm"], w["mlp_norm_bias"], cfg.layer_norm_eps)
       x = x + act(h @ w["w_up"] + w["b_up"]) @ w["w_down"] + w["b_down"]

@@ -161,11 +161,10 @@ class Llama(L.DecoderLM):
       if "bq" in w:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
       q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-      new_kv = (None, None)
-      if kc is not None:  # attend over the cache plus this call's keys; return only the new ones
-        new_kv = (k, v)
-        k, v = L.update_layer_cache(kc, vc, k, v, cache.index)
-      a = L.attention(q, k, v, attn_mask, scale=cfg.head_dim ** -0.5)
+      if kc is None:
+        a, new_kv = L.attention(q, k, v, attn_mask, scale=cfg.head_dim ** -0.5), (None, None)
+      else:  # attend over the cache plus this call's keys; return only the new ones
+        a, new_kv = L.cached_attention(q, k, v, kc, vc, cache.index, attn_mask, scale=cfg.head_dim ** -0.5), (k, v)
       a = jnp.einsum("bthk,hkd->btd", a, w["wo"])
       x = x + (a + w["bo"] if "bo" in w else a)
       h = L.rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)

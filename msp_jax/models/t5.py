@@ -265,11 +265,10 @@ class T5(nnx.Module):
       w, kc, vc, ck, cv = xs
       h = L.rms_norm(x, w["attn_norm"], cfg.layer_norm_epsilon)
       q, k, v = (jnp.einsum("btd,dhk->bthk", h, w[n]) for n in ("wq", "wk", "wv"))
-      new_kv = (None, None)
-      if kc is not None:  # attend over the cache plus this call's keys; return only the new ones
-        new_kv = (k, v)
-        k, v = L.update_layer_cache(kc, vc, k, v, cache.index)
-      a = L.attention(q, k, v, self_mask, scale=1.0, bias=bias)
+      if kc is None:
+        a, new_kv = L.attention(q, k, v, self_mask, scale=1.0, bias=bias), (None, None)
+      else:  # attend over the cache plus this call's keys; return only the new ones
+        a, new_kv = L.cached_attention(q, k, v, kc, vc, cache.index, self_mask, scale=1.0, bias=bias), (k, v)
       x = x + jnp.einsum("bthk,hkd->btd", a, w["wo"])
       h = L.rms_norm(x, w["cross_norm"], cfg.layer_norm_epsilon)
       q = jnp.einsum("btd,dhk->bthk", h, w["xq"])
