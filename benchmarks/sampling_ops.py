@@ -2,6 +2,7 @@
 
   top-p   `sampling.apply_top_p` (bisection, no sort) vs HF's algorithm in JAX (argsort, cumsum, argsort back)
   draw    `sampling.sample` (inverse CDF, one uniform per row) vs `jax.random.categorical` (Gumbel noise per token)
+  both    `sampling.sample_top_p` (what the sampler runs: candidates by rejection) vs the cut then the draw
 
   python benchmarks/sampling_ops.py [--batch 16 64] [--reps 9] [--top_p 0.95] [--json out.json]
 
@@ -66,12 +67,16 @@ def main():
     same = bool((jnp.isinf(ours_p(x)) == jnp.isinf(theirs_p(x))).all())
     t = timed({"top_p_ours": ours_p, "top_p_sorted": theirs_p,
                "draw_ours": jax.jit(lambda l: sampling.sample(key, l)),
-               "draw_categorical": jax.jit(lambda l: jax.random.categorical(key, l, axis=-1))}, x, args.reps)
+               "draw_categorical": jax.jit(lambda l: jax.random.categorical(key, l, axis=-1)),
+               "top_p_draw_ours": jax.jit(lambda l: sampling.sample_top_p(key, l, args.top_p)),
+               "cut_then_draw": jax.jit(lambda l: sampling.sample(key, sampling.apply_top_p(l, args.top_p)))},
+              x, args.reps)
     row = {"batch": batch, **{k: round(v * 1e3, 2) for k, v in t.items()}, "same_tokens_dropped": same}
     rows.append(row)
     print(f"batch {batch}: top-p {row['top_p_ours']} ms vs sorted {row['top_p_sorted']} ms "
           f"({t['top_p_sorted'] / t['top_p_ours']:.1f}x); draw {row['draw_ours']} ms vs categorical "
-          f"{row['draw_categorical']} ms ({t['draw_categorical'] / t['draw_ours']:.1f}x); same tokens dropped: {same}",
+          f"{row['draw_categorical']} ms ({t['draw_categorical'] / t['draw_ours']:.1f}x); same tokens dropped: {same}; "
+          f"top-p draw {row['top_p_draw_ours']} ms vs cut then draw {row['cut_then_draw']} ms",
           flush=True)
   if args.json:
     with open(args.json, "w") as f:
