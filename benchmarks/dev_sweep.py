@@ -29,7 +29,7 @@ import numpy as np
 
 from benchmarks.machine import describe
 from configs import experiment as experiment_config
-from msp_jax import augment, assembly, experiment, files, provenance, task_models
+from msp_jax import augment, assembly, consistency, experiment, files, provenance, task_models
 from msp_jax.data import load_task
 from msp_jax.models.weights import load_backbone
 
@@ -65,7 +65,9 @@ def prompts_dir(root: str, m) -> str:
 
 def grid_paths(m, grid: str, dataset: str, domain: str, method: str, k: int) -> bool:
   """Points `m` at the grid's prompts and generations of this row when the grid (workdir `grid`) made them
-  with exactly these settings (read only: nothing there is retrained, regenerated or moved aside)."""
+  with exactly these settings (read only: nothing there is retrained, regenerated or moved aside). The
+  prompts are needed only by the round trip: a clone, which has the grid's generations but not its prompt
+  checkpoints (`results/runs/` is not tracked), reuses the generations for every other variant."""
   if not grid:
     return False
   name = f"{dataset}_{domain}_{method}_seed{k}"
@@ -73,7 +75,7 @@ def grid_paths(m, grid: str, dataset: str, domain: str, method: str, k: int) -> 
   made = provenance.read_key(output)
   if made is None or made.get("key") != provenance.stable_key(experiment.generation_fields(m)):
     return False
-  if method != "in_context" and not os.path.exists(os.path.join(run, "summary.json")):
+  if method != "in_context" and consistency.uses_roundtrip(m) and not os.path.exists(os.path.join(run, "summary.json")):
     return False
   m.workdir, m.output = run, output
   return True
@@ -92,7 +94,7 @@ def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k,
   m.output = os.path.join(root, "synthetic", f"{name}_{dataset}_{domain}_{method}_seed{k}.jsonl")
   reused = grid_paths(m, grid, dataset, domain, method, k)
   pool, origin = experiment.generated_records(m, backbone, method, f"[{name}]", k)
-  if method != "in_context":
+  if method != "in_context" and os.path.exists(os.path.join(m.workdir, "summary.json")):
     trained = json.load(open(os.path.join(m.workdir, "summary.json")))
     origin.update(best_step=trained.get("best_step"), best_dev_loss=trained.get("best"))
   pool, counts = experiment.consistent_records(c, backbone, m, method, pool, judge, thresholds, n)
