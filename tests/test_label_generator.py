@@ -48,11 +48,14 @@ def test_postprocess_cuts_at_end_tokens_past_the_start():
 
 # --- the model ----------------------------------------------------------------------------------------
 
-def tiny_backbone(tokenizer, hidden=16, embed_scale=1.0):
+def tiny_backbone(tokenizer, hidden=16, embed_scale=1.0, weight_scale=1.0):
   cfg = llama.LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_layers=2, num_heads=2,
                           num_kv_heads=1, head_dim=hidden // 2, tie_word_embeddings=True)
   model = llama.Llama(cfg, rngs=nnx.Rngs(0))
   model.embed[...] = model.embed[...] * embed_scale  # larger logits: a loss that depends on which tokens count
+  for path, p in nnx.iter_graph(model):  # larger weights: outputs that differ between inputs
+    if isinstance(p, nnx.Param) and p[...].ndim >= 2 and "embed" not in str(path):
+      p[...] = p[...] * weight_scale
   return weights.Backbone(model=model, config=cfg, tokenizer=tokenizer, model_type="llama", source="tiny")
 
 
@@ -81,6 +84,28 @@ def test_loss_is_the_mean_cross_entropy_of_the_target_tokens_only(smollm2_tokeni
     all_tokens, all_count = all_tokens + nll.sum(), all_count + len(nll)
   assert abs(got - total / count) < 1e-4 * abs(total / count), (got, total / count)
   assert abs(total / count - all_tokens / all_count) > 0.05  # the mask matters: this test can fail
+
+
+def test_decoding_writes_a_quarter_more_than_the_longest_training_label_in_steps_of_8(smollm2_tokenizer):
+  gen = lg.LabelGenerator(tiny_backbone(smollm2_tokenizer), lg.FinetuneConfig(max_new_tokens=40))
+  targets = ["booking", "booking;check_in;how_long;how_much;refund;when;wifi", ""]
+  longest = len(smollm2_tokenizer(targets[1], add_special_tokens=False)["input_ids"]) + 1  # + EOS
+  assert gen.decode_length(targets) == min(40, -(-int(1.25 * longest) // 8) * 8) and longest > 8
+  assert gen.decode_length(["a"]) == 8  # 2 tokens: 2.5 -> 8
+  assert gen.decode_length(["x " * 100]) == 40  # the cap
+
+
+def test_rows_decoded_in_length_order_come_back_in_input_order(smollm2_tokenizer):
+  """generate() sorts rows by length into calls of DECODE_BATCH: each string must return to its own row,
+  equal to decoding that row alone (greedy, masked padding: a row's tokens do not depend on its batch)."""
+  gen = lg.LabelGenerator(tiny_backbone(smollm2_tokenizer, hidden=32, embed_scale=3.0, weight_scale=3.0),
+                          lg.FinetuneConfig(max_new_tokens=5))
+  texts = ["a much longer utterance about booking a room for two nights in june", "wifi?",
+           "can i check in early tomorrow", "spa", "is breakfast included in the price of the room"]
+  together = gen.generate(texts)
+  alone = [gen.generate([t])[0] for t in texts]
+  assert together == alone and len(set(together)) == len(texts), together
+  assert gen.generate([]) == []
 
 
 def toy_task(words=("gym", "spa")):
