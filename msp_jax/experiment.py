@@ -273,10 +273,13 @@ def generated_records(m, backbone, method: str, where: str, k: int) -> tuple[lis
     provenance.write_key(m.output, generation_fields(m))
   summary = json.load(open(m.output + ".summary.json"))
   trained = os.path.join(m.workdir, "summary.json")
+  run = json.load(open(trained)) if method != "in_context" and os.path.exists(trained) else {}
   source = {"file": m.output, "prompts": None if method == "in_context" else m.workdir, "seed": m.seed,
             "rounds": summary.get("rounds", 1), "candidates": summary["candidates"], "kept": summary["kept"],
-            "train_seconds": json.load(open(trained)).get("seconds") if method != "in_context" and os.path.exists(trained) else None,
-            "generate_seconds": summary.get("seconds")}
+            "train_seconds": run.get("seconds"), "generate_seconds": summary.get("seconds"),
+            # the prompts that generated: their dev score (select_metric) and step, and where training stopped
+            "prompt_select_metric": run.get("select_metric"), "prompt_best": run.get("best"),
+            "prompt_best_step": run.get("best_step"), "prompt_steps": run.get("step")}
   return [json.loads(line) for line in open(m.output)], source
 
 
@@ -560,16 +563,23 @@ def time_table(runs_by_method: list[tuple[str, list[dict]]]) -> list[str]:
   def minutes(values):
     values = [v for v in values if v is not None]
     return f"{sum(values) / 60:.1f}" if values else "-"
-  rows = []
+  def chosen(generation):  # the generating prompts' dev score and step, per seed ('-' where not recorded)
+    picks = [f"{g['prompt_best']:.3f} ({g['prompt_best_step']}/{g['prompt_steps']})" if g.get("prompt_best") is not None
+             else "-" for g in generation]
+    return ", ".join(picks) if any(p != "-" for p in picks) else "-"
+  rows, metric = [], "dev_loss"
   for m, runs in runs_by_method:
     if runs:
       generation = [r.get("generation") or {} for r in runs]
-      rows.append(f"| {m} | {minutes(g.get('train_seconds') for g in generation)} | "
+      metric = next((g["prompt_select_metric"] for g in generation if g.get("prompt_select_metric")), metric)
+      rows.append(f"| {m} | {chosen(generation)} | {minutes(g.get('train_seconds') for g in generation)} | "
                   f"{minutes(g.get('generate_seconds') for g in generation)} | {minutes(r.get('downstream_seconds') for r in runs)} |")
   if not rows:
     return []
-  return ["", "Wall time (min, summed over seeds; a piece resumed across invocations counts its last invocation only):", "",
-          "| method | prompt training | generation | downstream |", "| --- | --- | --- | --- |", *rows]
+  return ["", "Prompt training and wall time (prompts: the generating checkpoint's dev score, its step / the steps trained, "
+          "per seed; minutes summed over seeds, a piece resumed across invocations counts its last invocation only):", "",
+          f"| method | prompts' {metric} (step/steps) | prompt training | generation | downstream |",
+          "| --- | --- | --- | --- | --- |", *rows]
 
 
 def table_section(c, dataset, domain, methods, results, adapting: bool) -> list[str]:

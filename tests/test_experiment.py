@@ -41,6 +41,10 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, raw_da
           assert r["generation"]["generate_seconds"] > 0
           assert (r["generation"]["train_seconds"] is None) == (method == "in_context")
           assert method == "in_context" or r["generation"]["train_seconds"] > 0
+          if method != "in_context":  # the generating prompts' dev loss and step, from their run's summary
+            g, run = r["generation"], json.load(open(os.path.join(r["generation"]["prompts"], "summary.json")))
+            assert g["prompt_select_metric"] == "dev_loss" and g["prompt_best"] == run["best"] > 0
+            assert 0 < g["prompt_best_step"] <= g["prompt_steps"] == run["step"]
   eda = json.load(open(os.path.join(workdir, "nlupp_hotels", "eda", "seed0.json")))
   assert eda["synthetic_examples"] == 6  # EDA always delivers its share
   quality = json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", "quality.json")))
@@ -48,7 +52,11 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, raw_da
   assert quality["quality_sample"] == 4 and quality["judge_dev_examples"] == 24
   table = open(os.path.join(workdir, "results.md")).read()
   assert "## nlupp/hotels" in table and "## crossner/music" in table
-  assert table.count("| method | prompt training | generation | downstream |") == 2 and "| in_context | - | " in table
+  assert table.count("| method | prompts' dev_loss (step/steps) | prompt training | generation | downstream |") == 2
+  assert "| in_context | - | - | " in table
+  attention = [json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", f"seed{k}.json")))["generation"] for k in (0, 1)]
+  assert (f"| attention | {attention[0]['prompt_best']:.3f} ({attention[0]['prompt_best_step']}/{attention[0]['prompt_steps']}), "
+          f"{attention[1]['prompt_best']:.3f} (") in table
   assert all(f"| {m} |" in table for m in METHODS) and "span_partial_f1 (original)" in table
   assert "general_intent_f1 (original)" in table and "(paper)" not in table and "random samples of 4 texts" in table
   first = json.load(open(os.path.join(workdir, "wall_time.json")))
