@@ -1,4 +1,6 @@
 """Llama family (Llama 2/3, SmolLM2, Qwen2, Mistral) against transformers' PyTorch models, fp32."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +114,19 @@ def test_cached_greedy_equals_full_forward_argmax(pair):
     assert (nxt == full[:, -1].argmax(-1)[:, None]).all()
     seq, seq_mask = jnp.concatenate([seq, nxt], 1), jnp.concatenate([seq_mask, jnp.ones_like(nxt)], 1)
     logits, cache = step(model, nxt, jnp.ones_like(nxt), cache)
+
+
+def test_a_prefill_on_a_fresh_cache_scores_its_own_keys_only(pair):
+  """A fresh cache holds no key: the prefill's attention logits span its own 12 keys, not the cache's 19
+  slots (masked slots cost work, and XLA spent seconds constant-folding them at compile time)."""
+  _, model = pair
+  ids, mask = left_padded_batch()
+  cache = model.init_cache(batch=3, max_len=12 + 7)
+  prefill = jax.jit(lambda m, i, a, c: m(i, attention_mask=a, cache=c))
+  hlo = prefill.lower(model, jnp.asarray(ids), jnp.asarray(mask), cache).as_text()
+  assert cache.empty and re.search(r"x12x12xf32>", hlo) and not re.search(r"x12x19xf32>", hlo)
+  _, cache = prefill(model, jnp.asarray(ids), jnp.asarray(mask), cache)
+  assert not cache.empty  # the next call attends over the cache's slots too (test above: the same logits)
 
 
 def test_greedy_equals_transformers_generate(pair):

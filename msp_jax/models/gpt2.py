@@ -161,7 +161,7 @@ class GPT2(L.DecoderLM):
       if kc is None:
         a, new_kv = L.attention(q, k, v, attn_mask, scale=s), (None, None)
       else:  # attend over the cache plus this call's keys; return only the new ones
-        a, new_kv = L.cached_attention(q, k, v, kc, vc, cache.index, attn_mask, scale=s), (k, v)
+        a, new_kv = L.cached_attention(q, k, v, kc, vc, cache.index, attn_mask, scale=s, empty=cache.empty), (k, v)
       x = x + jnp.einsum("bthk,hkd->btd", a, w["wo"]) + w["bo"]
       h = L.layer_norm(x, w["mlp_norm"], w["mlp_norm_bias"], cfg.layer_norm_eps)
       x = x + act(h @ w["w_up"] + w["b_up"]) @ w["w_down"] + w["b_down"]

@@ -62,13 +62,16 @@ class KVCache:
   valid: jax.Array   # [B, S] bool
   length: jax.Array  # [B] int32, real tokens so far per row
   index: jax.Array   # [] int32, next slot to write
+  # static: no slot written yet, so a prefill attends over its own keys alone (not over S masked slots,
+  # which XLA would also constant-fold for seconds at compile time)
+  empty: bool = struct.field(pytree_node=False, default=False)
 
   @classmethod
   def create(cls, num_layers, batch, max_len, num_kv_heads, head_dim, dtype=jnp.float32):
     shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                valid=jnp.zeros((batch, max_len), bool), length=jnp.zeros((batch,), jnp.int32),
-               index=jnp.zeros((), jnp.int32))
+               index=jnp.zeros((), jnp.int32), empty=True)
 
   @property
   def max_len(self):
@@ -107,7 +110,7 @@ def positions_and_mask(mask, cache: KVCache | None):
     key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
     q_slot, k_slot = cache.index + jnp.arange(t), jnp.arange(cache.max_len)
     cache = cache.replace(valid=key_valid, length=cache.length + mask.sum(1, dtype=jnp.int32),
-                          index=cache.index + t)
+                          index=cache.index + t, empty=False)
   attn_mask = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
   return positions, attn_mask, cache
 
@@ -132,19 +135,22 @@ def attention(q, k, v, mask, *, scale, bias=None):
   return _attend(q, [(k, v, mask, bias)], scale)
 
 
-def cached_attention(q, k, v, k_cache, v_cache, index, mask, *, scale, bias=None):
+def cached_attention(q, k, v, k_cache, v_cache, index, mask, *, scale, bias=None, empty=False):
   """Attention over a KV cache's earlier slots plus this call's keys k, v [B, T, K, Dh], without writing
   the cache (the caller writes every layer's new keys once, `write_cache`).
 
   Equal to writing k, v at slot `index` of k_cache, v_cache [B, S, K, Dh] and calling `attention` with
   `mask` [B, T, S] (and `bias` [B|1, H, T, S]): the cache's slots before `index` and the new keys are the
   same keys under the same mask, in another order. A per-layer write would copy the layer's whole cache
-  each call: 8-16% of a decoding step on CPU (batch 8-64).
+  each call: 8-16% of a decoding step on CPU (batch 8-64). `empty` (static: the cache's `empty`): no
+  earlier slot holds a key, so only the new keys are attended.
   """
   s, t = k_cache.shape[1], k.shape[1]
-  earlier = mask & (jnp.arange(s) < index)[None, None, :]
   new = jax.lax.dynamic_slice_in_dim(mask, index, t, axis=2)  # the columns of the slots this call's keys take
   new_bias = None if bias is None else jax.lax.dynamic_slice_in_dim(bias, index, t, axis=3)
+  if empty:
+    return _attend(q, [(k, v, new, new_bias)], scale)
+  earlier = mask & (jnp.arange(s) < index)[None, None, :]
   return _attend(q, [(k_cache, v_cache, earlier, bias), (k, v, new, new_bias)], scale)
 
 

@@ -164,7 +164,8 @@ class Llama(L.DecoderLM):
       if kc is None:
         a, new_kv = L.attention(q, k, v, attn_mask, scale=cfg.head_dim ** -0.5), (None, None)
       else:  # attend over the cache plus this call's keys; return only the new ones
-        a, new_kv = L.cached_attention(q, k, v, kc, vc, cache.index, attn_mask, scale=cfg.head_dim ** -0.5), (k, v)
+        a, new_kv = L.cached_attention(q, k, v, kc, vc, cache.index, attn_mask, scale=cfg.head_dim ** -0.5,
+                                        empty=cache.empty), (k, v)
       a = jnp.einsum("bthk,hkd->btd", a, w["wo"])
       x = x + (a + w["bo"] if "bo" in w else a)
       h = L.rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)

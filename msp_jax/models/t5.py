@@ -268,7 +268,8 @@ class T5(nnx.Module):
       if kc is None:
         a, new_kv = L.attention(q, k, v, self_mask, scale=1.0, bias=bias), (None, None)
       else:  # attend over the cache plus this call's keys; return only the new ones
-        a, new_kv = L.cached_attention(q, k, v, kc, vc, cache.index, self_mask, scale=1.0, bias=bias), (k, v)
+        a, new_kv = L.cached_attention(q, k, v, kc, vc, cache.index, self_mask, scale=1.0, bias=bias,
+                                        empty=cache.empty), (k, v)
       x = x + jnp.einsum("bthk,hkd->btd", a, w["wo"])
       h = L.rms_norm(x, w["cross_norm"], cfg.layer_norm_epsilon)
       q = jnp.einsum("btd,dhk->bthk", h, w["xq"])
