@@ -7,8 +7,9 @@ for the trainable tree only; trainable and optimizer state are donated, frozen w
 and they are jit arguments, never closed-over constants.
 
 Batch (numpy or jax arrays, leading batch axis):
-  decoder-only: input_ids, attention_mask [B, T]; loss_mask [B, T] marks target tokens (token t
-    is predicted by logits[t - 1]); attribute_ids, attribute_mask [B, S, M].
+  decoder-only: input_ids, attention_mask [B, T]; loss_mask [B, W] marks target tokens among the
+    last W <= T columns (`make_batch` gives the bucketed suffix holding every row's target; token t is
+    predicted by logits[t - 1], computed for those columns only); attribute_ids, attribute_mask [B, S, M].
   encoder-decoder: input_ids, attention_mask (encoder); decoder_input_ids, decoder_attention_mask,
     labels, loss_mask [B, Td] (labels[t] predicted by logits[t]); attribute_ids, attribute_mask.
 """
@@ -24,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from msp_jax import sharding
+from msp_jax.data.batching import full_loss_mask
 from msp_jax.mixers import PromptParam
 from msp_jax.prompts import SoftPrompts, pooled_text
 
@@ -42,7 +44,7 @@ class PromptedModel(nnx.Module):
     max-pooled embeddings of the text tokens (never the target: generation has none)."""
     text_mask = batch["attention_mask"].astype(bool)
     if not self.encoder_decoder:
-      text_mask = text_mask & ~batch["loss_mask"].astype(bool)
+      text_mask = text_mask & ~full_loss_mask(batch["loss_mask"].astype(bool), text_mask.shape[1])
     text = pooled_text(jax.lax.stop_gradient(self.backbone.embed_tokens(batch["input_ids"])), text_mask)
     return self.prompts(batch["attribute_ids"], batch["attribute_mask"], text)
 
@@ -53,10 +55,11 @@ class PromptedModel(nnx.Module):
       logits = self.backbone(batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
                              batch["decoder_attention_mask"], embedded_prefix=prefix, prefix_mask=prefix_mask)
       targets, mask = batch["labels"], batch["loss_mask"]
-    else:
+    else:  # the loss window: the last w columns (the first column is never a target: nothing predicts it)
+      w = min(batch["loss_mask"].shape[1], batch["input_ids"].shape[1] - 1)
       logits = self.backbone(batch["input_ids"], batch["attention_mask"], embedded_prefix=prefix,
-                             prefix_mask=prefix_mask)[:, :-1]
-      targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:]
+                             prefix_mask=prefix_mask, last=w + 1)[:, :-1]
+      targets, mask = batch["input_ids"][:, -w:], batch["loss_mask"][:, -w:]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return nll, mask.astype(jnp.float32)

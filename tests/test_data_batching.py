@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from msp_jax.data.batching import BatchConfig, make_batch
+from msp_jax.data.batching import BatchConfig, full_loss_mask, make_batch
 from msp_jax.data.layout import Segments, prompt_text
 from msp_jax.data.sources import DataError
 
@@ -28,7 +28,7 @@ def test_decoder_only_layout_decodes_to_the_exact_prompt(smollm2_tokenizer):
   assert batch["input_ids"].shape == (2, t) and batch["input_ids"].dtype == np.int32
   pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
   for i, seg in enumerate(SEGMENTS):
-    ids, mask, loss = batch["input_ids"][i], batch["attention_mask"][i], batch["loss_mask"][i]
+    ids, mask, loss = batch["input_ids"][i], batch["attention_mask"][i], full_loss_mask(batch["loss_mask"], t)[i]
     n = length(tok, seg.text) + length(tok, seg.target) + 1
     assert list(mask) == [False] * (t - n) + [True] * n  # left padding
     assert (ids[~mask] == pad).all()
@@ -37,6 +37,9 @@ def test_decoder_only_layout_decodes_to_the_exact_prompt(smollm2_tokenizer):
     # The documented convention: logits[:, t] predict ids[:, t + 1], scored where loss_mask[:, t + 1].
     assert tok.decode(ids[1:][loss[1:]]) == seg.target + "<|im_end|>"
     assert ids[loss][-1] == tok.eos_token_id == 2
+  # the mask covers the suffix window that holds every target: the smallest bucket >= the longest target + EOS
+  longest_target = max(length(tok, s.target) + 1 for s in SEGMENTS)
+  assert batch["loss_mask"].shape == (2, min(min(b for b in CONFIG.buckets if b >= longest_target), t))
 
 
 def test_attribute_and_domain_arrays(smollm2_tokenizer):
@@ -70,7 +73,7 @@ def test_too_long_rows_fail_or_lose_prompt_text_from_the_left(smollm2_tokenizer)
   with pytest.raises(DataError, match=r"example weather/train/0: \d+ tokens exceed the largest bucket 16"):
     make_batch(SEGMENTS[:1], tok, BatchConfig(buckets=(16,)))
   batch = make_batch(SEGMENTS[:1], tok, BatchConfig(buckets=(16,), truncate_text=True))
-  ids, loss = batch["input_ids"][0], batch["loss_mask"][0]
+  ids, loss = batch["input_ids"][0], full_loss_mask(batch["loss_mask"], 16)[0]
   assert batch["attention_mask"].all() and ids.shape == (16,)
   assert tok.decode(ids[loss]) == TARGET + "<|im_end|>"
   assert TEXT.endswith(tok.decode(ids[~loss]))

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from msp_jax.data.batching import BatchConfig
+from msp_jax.data.batching import BatchConfig, full_loss_mask
 from msp_jax.data.example import Example
 from msp_jax.data.iterator import BatchIterator, task_batches
 from msp_jax.data.layout import Segments
@@ -31,7 +31,8 @@ def to_segments(example, rng):
 def seen(batch):
   """The example texts (targets) of a batch's real rows."""
   rows = []
-  for ids, loss, real in zip(batch["input_ids"], batch["loss_mask"], batch["example_mask"]):
+  for ids, loss, real in zip(batch["input_ids"], full_loss_mask(batch["loss_mask"], batch["input_ids"].shape[1]),
+                             batch["example_mask"]):
     if real:
       rows.append("".join(chr(i) for i in ids[loss][:-1]))
   return rows
@@ -109,7 +110,8 @@ def test_training_exemplars_never_contain_the_example(load_task, smollm2_tokeniz
   it = task_batches(task, "train", smollm2_tokenizer, global_batch_size=16, config=CONFIG,
                     process_index=0, process_count=1)
   for batch in it:
-    for ids, mask, loss in zip(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]):
+    for ids, mask, loss in zip(batch["input_ids"], batch["attention_mask"],
+                               full_loss_mask(batch["loss_mask"], batch["input_ids"].shape[1])):
       prompt, target = smollm2_tokenizer.decode(ids[mask & ~loss]), smollm2_tokenizer.decode(ids[loss][:-1])
       header, exemplars = prompt.split("\n", 1)
       assert header.endswith(" in the hotels domain:")

@@ -105,6 +105,34 @@ def test_the_bucketed_attribute_axis_gives_the_loss_and_gradients_of_the_full_on
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("family,mixer", [("llama", "attention"), ("llama", "bottleneck"), ("gpt2", "concat")])
+def test_a_loss_window_gives_the_loss_and_gradients_of_the_full_mask(family, mixer):
+  """make_batch's loss mask covers only the suffix that holds the targets (logits computed there alone):
+  the loss and the prompts' gradients equal those of the full-width mask, which a hand-computed
+  log-softmax over every position confirms."""
+  model = tiny_model(family, mixer)
+  graphdef, trainable, frozen = training.split(model)
+  full = tiny_batch()  # targets in columns 6-9 of 10
+  windows = [dict(full, loss_mask=full["loss_mask"][:, -w:]) for w in (4, 6)]
+
+  def loss(trainable, batch):
+    return training.loss_and_count(nnx.merge(graphdef, trainable, frozen), batch)[0]
+
+  (a, ga), *rest = (jax.value_and_grad(loss)(trainable, jax.tree.map(jnp.asarray, b)) for b in (full, *windows))
+  for b, gb in rest:
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+  merged = nnx.merge(graphdef, trainable, frozen)  # the reference: every position's logits, numpy log-softmax
+  prefix, prefix_mask = merged.prefix(jax.tree.map(jnp.asarray, full))
+  logits = np.asarray(merged.backbone(jnp.asarray(full["input_ids"]), jnp.asarray(full["attention_mask"]),
+                                      embedded_prefix=prefix, prefix_mask=prefix_mask), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp[:, :-1], full["input_ids"][:, 1:, None], -1)[..., 0]
+  np.testing.assert_allclose(a, (nll * full["loss_mask"][:, 1:]).sum() / full["loss_mask"][:, 1:].sum(), rtol=1e-5)
+
+
 def test_optimizer_state_exists_for_trainable_leaves_only():
   model = tiny_model()
   _, trainable, frozen = training.split(model)

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import tensorflow_datasets as tfds
 
-from msp_jax.data.batching import BatchConfig, make_batch
+from msp_jax.data.batching import BatchConfig, full_loss_mask, make_batch
 from msp_jax.data.layout import PromptLayout
 from msp_jax.data.splits import DATASETS, SETTINGS, load_task
 from msp_jax.errors import MspError
@@ -41,7 +41,7 @@ def decode_row(tokenizer, segments) -> str:
   """The example as the model gets it: soft prompt slots, then the batch tokens decoded."""
   batch = make_batch([segments], tokenizer, BatchConfig(buckets=(128, 256, 512, 1024, 2048)))
   ids = batch["input_ids"][0][batch["attention_mask"][0]]
-  scored = batch["loss_mask"][0][batch["attention_mask"][0]]
+  scored = full_loss_mask(batch["loss_mask"], batch["input_ids"].shape[1])[0][batch["attention_mask"][0]]
   return tokenizer.decode(ids[~scored]) + "«" + tokenizer.decode(ids[scored]) + "»"
 
 

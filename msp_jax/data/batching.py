@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from msp_jax.data.layout import Segments
@@ -117,7 +118,18 @@ def _decoder_only(segments, text_ids, target_ids, tokenizer, config) -> dict[str
     input_ids[i, t - len(row):] = row
     attention_mask[i, t - len(row):] = True
     loss_mask[i, t - n:] = n > 0
-  return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+  # Left padding puts every row's target at the end: the loss mask covers only that suffix window (its
+  # width a bucket, for few shapes), and the model computes logits, the softmax and its gradient there
+  # alone (17% of a prompt step on CPU is the LM head and its softmax; a row's target is often a fifth).
+  window = min(bucket(max(scored), config), t)
+  return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask[:, t - window:]}
+
+
+def full_loss_mask(loss_mask, length: int):
+  """A decoder-only loss mask [B, W] (the last W of `length` columns) as [B, length] (numpy in, numpy
+  out; a traced array in, a traced array out)."""
+  pad = ((0, 0), (length - loss_mask.shape[1], 0))
+  return np.pad(loss_mask, pad) if isinstance(loss_mask, np.ndarray) else jnp.pad(loss_mask, pad)
 
 
 def _encoder_decoder(segments, text_ids, target_ids, tokenizer, config) -> dict[str, np.ndarray]:

@@ -191,10 +191,12 @@ class DecoderLM(nnx.Module):
   def embed_tokens(self, input_ids):
     return self.embed[...][input_ids].astype(self.dtype)
 
-  def __call__(self, input_ids, attention_mask=None, *, embedded_prefix=None, prefix_mask=None, cache=None):
+  def __call__(self, input_ids, attention_mask=None, *, embedded_prefix=None, prefix_mask=None, cache=None,
+               last=None):
     mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
     x, mask, p = join_prefix(self.embed_tokens(input_ids), mask, embedded_prefix, prefix_mask)
     h, new_cache = self.hidden_states(x, mask, cache)
+    h = h[:, p:] if last is None else h[:, h.shape[1] - last:]  # `last` (static): logits of the last positions only
     head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-    logits = jnp.einsum("btd,dv->btv", h[:, p:], head.astype(self.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btd,dv->btv", h, head.astype(self.dtype), preferred_element_type=jnp.float32)
     return logits if cache is None else (logits, new_cache)
