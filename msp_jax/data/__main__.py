@@ -8,6 +8,7 @@
 Raw files come from $MSP_DATA_DIR (or --download); prepared data is kept in --data_dir.
 """
 import argparse
+import contextlib
 import json
 import sys
 
@@ -68,8 +69,9 @@ def main(argv=None):
   parser.add_argument("--jsonl", action="store_true", help="print the split's examples, one JSON object a line")
   args = parser.parse_args(argv)
   try:
-    task = load_task(args.dataset, args.domain, args.setting, seed=args.seed, data_dir=args.data_dir,
-                     download=args.download, data_path=args.data_path)
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS announces a first prepare on stdout: keep --json(l) pure
+      task = load_task(args.dataset, args.domain, args.setting, seed=args.seed, data_dir=args.data_dir,
+                       download=args.download, data_path=args.data_path)
     if args.jsonl:
       for example in task.splits[args.split]:
         print(json.dumps(example_json(example), ensure_ascii=False))
