@@ -119,12 +119,7 @@ def test_a_loss_window_gives_the_loss_and_gradients_of_the_full_mask(family, mix
     return training.loss_and_count(nnx.merge(graphdef, trainable, frozen), batch)[0]
 
   grad = jax.jit(jax.value_and_grad(loss))
-  # not through the session's persistent XLA cache: writing these programs crashed jaxlib twice in the full suite
-  jax.config.update("jax_enable_compilation_cache", False)
-  try:
-    (a, ga), *rest = [grad(trainable, jax.tree.map(jnp.asarray, b)) for b in (full, *windows)]
-  finally:
-    jax.config.update("jax_enable_compilation_cache", True)
+  (a, ga), *rest = [grad(trainable, jax.tree.map(jnp.asarray, b)) for b in (full, *windows)]
   for b, gb in rest:
     np.testing.assert_allclose(a, b, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
