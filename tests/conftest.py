@@ -16,15 +16,15 @@ os.environ.setdefault("MSP_DATA_DIR", str(REPO.parent / "shared" / "data"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="msp-jax-test-xla-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+import jax  # noqa: E402  (after the cache settings above)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def release_compiled_programs():
   """Frees each test module's compiled programs when it ends. Every XLA:CPU executable holds a few hundred
-  memory maps and jit's caches keep them all: by ~500 tests the process reached the kernel's limit
+  memory maps and jit's caches keep them all: by ~525 tests the process reached the kernel's limit
   (vm.max_map_count, 65530) and the next compile segfaulted, or an abort came from writing the cache."""
   yield
-  import jax
   jax.clear_caches()
   gc.collect()
 
