@@ -82,13 +82,14 @@ def grid_paths(m, grid: str, dataset: str, domain: str, method: str, k: int) -> 
 
 
 def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k, synonyms, judge, thresholds, grid=""):
-  """Seed k's added records for one variant (the grid's row recipe), and where they came from."""
+  """Seed k's candidate added sets for one variant (the grid's row recipe), {filter: (records, what the filter
+  did)} ("": EDA and seed-only), and where they came from."""
   n = experiment.synthetic_target(c, len(task.splits["train"]))
   if method == "seed":
-    return [], {"synthetic": 0, "target": 0}
+    return {"": ([], None)}, {"target": 0}
   if method == "eda":
     copies = experiment.subsample(experiment.eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n, k)
-    return copies, {"synthetic": len(copies), "target": n}
+    return {"": (copies, None)}, {"target": n}
   m = experiment.method_config(c, dataset, domain, method, k)
   m.workdir = prompts_dir(root, m)
   m.output = os.path.join(root, "synthetic", f"{name}_{dataset}_{domain}_{method}_seed{k}.jsonl")
@@ -97,12 +98,12 @@ def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k,
   if method != "in_context" and os.path.exists(os.path.join(m.workdir, "summary.json")):
     trained = json.load(open(os.path.join(m.workdir, "summary.json")))
     origin.update(best_step=trained.get("best_step"), best_dev_loss=trained.get("best"))
-  pool, counts = experiment.consistent_records(c, backbone, m, method, pool, judge, thresholds, n)
-  if counts:
-    origin["consistency"] = counts
-  kept = experiment.subsample(pool, n, k)
-  origin.update(synthetic=len(kept), target=n, from_grid=reused)
-  return kept, origin
+  sets = {}
+  for which in consistency.candidates(c):  # several: the downstream fit chooses one on dev, as the grid does
+    kept, counts = experiment.consistent_records(c, backbone, m, method, pool, judge, thresholds, n, which)
+    sets[which] = (experiment.subsample(kept, n, k), counts)
+  origin.update(target=n, from_grid=reused)
+  return sets, origin
 
 
 def filtered(counts: dict | None) -> str:
@@ -151,15 +152,20 @@ def main():
     thresholds = experiment.consistency_thresholds(judge, dev, c)
     for k in range(a.seeds):
       start = time.time()
-      synthetic, origin = synthetic_records(c, a.workdir, name, backbone, task, dataset, domain, method, k, synonyms,
-                                            judge, thresholds, a.grid)
-      model = task_models.model_class(task)(task, cache, c, k).fit(seeds + [dict(r, synthetic=True) for r in synthetic], dev)
+      sets, origin = synthetic_records(c, a.workdir, name, backbone, task, dataset, domain, method, k, synonyms,
+                                       judge, thresholds, a.grid)
+      which, model, on_dev = task_models.fit_on_dev(
+          task, cache, c, k, {f: seeds + [dict(r, synthetic=True) for r in added] for f, (added, _) in sets.items()}, dev)
+      synthetic, counts = sets[which]
       head, chosen = next(iter(model.selection.items()))
       r = {"variant": name, "fields": fields, "method": method, "seed": k, "dev_metric": f"{head} {chosen['dev_metric']}",
-           "dev_score": chosen["dev_score"], "selection": model.selection, **origin, "seconds": round(time.time() - start, 1)}
+           "dev_score": task_models.dev_score(model.selection), "selection": model.selection, **origin,
+           "synthetic": len(synthetic), **({"consistency": counts} if counts else {}),
+           **({"filter_chosen": which, "candidates_dev_score": on_dev} if len(sets) > 1 else {}),
+           "seconds": round(time.time() - start, 1)}
       results.append(r)
-      print(f"[{name}] seed {k}: dev {r['dev_metric']} {r['dev_score']:.4f} ({len(synthetic)} synthetic; "
-            f"{r['seconds']:.0f} s)", flush=True)
+      print(f"[{name}] seed {k}: dev {r['dev_metric']} {r['dev_score']:.4f} ({len(synthetic)} synthetic"
+            f"{f'; filter {which!r} chosen on dev' if len(sets) > 1 else ''}; {r['seconds']:.0f} s)", flush=True)
   print(f"\n{a.task}: dev score, mean ± std over {a.seeds} seed(s) (generator re-trained per seed)\n")
   print("| variant | method, fields | dev score | synthetic | best prompt step | best dev loss | filter: pool -> kept |\n"
         "| --- | --- | --- | --- | --- | --- | --- |")

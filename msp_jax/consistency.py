@@ -34,11 +34,20 @@ class ConsistencyError(MspError):
   pass
 
 
+def candidates(c) -> list[str]:
+  """The filters of `c.consistency_filter`: one, or several separated by commas, each downstream run then
+  choosing among them on dev (`experiment.run`)."""
+  return [x.strip() for x in str(c.get("consistency_filter", "none")).split(",")]
+
+
 def validate(c) -> None:
-  which = c.get("consistency_filter", "none")
-  if which not in FILTERS:
-    raise ConsistencyError(f"config.consistency_filter={which!r}: valid: {', '.join(FILTERS)}")
-  if which == "none":
+  which = candidates(c)
+  bad = [x for x in which if x not in FILTERS]
+  if bad or len(set(which)) < len(which):
+    raise ConsistencyError(f"config.consistency_filter={c.get('consistency_filter')!r}: "
+                           f"{'unknown ' + repr(bad[0]) if bad else 'a filter named twice'}; valid: {', '.join(FILTERS)}, "
+                           "or several of them separated by commas (each downstream run chooses one on dev)")
+  if which == ["none"]:
     return
   if c.consistency_action not in ACTIONS:
     raise ConsistencyError(f"config.consistency_action={c.consistency_action!r}: valid: {', '.join(ACTIONS)}")
@@ -50,11 +59,11 @@ def validate(c) -> None:
 
 
 def uses_classifier(c) -> bool:
-  return c.get("consistency_filter", "none") in ("classifier", "both")
+  return any(x in ("classifier", "both") for x in candidates(c))
 
 
 def uses_roundtrip(c) -> bool:
-  return c.get("consistency_filter", "none") in ("roundtrip", "both")
+  return any(x in ("roundtrip", "both") for x in candidates(c))
 
 
 # --- (a) the classifier -----------------------------------------------------------------------------

@@ -17,7 +17,9 @@ more rounds (synthesis.py) until the target survives denoising or `max_generatio
 one still short is marked '(short)' in the table and left out of the order of methods. With
 `consistency_filter` (consistency.py) the pool is filtered before that subsample (by the attribute judge
 and/or a round trip under the trained prompts); the count compared with the target is what the filter
-kept, and each seed{k}.json records what it dropped or relabelled.
+kept, and each seed{k}.json records what it dropped or relabelled. Several filters (e.g. "none,classifier"):
+each run trains one downstream model per filtered set and its dev score chooses which is scored on test
+(`filter_chosen`), as it chooses the head's hyper-parameters.
 Seed k is a whole replicate: the split stays that of `c.seed`, but seed k's prompts are trained with
 seed `c.seed + k` (runs/{task}_{method}_seed{k}), its data generated with that seed
 (synthetic/{task}_{method}_seed{k}.jsonl; in-context: sampled with it), and seed k's downstream model
@@ -172,6 +174,9 @@ def result_fields(c, dataset: str, domain: str, method: str, seed: int | None) -
     config.pop("source_fraction", None)
   if seed is None or dataset in ("nlupp", "topv2"):  # only the span tagger reads it (CrossNER, span-labelled files)
     config.pop("mask_synthetic_o", None)
+  if seed is None or method in ("seed", "eda"):  # the filters select generated data; quality measures the unfiltered pool
+    for field in ("consistency_filter", *consistency.FIELDS):
+      config.pop(field, None)
   data = None if method in ("seed", "eda") else generation_fields(method_config(c, dataset, domain, method, seed or 0))
   inputs = {k: config[k] for k in INPUT_FIELDS}
   if dataset == "files":  # the folder and what is in it (added only here: the benchmarks' keys stay as they were)
@@ -304,27 +309,29 @@ def consistency_thresholds(judge, dev, c) -> dict | None:
   return consistency.choose_thresholds(judge, dev[1::2] or dev, c.downstream_thresholds, c.consistency_recall)
 
 
-def consistent_records(c, backbone, m, method, pool, judge, thresholds, target: int) -> tuple[list[dict], dict | None]:
-  """The pool that method config `m` generated after the consistency filter(s) of `c` (before the subsample
-  to the target; the round trip scores under `m`'s trained prompts), and what each did: pool size,
+def consistent_records(c, backbone, m, method, pool, judge, thresholds, target: int,
+                       which: str) -> tuple[list[dict], dict | None]:
+  """The pool that method config `m` generated after consistency filter `which` (one of `c`'s; before the
+  subsample to the target; the round trip scores under `m`'s trained prompts), and what it did: pool size,
   dropped / relabelled by the classifier, dropped by the round trip (None: not applied; in-context has
   no trained prompts to score with), and `filled`: when fewer than `target` pass, the shortfall is taken
   back from the dropped records, those nearest to passing first (round-trip rejects, which passed the
   classifier, before classifier rejects), so every method still adds the target count.
   No filter: (pool, None)."""
-  if c.get("consistency_filter", "none") == "none":
+  if which == "none":
     return pool, None
-  kept, counts = pool, {"filter": c.consistency_filter, "action": c.consistency_action, "pool": len(pool),
+  kept, counts = pool, {"filter": which, "action": c.consistency_action, "pool": len(pool),
                         "dropped_classifier": None, "relabelled_classifier": None, "dropped_roundtrip": None}
   rejected = []
-  if thresholds is not None:
+  if which in ("classifier", "both"):
     kept, done = consistency.classifier_filter(kept, judge, thresholds, c.consistency_action)
     rejected = done["rejected"]
     counts.update(dropped_classifier=done["dropped"], relabelled_classifier=done["relabelled"], thresholds=thresholds,
                   recall_target=c.consistency_recall)
-  if consistency.uses_roundtrip(c) and method != "in_context" and not kept:
+  roundtrip = which in ("roundtrip", "both") and method != "in_context"
+  if roundtrip and not kept:
     counts.update(dropped_roundtrip=0, alternatives=c.consistency_alternatives, rank=c.consistency_rank)
-  elif consistency.uses_roundtrip(c) and method != "in_context":
+  elif roundtrip:
     run = assembly.build(m, backbone)
     assembly.restore_prompts(run, m.checkpoint)  # the prompts this pool was generated with
     seeds = list(run.task.splits["train"])[:m.max_seeds or None]  # the sets the generator was asked for
@@ -423,40 +430,50 @@ def run(c, backbone=None) -> str:
       if not todo:
         continue
 
-      def synthetic_set(k: int) -> tuple[list[dict], list[dict], dict | None, dict | None]:
-        """Seed k's added examples, the set its quality is measured on, where they came from, and what
-        the consistency filter did (generated data only: EDA copies keep their seeds' labels)."""
+      def synthetic_sets(k: int) -> tuple[dict[str, tuple[list[dict], dict | None]], list[dict], dict | None]:
+        """Seed k's candidate added sets, {filter: (examples, what the filter did)}: one per consistency filter
+        of `c` for generated data, one ("") for EDA's copies (they keep their seeds' labels) and seed-only's
+        nothing; the set its quality is measured on (generated: the denoised pool before any filter); and
+        where the generations came from."""
         if method == "seed":
-          return [], [], None, None
+          return {"": ([], None)}, [], None
         if method == "eda":
           copies = subsample(eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n_synthetic, k)
-          return copies, copies, None, None
+          return {"": (copies, None)}, copies, None
         m = method_config(c, dataset, domain, method, k)
         pool, origin = generated_records(m, backbone, method, f"[{dataset}/{domain}]", k)
-        pool, counts = consistent_records(c, backbone, m, method, pool, seed_model, thresholds, n_synthetic)
-        return subsample(pool, n_synthetic, k), pool, origin, counts
+        sets = {}
+        for which in consistency.candidates(c):
+          kept, counts = consistent_records(c, backbone, m, method, pool, seed_model, thresholds, n_synthetic, which)
+          sets[which] = (subsample(kept, n_synthetic, k), counts)
+        return sets, pool, origin
 
       for k in todo:
         t0 = time.time()
-        synthetic, measured, origin, counts = synthetic_set(k)
+        sets, measured, origin = synthetic_sets(k)
         if k == 0 and measured and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
           files.write_json_atomic(quality_path, measure(measured))
           provenance.write_key(quality_path, quality_fields)
         t1 = time.time()
+        # with several filters, each set trains a model and the dev split chooses which one is scored on test
+        chosen, run = task_models.downstream_run(
+            task, cache, c, k, {name: seeds + source + [dict(r, synthetic=True) for r in added] for name, (added, _) in sets.items()},
+            dev, test)
+        synthetic, counts = sets[chosen]
         result = {"task": f"{dataset}/{domain}", "method": method, "seed": k, "seed_examples": len(seeds),
                   "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
                   "generation": origin, **({"consistency": counts} if counts else {}),
+                  **({"filter_chosen": chosen} if len(sets) > 1 else {}),
                   "dev_examples": len(dev), "test_examples": len(test),
-                  **({"source_data": source_info} if adapting else {}),
-                  **task_models.downstream_run(task, cache, c, k, seeds + source + [dict(r, synthetic=True) for r in synthetic],
-                                               dev, test)}
+                  **({"source_data": source_info} if adapting else {}), **run}
         result.update(seconds=round(time.time() - t0, 1), downstream_seconds=round(time.time() - t1, 1))
         files.write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
         provenance.write_key(os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k))
         print(f"{label} seed {k}: {metric} {result['scores'][metric]:.3f} ({len(synthetic)} synthetic"
-              f"{f', {len(source)} source' if adapting else ''})", flush=True)
+              f"{f', {len(source)} source' if adapting else ''}{f'; filter {chosen!r} chosen on dev' if len(sets) > 1 else ''})",
+              flush=True)
       if 0 not in todo and method != "seed" and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
-        measured = synthetic_set(0)[1]  # seed 0's result was current, its quality not
+        measured = synthetic_sets(0)[1]  # seed 0's result was current, its quality not
         if measured:
           files.write_json_atomic(quality_path, measure(measured))
           provenance.write_key(quality_path, quality_fields)
@@ -590,8 +607,10 @@ def table_section(c, dataset, domain, methods, results, adapting: bool) -> list[
   dev_column = [f"dev {first['selection'][heads[0]]['dev_metric']}"] if heads else []
   title = f"{dataset}/{domain}" + (f", domain adaptation ({first.get('source_data', {}).get('what', 'source data')})"
                                    if adapting else "")
-  lines = [f"## {title}", "", "| method | synthetic | " + " | ".join(dev_column + [column_name(k) for k in metrics]) + " |",
-           "| --- | --- | " + " | ".join("---" for _ in dev_column + metrics) + " |"]
+  filters = consistency.candidates(c)
+  filter_column = [] if filters == ["none"] else [f"filter (of {', '.join(filters)}; per seed)"]
+  lines = [f"## {title}", "", "| method | synthetic | " + " | ".join(filter_column + dev_column + [column_name(k) for k in metrics]) + " |",
+           "| --- | --- | " + " | ".join("---" for _ in filter_column + dev_column + metrics) + " |"]
   ranked, short = [], []
   metric = ((adapting and SOURCE_MAIN_METRIC.get(dataset)) or task_models.MAIN_METRIC.get(dataset)
             or ("span_f1" if "span_f1" in first.get("scores", {}) else "micro_f1"))
@@ -602,14 +621,16 @@ def table_section(c, dataset, domain, methods, results, adapting: bool) -> list[
       is_short = fewest["synthetic_examples"] < fewest["synthetic_target"]
       synth = f"{fewest['synthetic_examples']}/{fewest['synthetic_target']}" + (" (short)" if is_short else "")
       dev = [mean_std([r.get("selection", {}).get(heads[0], {}).get("dev_score") for r in runs])] if heads else []
-      lines.append(f"| {m} | {synth} | " + " | ".join(dev + [mean_std([r["scores"].get(k) for r in runs]) for k in metrics]) + " |")
+      used = [", ".join(r.get("filter_chosen") or (r.get("consistency") or {}).get("filter") or "none" for r in runs)
+              if m not in ("seed", "eda") else "-"] if filter_column else []
+      lines.append(f"| {m} | {synth} | " + " | ".join(used + dev + [mean_std([r["scores"].get(k) for r in runs]) for k in metrics]) + " |")
       (short if is_short else ranked).append((m, np.mean([r["scores"][metric] for r in runs])))
   if ranked or short:
     rounds = c.get("max_generation_rounds", 1)
     order = " > ".join(m for m, _ in sorted(ranked, key=lambda x: -x[1]))
     lines += ["", f"Order by mean {metric} (methods that added the full synthetic count only): {order or '-'}."]
     if short:
-      filtered = "" if c.get("consistency_filter", "none") == "none" else f" and the consistency filter ({c.consistency_filter})"
+      filtered = "" if filter_column == [] else " and the consistency filter"
       lines.append(f"'(short)': fewer synthetic examples survived denoising{filtered} than the target after {rounds} generation "
                    f"round(s) (the fewest of its seeds shown); not ranked against the others: {', '.join(m for m, _ in short)}.")
   lines += time_table([(m, results[dataset, domain, m][0]) for m in methods])
@@ -621,10 +642,7 @@ def table_section(c, dataset, domain, methods, results, adapting: bool) -> list[
                f"texts each ('-' with fewer texts)" if "quality_sample" in q0 else "all metrics on the whole set")
     judged = (f"; judge_dev_*: the attribute judge's own precision/recall/F1 on {q0['judge_dev_examples']} real dev "
               f"examples it was not chosen on, i.e. how far to trust attribute_*" if "judge_dev_examples" in q0 else "")
-    if c.get("consistency_filter", "none") in ("classifier", "both"):  # the judge that scores them also chose them
-      judged += "; after the classifier filter the same judge's attribute_* flatter the generated sets"
-    filtered = "" if c.get("consistency_filter", "none") == "none" else f" after the consistency filter ({c.consistency_filter})"
-    lines += ["", f"Synthetic data quality (seed 0's set: the denoised generations{filtered}, EDA's copies; {sampled}{judged}; '-': undefined):", "",
+    lines += ["", f"Synthetic data quality (seed 0's set: the denoised generations before any consistency filter, EDA's copies; {sampled}{judged}; '-': undefined):", "",
               "| method | examples | " + " | ".join(keys) + " |", "| --- | --- | " + " | ".join("---" for _ in keys) + " |"]
     for m, q in q_rows:
       lines.append(f"| {m} | {q['examples']} | " + " | ".join("-" if q.get(k) is None or np.isnan(q[k]) else f"{q[k]:.3f}" for k in keys) + " |")

@@ -302,11 +302,29 @@ def check_downstream(c, datasets) -> None:
     finetune_config(c, 0).check()
 
 
-def downstream_run(task, cache, c, seed: int, records, dev, test) -> dict:
-  """One downstream run: train on records with hyper-parameters chosen on dev, then score test once."""
-  finetune = c.get("downstream", "probe") == "finetune"
-  model = (FINETUNE_MODELS[task.dataset] if finetune else model_class(task))(task, cache, c, seed).fit(records, dev)
+def dev_score(selection: dict) -> float:
+  """A fitted model's dev score: the mean over its heads of the score each head was selected by."""
+  return float(np.mean([chosen["dev_score"] for chosen in selection.values()]))
+
+
+def fit_on_dev(task, cache, c, seed: int, candidates: dict[str, list], dev) -> tuple[str, object, dict[str, float]]:
+  """A model per candidate training set (e.g. a synthetic pool with and without a consistency filter), each
+  with its hyper-parameters chosen on dev; (the name of the one with the best dev score (`dev_score`; a tie
+  goes to the first), its model, every candidate's dev score)."""
+  kind = FINETUNE_MODELS[task.dataset] if c.get("downstream", "probe") == "finetune" else model_class(task)
+  fitted = {name: kind(task, cache, c, seed).fit(records, dev) for name, records in candidates.items()}
+  on_dev = {name: dev_score(model.selection) for name, model in fitted.items()}
+  chosen = max(on_dev, key=on_dev.get)
+  return chosen, fitted[chosen], on_dev
+
+
+def downstream_run(task, cache, c, seed: int, candidates: dict[str, list], dev, test) -> tuple[str, dict]:
+  """One downstream run: the model `fit_on_dev` chooses among the candidate training sets is scored on
+  test, once; (its name, its result)."""
+  chosen, model, on_dev = fit_on_dev(task, cache, c, seed, candidates, dev)
   result = {"selection": model.selection, "scores": model.score(test)}
-  if finetune:
+  if len(candidates) > 1:
+    result["candidates_dev_score"] = on_dev
+  if c.get("downstream", "probe") == "finetune":
     result["test_labels_dropped"] = model.dropped  # written label pieces that named no label of the ontology
-  return result
+  return chosen, result

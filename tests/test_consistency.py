@@ -117,9 +117,9 @@ def test_a_pool_left_short_is_filled_back_with_the_rejects_nearest_to_passing(ho
               "spans": []}]
   c = judge_config()
   thresholds = {"intents": {"threshold": 0.5}}
-  kept, counts = experiment.consistent_records(c, None, None, "attention", records, judge, thresholds, target=2)
+  kept, counts = experiment.consistent_records(c, None, None, "attention", records, judge, thresholds, target=2, which="classifier")
   assert kept == [records[0], records[2]] and (counts["pool"], counts["dropped_classifier"], counts["filled"], counts["kept"]) == (3, 2, 1, 2)
-  kept, counts = experiment.consistent_records(c, None, None, "attention", records, judge, thresholds, target=1)
+  kept, counts = experiment.consistent_records(c, None, None, "attention", records, judge, thresholds, target=1, which="classifier")
   assert kept == [records[0]] and (counts["filled"], counts["kept"]) == (0, 1)
 
 

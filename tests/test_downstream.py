@@ -285,8 +285,8 @@ def test_selection_never_sees_the_test_labels(load_task, dataset, domain):
   c = ConfigDict({"downstream_hidden": 0, "downstream_steps": 40, "downstream_l2": (1e-4, 1e-2, 1.0),
                   "downstream_eval_every": 20, "downstream_thresholds": (0.3, 0.5, 0.7)})
   records = [experiment.example_record(ex) for ex in train]
-  real = task_models.downstream_run(task, cache, c, 0, records, dev, test)
-  fake = task_models.downstream_run(task, cache, c, 0, records, dev, shuffled_test_labels(dataset, test))
+  _, real = task_models.downstream_run(task, cache, c, 0, {"": records}, dev, test)
+  _, fake = task_models.downstream_run(task, cache, c, 0, {"": records}, dev, shuffled_test_labels(dataset, test))
   assert real["selection"] == fake["selection"]  # the same choices and dev scores
   assert real["scores"] != fake["scores"]  # while the test labels did change the test scores
   (head, chosen), = real["selection"].items()
@@ -340,3 +340,29 @@ def test_entity_model_masks_only_the_o_words_of_synthetic_records(backbone):
       cache.per_word([dev[0].text]), [[tags.index(t) for t in ("B-country", "O", "B-person")]], task_models.selection_grid(c))
   probe = np.concatenate(words)
   np.testing.assert_allclose(model.model._forward(probe), reference._forward(probe), rtol=1e-6, atol=1e-6)
+
+
+def test_the_dev_split_chooses_among_candidate_training_sets(load_task):
+  """Several training sets (a pool with and without a consistency filter): each trains a model, the best
+  dev score picks the one scored on test, whatever its place in the list and whatever the test labels."""
+  from ml_collections import ConfigDict
+  task = load_task("nlupp", "hotels", "few_shot")
+  train, dev, test = list(task.splits["train"]), list(task.splits["dev"])[:80], list(task.splits["test"])[:80]
+  cache = NoisyLabelFeatures(train + dev + test, intents=list(task.ontology["intents"].names))
+  c = ConfigDict({"downstream_hidden": 0, "downstream_steps": 40, "downstream_l2": (1e-4, 1e-2),
+                  "downstream_eval_every": 20, "downstream_thresholds": (0.3, 0.5, 0.7)})
+  right = [experiment.example_record(ex) for ex in train]
+  wrong = [dict(r, attributes=right[(i + 1) % len(right)]["attributes"]) for i, r in enumerate(right)]
+  candidates = {"wrong": wrong, "right": right}
+  chosen, real = task_models.downstream_run(task, cache, c, 0, candidates, dev, test)
+  assert chosen == "right" and set(real["candidates_dev_score"]) == {"wrong", "right"}
+  assert real["candidates_dev_score"]["right"] > real["candidates_dev_score"]["wrong"]
+  assert real["candidates_dev_score"]["right"] == real["selection"]["intents"]["dev_score"]
+  alone = task_models.IntentModel(task, cache, c, 0).fit(right, dev)
+  assert real["scores"] == alone.score(test)  # the chosen model, scored once
+  fake_chosen, fake = task_models.downstream_run(task, cache, c, 0, candidates, dev, shuffled_test_labels("nlupp", test))
+  assert fake_chosen == chosen and fake["candidates_dev_score"] == real["candidates_dev_score"]
+  assert fake["scores"] != real["scores"]
+  # a tie goes to the first candidate
+  first, _ = task_models.downstream_run(task, cache, c, 0, {"a": right, "b": list(right)}, dev, test)
+  assert first == "a"

@@ -37,6 +37,9 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, raw_da
         assert r["dev_examples"] == 48 and chosen["l2"] in (1e-4, 1e-3, 1e-2) and chosen["steps"] in (25, 50)
         assert 0.0 <= chosen["dev_score"] <= 1.0 and (task == "crossner_music" or 0 < chosen["threshold"] < 1)
         assert r["downstream_seconds"] > 0  # where the time goes: each piece timed
+        if method not in ("seed", "eda"):  # the grid's default: with and without the classifier filter, dev chooses
+          on_dev = r["candidates_dev_score"]
+          assert set(on_dev) == {"none", "classifier"} and on_dev[r["filter_chosen"]] == max(on_dev.values())
         if method in ("prompt_tuning", "attention", "in_context"):
           assert r["generation"]["generate_seconds"] > 0
           assert (r["generation"]["train_seconds"] is None) == (method == "in_context")
@@ -72,7 +75,7 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, raw_da
 @pytest.mark.parametrize("flag,message", [
     ("--config.methods=seed,gpt4", "config.methods='seed,gpt4': unknown 'gpt4'; valid: seed, eda"),
     ("--config.tasks=snips/weather", "config.tasks item 'snips/weather': expected dataset/domain"),
-    ("--config.consistency_filter=judge", "config.consistency_filter='judge': valid: none, classifier, roundtrip, both"),
+    ("--config.consistency_filter=judge", "config.consistency_filter='judge': unknown 'judge'; valid: none, classifier, roundtrip, both"),
     ("--config.consistency_filter=both --config.consistency_rank=4",
      "config.consistency_alternatives=3, config.consistency_rank=4: need alternatives >= 1 and 1 <= rank <= alternatives"),
 ])
@@ -142,7 +145,8 @@ def tiny_grid(model_dir, workdir, tfds_dir, **extra):
   from configs import experiment as experiment_config
   c = experiment_config.get_config("smoke")
   c.update(model=model_dir, workdir=str(workdir), data_dir=tfds_dir, tasks="nlupp/hotels", methods="seed,attention",
-           num_seeds=1, max_test=16, max_seeds=4, gen_batch_size=8, max_new_tokens=6, downstream_steps=20)
+           num_seeds=1, max_test=16, max_seeds=4, gen_batch_size=8, max_new_tokens=6, downstream_steps=20,
+           consistency_filter="none")  # the tests switch the filters on where they test them
   c.update(extra)
   return c
 
@@ -265,7 +269,7 @@ def test_each_seed_trains_and_samples_its_own_generator_and_rounds_reach_the_tar
     ("mask_synthetic_o", True, "downstream", ()),
     ("max_request_values", 2, "generation", ()),
     ("source_data", True, "downstream", ("source_fraction",)),  # source_fraction only matters with source_data
-    ("consistency_filter", "classifier", "downstream", ("consistency_action", "consistency_recall",
+    ("consistency_filter", "classifier", "filter", ("consistency_action", "consistency_recall",
                                                         "consistency_alternatives", "consistency_rank")),
     ("downstream", "finetune", "downstream", ("finetune_params", "finetune_epochs", "finetune_lr", "finetune_batch_size", "finetune_max_new_tokens", "finetune_repetition_penalty")),
     # the probe heads never read the finetune_* fields: at downstream="probe" no value of theirs enters a key
@@ -292,8 +296,8 @@ def test_an_added_field_at_its_old_value_keeps_every_key(field, value, kind, add
   changed = new.copy_and_resolve_references()
   changed[field] = value
   for method, (result, training, generation) in keys(changed).items():
-    # seed-only has no synthetic data: a generation field does not change its result
-    assert (result != keys(old)[method][0]) == (kind == "downstream" or (kind == "generation" and method != "seed"))
+    # seed-only has no synthetic data: a generation field or a filter of generated data does not change its result
+    assert (result != keys(old)[method][0]) == (kind == "downstream" or (kind in ("generation", "filter") and method != "seed"))
     assert training == keys(old)[method][1]  # none changes the trained prompts
     assert (generation != keys(old)[method][2]) == (kind == "generation")
 
@@ -440,7 +444,7 @@ def test_mask_synthetic_o_enters_the_keys_of_span_tasks_only():
 def test_the_consistency_filters_settings_are_out_of_every_key_while_it_is_off():
   from configs import experiment as experiment_config
   from msp_jax import consistency, experiment
-  new = experiment_config.get_config()
+  new = dict_update(experiment_config.get_config(), consistency_filter="none")
   old = new.copy_and_resolve_references()
   for field in ("consistency_filter", *consistency.FIELDS):
     del old[field]  # a config from before the filter existed
@@ -482,6 +486,31 @@ def test_classifier_filter_in_the_grid_records_its_counts_and_adds_what_it_kept(
   relabelled = json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", "seed0.json")))["consistency"]
   assert relabelled["dropped_classifier"] + relabelled["relabelled_classifier"] == counts["dropped_classifier"], out
   assert relabelled["kept"] - relabelled["filled"] == counts["kept"] - counts["filled"] + relabelled["relabelled_classifier"]
+
+
+def test_several_filters_each_train_a_model_and_dev_chooses_the_one_scored(base_grid, tmp_path, capsys):
+  """consistency_filter="none,classifier": each generated row trains on both sets and records the dev scores
+  and the choice, its scores are the chosen set's; seed-only and the quality metrics (the unfiltered pool)
+  are not recomputed, and the table names the filter each seed used."""
+  import shutil
+  workdir = str(tmp_path / "results")
+  shutil.copytree(base_grid.workdir, workdir)
+  c = dict_update(base_grid, workdir=workdir, consistency_filter="none,classifier", consistency_recall=0.5)
+  quality = open(os.path.join(workdir, "nlupp_hotels", "attention", "quality.json")).read()
+  out = run_grid(c, capsys)
+  assert "training prompts" not in out and "generating" not in out and "seed seed 0" not in out, out
+  assert "attention quality" not in out and "chosen on dev" in out, out
+  result = json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", "seed0.json")))
+  on_dev = result["candidates_dev_score"]
+  assert set(on_dev) == {"none", "classifier"} and result["filter_chosen"] in on_dev
+  assert on_dev[result["filter_chosen"]] == max(on_dev.values()) == result["selection"]["intents"]["dev_score"]
+  assert ("consistency" in result) == (result["filter_chosen"] == "classifier")
+  assert open(os.path.join(workdir, "nlupp_hotels", "attention", "quality.json")).read() == quality
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert "| filter (of none, classifier; per seed) |" in table and f"| {result['filter_chosen']} |" in table, table
+  with pytest.raises(Exception, match="'none,none': a filter named twice"):
+    from msp_jax import consistency
+    consistency.validate(dict_update(c, consistency_filter="none,none"))
 
 
 def test_a_finetune_field_enters_the_result_key_when_finetuning():

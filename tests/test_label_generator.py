@@ -134,7 +134,7 @@ def test_test_labels_never_choose_the_epoch(smollm2_tokenizer, load_task):
   dev, test = list(task.splits["dev"][:4]), list(task.splits["test"][:4])
   shuffled = [dataclasses.replace(ex, attributes=test[j].attributes) for ex, j in zip(test, [1, 2, 3, 0])]
   assert [ex.attributes for ex in shuffled] != [ex.attributes for ex in test]
-  runs = [task_models.downstream_run(task, cache, finetune_config(), 0, records, dev, t) for t in (test, shuffled)]
+  runs = [task_models.downstream_run(task, cache, finetune_config(), 0, {"": records}, dev, t)[1] for t in (test, shuffled)]
   untimed = lambda chosen: {**chosen, "history": [{k: v for k, v in h.items() if not k.endswith("_seconds")}
                                                   for h in chosen["history"]]}
   assert untimed(runs[0]["selection"]["intents"]) == untimed(runs[1]["selection"]["intents"])
