@@ -177,24 +177,27 @@ class MultiLabelClassifier(_Trainer):
     return self
 
   def fit_selected(self, X: np.ndarray, Y: np.ndarray, X_dev: np.ndarray, Y_dev: np.ndarray,
-                   grid: SelectionGrid = SelectionGrid(), metric: str = "micro_f1") -> "MultiLabelClassifier":
+                   grid: SelectionGrid = SelectionGrid(), metric: str = "micro_f1", columns: Sequence[int] | None = None,
+                   name: str | None = None) -> "MultiLabelClassifier":
     """`fit` with L2, steps and threshold chosen by `metric` on (X_dev, Y_dev) over `grid`.
 
     metric: micro_f1 (labels pooled over rows) or set_accuracy (rows whose label set is exactly
-    right). The choice and its dev score are in `selection`."""
+    right), over the label `columns` only when given (e.g. NLU++'s general intents). The choice and its
+    dev score are in `selection`, under `name` (default: metric)."""
     X, Y = self._checked(X, Y, "fit_selected")
     X_dev, Y_dev = self._checked(X_dev, Y_dev, "fit_selected (dev)")
     if metric not in MULTILABEL_METRICS:
       raise ValueError(f"MultiLabelClassifier.fit_selected: metric {metric!r}; valid: {', '.join(MULTILABEL_METRICS)}")
-    gold, score_fn = Y_dev.astype(bool), MULTILABEL_METRICS[metric]
+    keep = np.arange(Y.shape[1]) if columns is None else np.asarray(columns, np.int64)
+    gold, score_fn = Y_dev.astype(bool)[:, keep], MULTILABEL_METRICS[metric]
 
     def dev_score(trainer):
-      probs = trainer.probabilities(X_dev)
+      probs = trainer.probabilities(X_dev)[:, keep]
       score, _, threshold = max((score_fn(gold, probs > t), -abs(t - 0.5), t) for t in grid.thresholds)
       return score, {"threshold": threshold}
 
     self._select(lambda trainer, on_eval: trainer._fit(X, Y, Y.shape[1], _bce, on_eval, grid.eval_every),
-                 dev_score, grid, metric)
+                 dev_score, grid, name or metric)
     self.threshold = self.selection["threshold"]
     return self
 

@@ -56,13 +56,17 @@ class LabelSetModel:
 
   selection_metric = {"intents": "micro_f1", "slots": "micro_f1"}  # each head's dev score
 
+  def dev_columns(self, s: str) -> tuple[list[int] | None, str | None]:
+    """(the label columns head `s` is selected on, the score's name): all of them, by default."""
+    return None, None
+
   def fit(self, records, dev):
     """Train on records; L2, steps and threshold of each head chosen on the dev Examples."""
     x, x_dev = self.cache.sentence([r["text"] for r in records]), self.cache.sentence([ex.text for ex in dev])
     self.models = {s: downstream.MultiLabelClassifier(hidden=self.c.downstream_hidden, steps=self.c.downstream_steps,
                                                       seed=self.seed).fit_selected(
                           x, downstream.intent_targets(records, labels, s), x_dev, downstream.intent_targets(dev, labels, s),
-                          selection_grid(self.c), self.selection_metric[s])
+                          selection_grid(self.c), self.selection_metric[s], *self.dev_columns(s))
                    for s, labels in self.labels.items()}
     return self
 
@@ -92,6 +96,13 @@ class IntentModel(LabelSetModel):
   def __init__(self, task, cache: FeatureCache, c, seed: int):
     super().__init__(task, cache, c, seed)
     self.general = {a.name for a in task.ontology["intents"].attributes if a.general}
+
+  def dev_columns(self, s: str) -> tuple[list[int] | None, str | None]:
+    """Domain adaptation (`source_data`) is scored on the general intents (the original's cross-domain
+    metric, `general_intent_f1`), so it is selected on them too; few-shot on every intent."""
+    if not self.c.get("source_data"):
+      return None, None
+    return [j for j, n in enumerate(self.labels[s]) if n in self.general], "general_intent_f1"
 
   def score(self, examples) -> dict:
     """Standard micro/macro F1, and the original code's per-utterance formulas (all intents, and its

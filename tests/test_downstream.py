@@ -366,3 +366,21 @@ def test_the_dev_split_chooses_among_candidate_training_sets(load_task):
   # a tie goes to the first candidate
   first, _ = task_models.downstream_run(task, cache, c, 0, {"a": right, "b": list(right)}, dev, test)
   assert first == "a"
+
+
+@pytest.mark.parametrize("source_data,metric", [(False, "micro_f1"), (True, "general_intent_f1")])
+def test_nlupp_is_selected_on_the_metric_its_setting_is_ranked_by(load_task, source_data, metric):
+  """Few-shot NLU++ is ranked by micro F1 over every intent, domain adaptation by the general intents'
+  (the original's cross-domain score): each run's dev selection uses that score, and the recorded dev
+  score is the selected model's own score on dev."""
+  from ml_collections import ConfigDict
+  task = load_task("nlupp", "hotels", "few_shot")
+  train, dev = list(task.splits["train"]), list(task.splits["dev"])[:80]
+  cache = NoisyLabelFeatures(train + dev, intents=list(task.ontology["intents"].names), noise=1.5)
+  c = ConfigDict({"downstream_hidden": 0, "downstream_steps": 40, "downstream_l2": (1e-4, 1e-2, 1.0),
+                  "downstream_eval_every": 20, "downstream_thresholds": (0.3, 0.5, 0.7), "source_data": source_data})
+  model = task_models.IntentModel(task, cache, c, 0).fit([experiment.example_record(ex) for ex in train], dev)
+  chosen = model.selection["intents"]
+  scores = model.score(dev)
+  assert chosen["dev_metric"] == metric and scores[metric] == pytest.approx(chosen["dev_score"])
+  assert scores["general_intent_f1"] != pytest.approx(scores["micro_f1"])  # the two scores differ here
