@@ -157,8 +157,9 @@ def main():
       which, model, on_dev = task_models.fit_on_dev(
           task, cache, c, k, {f: seeds + [dict(r, synthetic=True) for r in added] for f, (added, _) in sets.items()}, dev)
       synthetic, counts = sets[which]
-      head, chosen = next(iter(model.selection.items()))
-      r = {"variant": name, "fields": fields, "method": method, "seed": k, "dev_metric": f"{head} {chosen['dev_metric']}",
+      heads = " + ".join(f"{head} {chosen['dev_metric']}" for head, chosen in model.selection.items())
+      r = {"variant": name, "fields": fields, "method": method, "seed": k,
+           "dev_metric": heads if len(model.selection) == 1 else f"mean of {heads}",
            "dev_score": task_models.dev_score(model.selection), "selection": model.selection, **origin,
            "synthetic": len(synthetic), **({"consistency": counts} if counts else {}),
            **({"filter_chosen": which, "candidates_dev_score": on_dev} if len(sets) > 1 else {}),

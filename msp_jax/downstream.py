@@ -188,7 +188,7 @@ class MultiLabelClassifier(_Trainer):
     X_dev, Y_dev = self._checked(X_dev, Y_dev, "fit_selected (dev)")
     if metric not in MULTILABEL_METRICS:
       raise ValueError(f"MultiLabelClassifier.fit_selected: metric {metric!r}; valid: {', '.join(MULTILABEL_METRICS)}")
-    keep = np.arange(Y.shape[1]) if columns is None else np.asarray(columns, np.int64)
+    keep = slice(None) if columns is None else np.asarray(columns, np.int64)
     gold, score_fn = Y_dev.astype(bool)[:, keep], MULTILABEL_METRICS[metric]
 
     def dev_score(trainer):

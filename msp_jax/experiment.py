@@ -430,9 +430,10 @@ def run(c, backbone=None) -> str:
       if not todo:
         continue
 
-      def synthetic_sets(k: int) -> tuple[dict[str, tuple[list[dict], dict | None]], list[dict], dict | None]:
-        """Seed k's candidate added sets, {filter: (examples, what the filter did)}: one per consistency filter
-        of `c` for generated data, one ("") for EDA's copies (they keep their seeds' labels) and seed-only's
+      def synthetic_sets(k: int, filters=consistency.candidates(c)) -> tuple[dict[str, tuple[list[dict], dict | None]],
+                                                                            list[dict], dict | None]:
+        """Seed k's candidate added sets, {filter: (examples, what the filter did)}: one per filter in `filters`
+        for generated data, one ("") for EDA's copies (they keep their seeds' labels) and seed-only's
         nothing; the set its quality is measured on (generated: the denoised pool before any filter); and
         where the generations came from."""
         if method == "seed":
@@ -443,7 +444,7 @@ def run(c, backbone=None) -> str:
         m = method_config(c, dataset, domain, method, k)
         pool, origin = generated_records(m, backbone, method, f"[{dataset}/{domain}]", k)
         sets = {}
-        for which in consistency.candidates(c):
+        for which in filters:
           kept, counts = consistent_records(c, backbone, m, method, pool, seed_model, thresholds, n_synthetic, which)
           sets[which] = (subsample(kept, n_synthetic, k), counts)
         return sets, pool, origin
@@ -473,7 +474,7 @@ def run(c, backbone=None) -> str:
               f"{f', {len(source)} source' if adapting else ''}{f'; filter {chosen!r} chosen on dev' if len(sets) > 1 else ''})",
               flush=True)
       if 0 not in todo and method != "seed" and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
-        measured = synthetic_sets(0)[1]  # seed 0's result was current, its quality not
+        measured = synthetic_sets(0, filters=())[1]  # seed 0's result was current, its quality not (no filter needed)
         if measured:
           files.write_json_atomic(quality_path, measure(measured))
           provenance.write_key(quality_path, quality_fields)
@@ -630,7 +631,7 @@ def table_section(c, dataset, domain, methods, results, adapting: bool) -> list[
     order = " > ".join(m for m, _ in sorted(ranked, key=lambda x: -x[1]))
     lines += ["", f"Order by mean {metric} (methods that added the full synthetic count only): {order or '-'}."]
     if short:
-      filtered = "" if filter_column == [] else " and the consistency filter"
+      filtered = " and the consistency filter" if filter_column else ""
       lines.append(f"'(short)': fewer synthetic examples survived denoising{filtered} than the target after {rounds} generation "
                    f"round(s) (the fewest of its seeds shown); not ranked against the others: {', '.join(m for m, _ in short)}.")
   lines += time_table([(m, results[dataset, domain, m][0]) for m in methods])
