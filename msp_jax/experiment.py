@@ -40,6 +40,8 @@ on real gold-labelled data of another domain (NLU++: the other domain's 20 folds
 see only the target's seeds, so prompts and generations are exactly the few-shot grid's (runs/ and
 synthetic/ are shared, never retrained); its results go to {task}+source/{method}/seed{k}.json and a
 section of their own in results.md. NLU++ ranks them by general_intent_f1 (the original's metric).
+`downstream="finetune"` (the original's protocol: the backbone writes label strings) likewise writes to
+{task}+finetune/ (and {task}+source+finetune/), over the same prompts, generations and quality.json.
 """
 from __future__ import annotations
 
@@ -168,8 +170,9 @@ def generation_fields(m) -> dict:
 def result_fields(c, dataset: str, domain: str, method: str, seed: int | None) -> dict:
   """The fields a downstream result (seed{k}.json; seed None: quality.json) depends on."""
   config = keyed(dict(c.to_dict(), dataset=dataset, domain=domain, setting="few_shot"))
-  if seed is None:  # quality.json measures the synthetic set alone: one file for both settings
-    config.pop("source_data", None)
+  if seed is None:  # quality.json measures the synthetic set alone: one file for every setting
+    for field in ("source_data", "downstream", *FINETUNE_FIELDS):
+      config.pop(field, None)
   if seed is None or dataset != "crossner":  # only CrossNER samples a share of its source
     config.pop("source_fraction", None)
   if seed is None or dataset in ("nlupp", "topv2"):  # only the span tagger reads it (CrossNER, span-labelled files)
@@ -209,16 +212,26 @@ def example_record(ex) -> dict:
 
 # --- domain adaptation: real data of another domain ------------------------------------------------
 
+# A grid's setting: with or without source data, and which downstream protocol. Each has its own results
+# folder and results.md section, so one workdir holds all four over the same prompts and generations.
+SETTINGS = ((False, "probe"), (True, "probe"), (False, "finetune"), (True, "finetune"))
+
+
+def setting_of(c) -> tuple[bool, str]:
+  return bool(c.get("source_data")), c.get("downstream", "probe")
+
+
 def task_folder(c, dataset: str, domain: str) -> str:
-  """Where a task's downstream results go: the few-shot grid's folder, or its +source twin."""
-  return os.path.join(c.workdir, f"{dataset}_{domain}" + ("+source" if c.get("source_data") else ""))
+  """Where a task's downstream results go: the few-shot probe grid's folder, or its +source / +finetune twin."""
+  adapting, protocol = setting_of(c)
+  return os.path.join(c.workdir, f"{dataset}_{domain}" + "+source" * adapting + "+finetune" * (protocol == "finetune"))
 
 
-def setting_config(c, source_data: bool):
-  """`c` in one of the two settings (few-shot or domain adaptation), all other fields as they are."""
+def setting_config(c, setting: tuple[bool, str]):
+  """`c` in one of the SETTINGS, all other fields as they are."""
   s = c.copy_and_resolve_references()
-  s.unlock()  # a config from an older file may lack the field
-  s.source_data = source_data
+  s.unlock()  # a config from an older file may lack the fields
+  s.source_data, s.downstream = setting
   return s
 
 
@@ -391,7 +404,7 @@ def run(c, backbone=None) -> str:
     raise ExperimentError(f"config.num_seeds={c.num_seeds}, config.synthetic_per_example={c.synthetic_per_example}, "
                           f"config.max_generation_rounds={c.get('max_generation_rounds', 1)}: all must be >= 1")
   task_models.selection_grid(c)  # a bad grid fails before the backbone loads
-  adapting = bool(c.get("source_data"))
+  adapting, protocol = setting_of(c)
   if adapting:
     check_source_data(c, grid_tasks)
   consistency.validate(c)
@@ -421,7 +434,7 @@ def run(c, backbone=None) -> str:
     measure = lambda records: {**quality(records, task, seed_model, backbone, c.quality_sample, c.quality_draws), **judge_scores}
     for method in methods:
       folder = os.path.join(task_folder(c, dataset, domain), method)
-      label = f"[{dataset}/{domain}{' +source' * adapting}] {method}"
+      label = f"[{dataset}/{domain}{' +source' * adapting}{' +finetune' * (protocol == 'finetune')}] {method}"
       # the synthetic set's quality, the same in both settings: kept in the few-shot folder, keyed without source_data
       quality_path = os.path.join(c.workdir, name, method, "quality.json")
       quality_fields = result_fields(c, dataset, domain, method, None)
@@ -538,30 +551,34 @@ def column_name(key: str) -> str:
 
 
 def write_table(c, grid_tasks, methods, wall: dict) -> str:
-  """results.md: downstream scores (mean ± std over seeds, x100) and data quality per method."""
-  adapting = bool(c.get("source_data"))
-  results = {a: load_results(setting_config(c, a), grid_tasks, methods) for a in (False, True)}
-  if c.get("downstream", "probe") == "finetune":
-    chose = (f"Downstream: the original's protocol, the backbone ({c.finetune_params}) writes each utterance's label "
-             f"string, greedy-decoded; each run kept the epoch (of {c.finetune_epochs}) with the best score on the real dev split")
-  else:
-    chose = "Each run chose its head's L2 penalty, training steps and decision threshold on the real dev split"
+  """results.md: downstream scores (mean ± std over seeds, x100) per task and setting, and data quality per method.
+  A setting other than the grid's own is shown where this workdir holds current results of it."""
+  own = setting_of(c)
+  results = {s: load_results(setting_config(c, s), grid_tasks, methods) for s in SETTINGS}
+  shown = {(dataset, domain): [s for s in SETTINGS if s == own or any(results[s][dataset, domain, m][0] for m in methods)
+                               or (s == SETTINGS[0] and any(results[s][dataset, domain, m][1] for m in methods))]
+           for dataset, domain in grid_tasks}  # the few-shot probe section also where only the data's quality is
+  held = {s for settings in shown.values() for s in settings}
   lines = [f"# MSP downstream experiment ({c.model}, few-shot, {c.num_seeds} seeds)", "",
            f"Scores x100 on the real test split, mean ± std over seeds; {c.synthetic_per_example} synthetic "
-           f"examples per seed example; prompt training {prompt_training(c)}. {chose} (the 'dev' column: its selection "
-           f"score; the choices are in each run's JSON). '(original)': the original MSP code's formula beside the standard "
-           f"score. Wall time: {wall['seconds'] / 60:.1f} min over {wall['invocations']} invocation(s) of evaluate.py.", ""]
-  if adapting or any(results[True][key][0] for key in results[True]):
+           f"examples per seed example; prompt training {prompt_training(c)}. The 'dev' column is each run's selection "
+           f"score on the real dev split (the choices are in each run's JSON). '(original)': the original MSP code's formula "
+           f"beside the standard score. Wall time: {wall['seconds'] / 60:.1f} min over {wall['invocations']} invocation(s) "
+           f"of evaluate.py.", ""]
+  if any(protocol == "probe" for _, protocol in held):
+    lines += ["Probe sections: linear heads on frozen features; each run chose its head's L2 penalty, training steps and "
+              "decision threshold on dev.", ""]
+  if any(protocol == "finetune" for _, protocol in held):
+    lines += [f"'Finetune' sections (config.downstream='finetune', the original's protocol): the backbone "
+              f"({c.finetune_params}) writes each utterance's label string, greedy-decoded; each run kept the epoch "
+              f"(of {c.finetune_epochs}) with the best dev score.", ""]
+  if any(adapting for adapting, _ in held):
     lines += ["'Domain adaptation' sections (config.source_data): each run also trained on real gold-labelled data of "
               "another domain, labels restricted to the target's; the prompts and synthetic data are the few-shot ones. "
               "NLU++ ranks them by general_intent_f1, the original's metric of this setting.", ""]
-  for (dataset, domain), section in [(t, a) for t in grid_tasks for a in (False, True)]:
-    # the grid's own setting always, the other one where this workdir holds current results of it (the
-    # few-shot section also where only the synthetic sets' quality is: a source grid measures it there)
-    held = [results[section][dataset, domain, m] for m in methods]
-    if section != adapting and not any(runs or (quality and not section) for runs, quality in held):
-      continue
-    lines += table_section(c, dataset, domain, methods, results[section], section)
+  for dataset, domain in grid_tasks:
+    for i, setting in enumerate(shown[dataset, domain]):
+      lines += table_section(c, dataset, domain, methods, results[setting], setting, with_quality=i == 0)
   path = os.path.join(c.workdir, "results.md")
   os.makedirs(c.workdir, exist_ok=True)
   files.write_text_atomic(path, "\n".join(lines))
@@ -600,14 +617,15 @@ def time_table(runs_by_method: list[tuple[str, list[dict]]]) -> list[str]:
           "| --- | --- | --- | --- | --- |", *rows]
 
 
-def table_section(c, dataset, domain, methods, results, adapting: bool) -> list[str]:
-  """One task's downstream table in one setting; the synthetic data's quality under the few-shot one."""
+def table_section(c, dataset, domain, methods, results, setting: tuple[bool, str], with_quality: bool) -> list[str]:
+  """One task's downstream table in one setting, and (`with_quality`) the synthetic data's quality."""
+  adapting, protocol = setting
   first = next((r[0] for r in [results[dataset, domain, m][0] for m in methods] if r), {})
   metrics = list(first.get("scores", {}))
   heads = list(first.get("selection", {}))
   dev_column = [f"dev {first['selection'][heads[0]]['dev_metric']}"] if heads else []
-  title = f"{dataset}/{domain}" + (f", domain adaptation ({first.get('source_data', {}).get('what', 'source data')})"
-                                   if adapting else "")
+  title = (f"{dataset}/{domain}" + (f", domain adaptation ({first.get('source_data', {}).get('what', 'source data')})"
+                                    if adapting else "") + (", finetune (the original's protocol)" if protocol == "finetune" else ""))
   filters = consistency.candidates(c)
   filter_column = [] if filters == ["none"] else [f"filter (of {', '.join(filters)}; per seed)"]
   lines = [f"## {title}", "", "| method | synthetic | " + " | ".join(filter_column + dev_column + [column_name(k) for k in metrics]) + " |",
@@ -635,7 +653,7 @@ def table_section(c, dataset, domain, methods, results, adapting: bool) -> list[
       lines.append(f"'(short)': fewer synthetic examples survived denoising{filtered} than the target after {rounds} generation "
                    f"round(s) (the fewest of its seeds shown); not ranked against the others: {', '.join(m for m, _ in short)}.")
   lines += time_table([(m, results[dataset, domain, m][0]) for m in methods])
-  q_rows = [(m, results[dataset, domain, m][1]) for m in methods if results[dataset, domain, m][1] and not adapting]
+  q_rows = [(m, results[dataset, domain, m][1]) for m in methods if results[dataset, domain, m][1] and with_quality]
   if q_rows:
     q0 = q_rows[0][1]
     keys = [k for k in q0 if k not in ("examples", "quality_sample", "quality_draws", "judge_dev_examples")]

@@ -532,10 +532,39 @@ def test_finetune_grid_writes_both_score_families(tiny_model_dir, tmp_path, tfds
                 max_test=8)
   run_grid(c, capsys)
   for task, head in (("nlupp_hotels", "intents"), ("crossner_music", "entities")):
-    r = json.load(open(os.path.join(str(c.workdir), task, "seed", "seed0.json")))
+    r = json.load(open(os.path.join(str(c.workdir), task + "+finetune", "seed", "seed0.json")))
     assert set(r["scores"]) == SCORE_KEYS[task] and r["test_examples"] == 8 and r["dev_examples"] == 8
     assert all(0.0 <= v <= 1.0 for v in r["scores"].values()) and r["test_labels_dropped"] >= 0
     chosen = r["selection"][head]
     assert chosen["epochs"] == 1 and len(chosen["history"]) == 1 and 0.0 <= chosen["dev_score"] <= 1.0
   table = open(os.path.join(str(c.workdir), "results.md")).read()
   assert "intent_f1 (original)" in table and "span_partial_f1 (original)" in table and "| dev span_f1 |" in table
+
+
+def test_finetune_grid_shares_the_probe_grids_workdir_and_keeps_both_current(base_grid, tmp_path, capsys):
+  """The finetune protocol reuses the probe grid's prompts, generations and quality.json, writes its own
+  {task}+finetune folder and results.md section, and leaves the probe results current (and vice versa)."""
+  import shutil
+  from msp_jax import experiment
+  workdir = str(tmp_path / "results")
+  shutil.copytree(base_grid.workdir, workdir)
+  quality = open(os.path.join(workdir, "nlupp_hotels", "attention", "quality.json")).read()
+  c = dict_update(base_grid, workdir=workdir, downstream="finetune", finetune_epochs=1, finetune_batch_size=16,
+                  finetune_max_new_tokens=6)
+  out = run_grid(c, capsys)
+  assert "training prompts" not in out and "generating" not in out and "recomputing" not in out, out
+  assert "[nlupp/hotels +finetune] attention seed 0: micro_f1 " in out, out
+  for method in ("seed", "attention"):
+    r = json.load(open(os.path.join(workdir, "nlupp_hotels+finetune", method, "seed0.json")))
+    assert r["selection"]["intents"]["epochs"] == 1 and r["test_examples"] == 16
+    assert experiment.current(os.path.join(workdir, "nlupp_hotels", method, "seed0.json"),
+                              experiment.result_fields(base_grid, "nlupp", "hotels", method, 0))
+  assert open(os.path.join(workdir, "nlupp_hotels", "attention", "quality.json")).read() == quality
+  assert not [f for _, _, names in os.walk(workdir) for f in names if ".stale-" in f]
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert "## nlupp/hotels\n" in table and "## nlupp/hotels, finetune (the original's protocol)\n" in table, table
+  assert table.count("Synthetic data quality") == 1, table
+
+  out = run_grid(dict_update(c, downstream="probe"), capsys)  # the probe grid (finetune_* unread): all current, both sections
+  assert " seed 0: " not in out and "recomputing" not in out, out
+  assert "## nlupp/hotels, finetune (the original's protocol)\n" in open(os.path.join(workdir, "results.md")).read()
