@@ -217,7 +217,7 @@ class LabelGenerator:
 
   # training
   def fit(self, texts: Sequence[str], targets: Sequence[str], dev_texts: Sequence[str],
-          dev_score: Callable[[list[str]], float], on_epoch: Callable[[int, float], None] | None = None):
+          dev_score: Callable[[list[str]], float], on_epoch: Callable[[dict], None] | None = None):
     c = self.config
     self.new_tokens = self.decode_length(targets)
     steps_per_epoch = -(-len(texts) // c.batch_size)
@@ -242,7 +242,7 @@ class LabelGenerator:
                            "train_seconds": round(trained - start_time, 2),
                            "dev_seconds": round(time.perf_counter() - trained, 2)})  # both with the first call's compile
       if on_epoch is not None:
-        on_epoch(epoch, score)
+        on_epoch(self.history[-1])
       if best is None or score > best[0]:
         best = (score, epoch, jax.tree.map(jnp.copy, self.trainable))  # the next step donates the live copy
     score, epoch, self.trainable = best

@@ -14,6 +14,8 @@ Each takes records ({"text", "attributes", "spans"}; "synthetic": True marks gen
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from msp_jax import downstream, features, label_generator
@@ -163,6 +165,14 @@ class EntityModel:
             "span_partial_f1_original": partial["f1"]}
 
 
+def epoch_report(c, metric: str) -> Callable[[dict], None]:
+  """Prints one line per finetuning epoch (a run takes minutes on a CPU)."""
+  def report(h: dict) -> None:
+    print(f"  finetune epoch {h['epoch']}/{c.finetune_epochs}: train loss {h['train_loss']:.3f}, dev {metric} "
+          f"{h['dev_score']:.3f} ({h['train_seconds']:.0f} s training, {h['dev_seconds']:.0f} s decoding dev)", flush=True)
+  return report
+
+
 def finetune_config(c, seed: int) -> label_generator.FinetuneConfig:
   return label_generator.FinetuneConfig(params=c.finetune_params, epochs=c.finetune_epochs, learning_rate=c.finetune_lr,
                                         batch_size=c.finetune_batch_size, max_new_tokens=c.finetune_max_new_tokens,
@@ -183,7 +193,7 @@ class GeneratedIntentModel(IntentModel):
       return task_scores.multilabel_prf(gold, pred, self.labels["intents"])["micro_f1"]
 
     self.generator.fit([r["text"] for r in records], [self.strings.format(r["attributes"].get("intents", ())) for r in records],
-                       [ex.text for ex in dev], dev_score)
+                       [ex.text for ex in dev], dev_score, epoch_report(self.c, "micro_f1"))
     return self
 
   @property
@@ -209,7 +219,7 @@ class GeneratedEntityModel(EntityModel):
     dev_score = lambda strings: task_scores.span_f1(gold, self.located([ex.text for ex in dev], strings))["f1"]
     targets = [self.strings.format([(s["type"], s["value"]) for s in sorted(r["spans"] or [], key=lambda s: s["start"])])
                for r in records]
-    self.generator.fit([r["text"] for r in records], targets, [ex.text for ex in dev], dev_score)
+    self.generator.fit([r["text"] for r in records], targets, [ex.text for ex in dev], dev_score, epoch_report(self.c, "span_f1"))
     return self
 
   @property
