@@ -273,7 +273,7 @@ def test_each_seed_trains_and_samples_its_own_generator_and_rounds_reach_the_tar
                                                         "consistency_alternatives", "consistency_rank")),
     ("downstream", "finetune", "downstream", ("finetune_params", "finetune_epochs", "finetune_lr", "finetune_batch_size", "finetune_max_new_tokens", "finetune_repetition_penalty")),
     # the probe heads never read the finetune_* fields: at downstream="probe" no value of theirs enters a key
-    ("finetune_params", "full", "unread", ()), ("finetune_epochs", 9, "unread", ()), ("finetune_lr", 1e-4, "unread", ()),
+    ("finetune_params", "prompt", "unread", ()), ("finetune_epochs", 9, "unread", ()), ("finetune_lr", 0.1, "unread", ()),
     ("finetune_batch_size", 2, "unread", ()), ("finetune_max_new_tokens", 8, "unread", ()),
     ("finetune_repetition_penalty", 1.0, "unread", ())])
 def test_an_added_field_at_its_old_value_keeps_every_key(field, value, kind, added_with):
