@@ -221,10 +221,15 @@ def setting_of(c) -> tuple[bool, str]:
   return bool(c.get("source_data")), c.get("downstream", "probe")
 
 
+def setting_tags(c) -> list[str]:
+  """What sets `c`'s setting apart from the few-shot probe grid: [], ["source"], ["finetune"] or both."""
+  adapting, protocol = setting_of(c)
+  return ["source"] * adapting + ["finetune"] * (protocol == "finetune")
+
+
 def task_folder(c, dataset: str, domain: str) -> str:
   """Where a task's downstream results go: the few-shot probe grid's folder, or its +source / +finetune twin."""
-  adapting, protocol = setting_of(c)
-  return os.path.join(c.workdir, f"{dataset}_{domain}" + "+source" * adapting + "+finetune" * (protocol == "finetune"))
+  return os.path.join(c.workdir, f"{dataset}_{domain}" + "".join(f"+{tag}" for tag in setting_tags(c)))
 
 
 def setting_config(c, setting: tuple[bool, str]):
@@ -404,7 +409,7 @@ def run(c, backbone=None) -> str:
     raise ExperimentError(f"config.num_seeds={c.num_seeds}, config.synthetic_per_example={c.synthetic_per_example}, "
                           f"config.max_generation_rounds={c.get('max_generation_rounds', 1)}: all must be >= 1")
   task_models.selection_grid(c)  # a bad grid fails before the backbone loads
-  adapting, protocol = setting_of(c)
+  adapting = bool(c.get("source_data"))
   if adapting:
     check_source_data(c, grid_tasks)
   consistency.validate(c)
@@ -434,7 +439,7 @@ def run(c, backbone=None) -> str:
     measure = lambda records: {**quality(records, task, seed_model, backbone, c.quality_sample, c.quality_draws), **judge_scores}
     for method in methods:
       folder = os.path.join(task_folder(c, dataset, domain), method)
-      label = f"[{dataset}/{domain}{' +source' * adapting}{' +finetune' * (protocol == 'finetune')}] {method}"
+      label = f"[{dataset}/{domain}{''.join(f' +{tag}' for tag in setting_tags(c))}] {method}"
       # the synthetic set's quality, the same in both settings: kept in the few-shot folder, keyed without source_data
       quality_path = os.path.join(c.workdir, name, method, "quality.json")
       quality_fields = result_fields(c, dataset, domain, method, None)
