@@ -12,14 +12,16 @@ take the seeded subsample of the grid's target count, and fit the downstream mod
 with its choices made on dev. The score is that run's dev score (the selection's): the test split is
 never loaded into a choice here, so these numbers may choose the grid's defaults. Prints one line per
 run and a table (mean ± std over seeds), and keeps every piece in the workdir, keyed like the grid's,
-so an interrupted or extended sweep resumes. `--grid results` reuses the grid's own prompts and generations
-wherever a variant asks for exactly what the grid made (e.g. the consistency filters, which only select from
-the grid's pool), read only.
+so an interrupted or extended sweep resumes. `--grid results` reuses the grid's own generations wherever a
+variant asks for exactly what the grid made (e.g. the consistency filters, which only select from the grid's
+pool), and its trained prompts (copied) where a variant changes only how they are sampled (a decoding sweep).
+`--first_seed K` starts at seed K (e.g. a seed whose prompts the grid kept).
 """
 import argparse
 import ast
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -30,6 +32,7 @@ import numpy as np
 from benchmarks.machine import describe
 from configs import experiment as experiment_config
 from msp_jax import augment, assembly, consistency, experiment, files, provenance, task_models
+from msp_jax import checkpoints as ckpt
 from msp_jax.data import load_task
 from msp_jax.models.weights import load_backbone
 
@@ -63,22 +66,35 @@ def prompts_dir(root: str, m) -> str:
   return os.path.join(root, "runs", f"{os.path.basename(m.workdir)}-{provenance.stable_key(experiment.training_fields(m.to_dict()))}")
 
 
-def grid_paths(m, grid: str, dataset: str, domain: str, method: str, k: int) -> bool:
-  """Points `m` at the grid's prompts and generations of this row when the grid (workdir `grid`) made them
-  with exactly these settings (read only: nothing there is retrained, regenerated or moved aside). The
-  prompts are needed only by the round trip: a clone, which has the grid's generations but not its prompt
-  checkpoints (`results/runs/` is not tracked), reuses the generations for every other variant."""
+def grid_paths(m, grid: str, dataset: str, domain: str, method: str, k: int) -> str:
+  """Points `m` at what the grid (workdir `grid`) made for this row with exactly these settings; returns
+  "generations", "prompts" or "". Generations made with these settings are read in place (nothing there is
+  retrained, regenerated or moved aside). Prompts trained with these training fields, when only generation
+  settings differ (a decoding sweep), are copied into the sweep's own prompt folder and sampled from there,
+  so the grid's run stays untouched. The prompts are needed only to sample anew or by the round trip: a
+  clone, which has the grid's generations but not its prompt checkpoints (`results/runs/` is not tracked),
+  retrains them."""
   if not grid:
-    return False
+    return ""
   name = f"{dataset}_{domain}_{method}_seed{k}"
   run, output = os.path.join(grid, "runs", name), os.path.join(grid, "synthetic", f"{name}.jsonl")
+  trained = os.path.exists(os.path.join(run, "summary.json")) and grid_prompts_match(m, run)
   made = provenance.read_key(output)
-  if made is None or made.get("key") != provenance.stable_key(experiment.generation_fields(m)):
-    return False
-  if method != "in_context" and consistency.uses_roundtrip(m) and not os.path.exists(os.path.join(run, "summary.json")):
-    return False
-  m.workdir, m.output = run, output
-  return True
+  if made is not None and made.get("key") == provenance.stable_key(experiment.generation_fields(m)):
+    if method == "in_context" or not consistency.uses_roundtrip(m) or trained:
+      m.workdir, m.output = run, output
+      return "generations"
+  if method != "in_context" and trained and not os.path.exists(os.path.join(m.workdir, "summary.json")):
+    shutil.copytree(run, m.workdir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.lock"))
+    return "prompts"
+  return ""
+
+
+def grid_prompts_match(m, run: str) -> bool:
+  """Whether the grid's prompt run was trained with `m`'s training fields (its metadata records its config)."""
+  meta = ckpt.read_metadata(run)
+  return meta is not None and (provenance.stable_key(experiment.training_fields(meta.get("config") or {}))
+                               == provenance.stable_key(experiment.training_fields(m.to_dict())))
 
 
 def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k, synonyms, judge, thresholds, grid=""):
@@ -121,6 +137,7 @@ def main():
   p.add_argument("--task", default="nlupp/hotels")
   p.add_argument("--method", default="attention")
   p.add_argument("--seeds", type=int, default=1)
+  p.add_argument("--first_seed", type=int, default=0, help="run seeds first_seed .. first_seed + seeds - 1")
   p.add_argument("--variant", action="append", required=True, help="name:field=value,... (empty after ':' = the config)")
   p.add_argument("--set", default="", help="field=value,... applied to every variant")
   p.add_argument("--workdir", default="/tmp/dev_sweep")
@@ -150,7 +167,7 @@ def main():
     method = fields.get("method", a.method)
     c.update(**{k: v for k, v in fields.items() if k != "method"})
     thresholds = experiment.consistency_thresholds(judge, dev, c)
-    for k in range(a.seeds):
+    for k in range(a.first_seed, a.first_seed + a.seeds):
       start = time.time()
       sets, origin = synthetic_records(c, a.workdir, name, backbone, task, dataset, domain, method, k, synonyms,
                                        judge, thresholds, a.grid)
