@@ -1,0 +1,61 @@
+"""benchmarks/dev_sweep.py's reuse of a grid's work: its generations in place, its prompts copied."""
+import importlib.util
+import json
+import os
+
+from configs import experiment as experiment_config
+from msp_jax import experiment, provenance
+
+_SPEC = importlib.util.spec_from_file_location(
+    "dev_sweep", os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "dev_sweep.py"))
+dev_sweep = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(dev_sweep)
+
+
+def method_config(sweep_root, **fields):
+  c = experiment_config.get_config()
+  c.update(**fields)
+  m = experiment.method_config(c, "nlupp", "hotels", "concat", 1)
+  m.workdir = dev_sweep.prompts_dir(sweep_root, m)
+  m.output = os.path.join(sweep_root, "synthetic", "v_nlupp_hotels_concat_seed1.jsonl")
+  return m
+
+
+def make_grid(grid, m):
+  """A grid workdir whose concat seed-1 row was trained and generated with `m`'s settings."""
+  run = os.path.join(grid, "runs", "nlupp_hotels_concat_seed1")
+  os.makedirs(run)
+  json.dump({"config": m.to_dict()}, open(os.path.join(run, "metadata.json"), "w"))
+  json.dump({"best": 3.3}, open(os.path.join(run, "summary.json"), "w"))
+  open(os.path.join(run, ".lock"), "w").close()
+  output = os.path.join(grid, "synthetic", "nlupp_hotels_concat_seed1.jsonl")
+  os.makedirs(os.path.dirname(output))
+  open(output, "w").close()
+  provenance.write_key(output, experiment.generation_fields(m))
+  return run, output
+
+
+def test_same_settings_read_the_grids_generations_in_place(tmp_path):
+  grid, sweep = str(tmp_path / "grid"), str(tmp_path / "sweep")
+  m = method_config(sweep, consistency_filter="classifier")
+  run, output = make_grid(grid, m)
+  assert dev_sweep.grid_paths(m, grid, "nlupp", "hotels", "concat", 1) == "generations"
+  assert (m.workdir, m.output) == (run, output)
+
+
+def test_a_decoding_variant_gets_a_copy_of_the_grids_prompts_and_samples_anew(tmp_path):
+  grid, sweep = str(tmp_path / "grid"), str(tmp_path / "sweep")
+  run, output = make_grid(grid, method_config(sweep))
+  m = method_config(sweep, temperature=0.8)
+  assert dev_sweep.grid_paths(m, grid, "nlupp", "hotels", "concat", 1) == "prompts"
+  assert m.workdir.startswith(sweep) and m.output.startswith(sweep)  # nothing of the grid's is written
+  assert json.load(open(os.path.join(m.workdir, "summary.json"))) == {"best": 3.3}
+  assert not os.path.exists(os.path.join(m.workdir, ".lock"))
+
+
+def test_a_training_variant_reuses_nothing(tmp_path):
+  grid, sweep = str(tmp_path / "grid"), str(tmp_path / "sweep")
+  make_grid(grid, method_config(sweep))
+  m = method_config(sweep, learning_rate=0.3)
+  assert dev_sweep.grid_paths(m, grid, "nlupp", "hotels", "concat", 1) == ""
+  assert not os.path.exists(m.workdir)
