@@ -32,7 +32,6 @@ import numpy as np
 from benchmarks.machine import describe
 from configs import experiment as experiment_config
 from msp_jax import augment, assembly, consistency, experiment, files, provenance, task_models
-from msp_jax import checkpoints as ckpt
 from msp_jax.data import load_task
 from msp_jax.models.weights import load_backbone
 
@@ -78,7 +77,9 @@ def grid_paths(m, grid: str, dataset: str, domain: str, method: str, k: int) -> 
     return ""
   name = f"{dataset}_{domain}_{method}_seed{k}"
   run, output = os.path.join(grid, "runs", name), os.path.join(grid, "synthetic", f"{name}.jsonl")
-  trained = os.path.exists(os.path.join(run, "summary.json")) and grid_prompts_match(m, run)
+  trained_with = experiment.trained_fields(run) if os.path.exists(os.path.join(run, "summary.json")) else None
+  trained = trained_with is not None and (provenance.stable_key(trained_with)  # tuples in m, lists in the JSON
+                                          == provenance.stable_key(experiment.training_fields(m.to_dict())))
   made = provenance.read_key(output)
   if made is not None and made.get("key") == provenance.stable_key(experiment.generation_fields(m)):
     if method == "in_context" or not consistency.uses_roundtrip(m) or trained:
@@ -88,13 +89,6 @@ def grid_paths(m, grid: str, dataset: str, domain: str, method: str, k: int) -> 
     shutil.copytree(run, m.workdir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.lock"))
     return "prompts"
   return ""
-
-
-def grid_prompts_match(m, run: str) -> bool:
-  """Whether the grid's prompt run was trained with `m`'s training fields (its metadata records its config)."""
-  meta = ckpt.read_metadata(run)
-  return meta is not None and (provenance.stable_key(experiment.training_fields(meta.get("config") or {}))
-                               == provenance.stable_key(experiment.training_fields(m.to_dict())))
 
 
 def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k, synonyms, judge, thresholds, grid=""):

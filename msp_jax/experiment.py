@@ -188,13 +188,16 @@ def result_fields(c, dataset: str, domain: str, method: str, seed: int | None) -
           "downstream": {k: config[k] for k in DOWNSTREAM_FIELDS if k in config}, "synthetic": data}
 
 
+def trained_fields(workdir: str) -> dict | None:
+  """The training fields a prompt workdir was trained with (its metadata records the config); None if none."""
+  meta = ckpt.read_metadata(workdir) if os.path.isdir(workdir) else None
+  return None if meta is None else training_fields(meta.get("config") or {})
+
+
 def set_aside_stale_prompts(m, label: str) -> None:
-  """Moves a prompt workdir trained with other settings aside (its metadata records the config)."""
-  meta = ckpt.read_metadata(m.workdir) if os.path.isdir(m.workdir) else None
-  if meta is None:
-    return
-  old, new = training_fields(meta.get("config") or {}), training_fields(m.to_dict())
-  if provenance.stable_key(old) != provenance.stable_key(new):
+  """Moves a prompt workdir trained with other settings aside."""
+  old, new = trained_fields(m.workdir), training_fields(m.to_dict())
+  if old is not None and provenance.stable_key(old) != provenance.stable_key(new):
     aside = provenance.set_aside(m.workdir, provenance.stable_key(old))
     why = provenance.describe_change({"fields": old}, new)
     print(f"{label} prompts: {m.workdir} was {why}; retraining (old run: {aside})", flush=True)
