@@ -18,6 +18,7 @@ from flax import nnx
 from msp_jax.data.batching import pad_id
 from msp_jax.data.spans import word_spans
 from msp_jax.errors import BackboneError
+from msp_jax.losses import token_nll
 
 LENGTH_BUCKETS = (32, 64, 128, 256)
 
@@ -122,9 +123,8 @@ def token_features(backbone, texts: Sequence[str], batch_size: int = 32) -> list
 
 @nnx.jit
 def _sequence_nll(model, ids, mask):
-  logits = model(ids, attention_mask=mask)  # [B, T, V] fp32; logits[:, t] predicts token t+1
-  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-  nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+  logits = model(ids, attention_mask=mask, columns=slice(None, -1))  # [B, T-1, V]; logits[:, t] predicts token t+1
+  nll = token_nll(logits, ids[:, 1:])
   scored = mask[:, 1:] & mask[:, :-1]
   return jnp.where(scored, nll, 0.0).sum(1), scored.sum(1)
 

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from msp_jax import sharding
 from msp_jax.data.batching import full_loss_mask
+from msp_jax.losses import token_nll
 from msp_jax.mixers import PromptParam
 from msp_jax.prompts import SoftPrompts, pooled_text
 
@@ -58,11 +59,9 @@ class PromptedModel(nnx.Module):
     else:  # the loss window: the last w columns (the first column is never a target: nothing predicts it)
       w = min(batch["loss_mask"].shape[1], batch["input_ids"].shape[1] - 1)
       logits = self.backbone(batch["input_ids"], batch["attention_mask"], embedded_prefix=prefix,
-                             prefix_mask=prefix_mask, last=w + 1)[:, :-1]
+                             prefix_mask=prefix_mask, columns=slice(-(w + 1), -1))
       targets, mask = batch["input_ids"][:, -w:], batch["loss_mask"][:, -w:]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return nll, mask.astype(jnp.float32)
+    return token_nll(logits, targets), mask.astype(jnp.float32)
 
 
 def loss_and_count(model: PromptedModel, batch):

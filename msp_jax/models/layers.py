@@ -182,9 +182,10 @@ def values(module: nnx.Module, names):
 class DecoderLM(nnx.Module):
   """The calling convention of the decoder-only backbones (GPT-2, Llama family).
 
-  `model(input_ids, attention_mask=None, *, embedded_prefix=None, prefix_mask=None, cache=None)`
+  `model(input_ids, attention_mask=None, *, embedded_prefix=None, prefix_mask=None, cache=None, columns=None)`
   returns logits [B, T, V] (fp32) for the token positions (not the prefix), or `(logits, cache)` when
-  a `KVCache` is passed (see `init_cache`). Subclasses own `embed`, `lm_head` (None when tied),
+  a `KVCache` is passed (see `init_cache`); `columns` (static slice of the T token positions) computes
+  the logits of those positions only. Subclasses own `embed`, `lm_head` (None when tied),
   `dtype` and `hidden_states(x, mask, cache)`.
   """
 
@@ -192,11 +193,12 @@ class DecoderLM(nnx.Module):
     return self.embed[...][input_ids].astype(self.dtype)
 
   def __call__(self, input_ids, attention_mask=None, *, embedded_prefix=None, prefix_mask=None, cache=None,
-               last=None):
+               columns=None):
     mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
     x, mask, p = join_prefix(self.embed_tokens(input_ids), mask, embedded_prefix, prefix_mask)
     h, new_cache = self.hidden_states(x, mask, cache)
-    h = h[:, p:] if last is None else h[:, h.shape[1] - last:]  # `last` (static): logits of the last positions only
+    h = h[:, p:] if columns is None else h[:, p:][:, columns]  # slice before the head: [B, T, V] logits are
+    # the largest array of a train step, and slicing them afterwards copies it
     head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
     logits = jnp.einsum("btd,dv->btv", h, head.astype(self.dtype), preferred_element_type=jnp.float32)
     return logits if cache is None else (logits, new_cache)
