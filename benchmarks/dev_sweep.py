@@ -16,6 +16,11 @@ so an interrupted or extended sweep resumes. `--grid results` reuses the grid's 
 variant asks for exactly what the grid made (e.g. the consistency filters, which only select from the grid's
 pool), and its trained prompts (copied) where a variant changes only how they are sampled (a decoding sweep).
 `--first_seed K` starts at seed K (e.g. a seed whose prompts the grid kept).
+
+`method=real` (here only, never in the grid) is the ceiling no generator can pass: the same number of
+*real* gold-labelled utterances, drawn (seeded) from the task's held-out test examples, in place of
+synthetic ones. Only dev is scored, so the test examples serve as a pool of real text and are never a score;
+it says how much any added data of this size could lift the model, against which a generator's gain is read.
 """
 import argparse
 import ast
@@ -97,6 +102,8 @@ def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k,
   n = experiment.synthetic_target(c, len(task.splits["train"]))
   if method == "seed":
     return {"": ([], None)}, {"target": 0}
+  if method == "real":  # the ceiling: real utterances with their gold labels (dev-only diagnostic, see above)
+    return {"": (real_records(task, n, k), None)}, {"target": n}
   if method == "eda":
     copies = experiment.subsample(experiment.eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n, k)
     return {"": (copies, None)}, {"target": n}
@@ -114,6 +121,11 @@ def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k,
     sets[which] = (experiment.subsample(kept, n, k), counts)
   origin.update(target=n, from_grid=reused)
   return sets, origin
+
+
+def real_records(task, n: int, k: int) -> list[dict]:
+  """n real utterances with their gold labels, a seeded draw from the held-out test examples."""
+  return experiment.subsample([experiment.example_record(ex) for ex in task.splits["test"]], n, k)
 
 
 def filtered(counts: dict | None) -> str:

@@ -59,3 +59,17 @@ def test_a_training_variant_reuses_nothing(tmp_path):
   m = method_config(sweep, learning_rate=0.3)
   assert dev_sweep.grid_paths(m, grid, "nlupp", "hotels", "concat", 1) == ""
   assert not os.path.exists(m.workdir)
+
+
+def test_the_real_data_ceiling_adds_gold_labelled_held_out_utterances(load_task):
+  task = load_task("nlupp", "hotels", "few_shot", seed=0)
+  n = experiment.synthetic_target(experiment_config.get_config(), len(task.splits["train"]))
+  sets, origin = dev_sweep.synthetic_records(experiment_config.get_config(), "", "real", None, task, "nlupp", "hotels",
+                                             "real", 1, None, None, None)
+  added = sets[""][0]
+  assert origin == {"target": n} and len(added) == n
+  labelled = lambda ex: (ex.text, repr(sorted((k, sorted(v)) for k, v in ex.attributes.items())))
+  test = {labelled(ex) for ex in task.splits["test"]}
+  for r in added:  # every added utterance is a held-out (test-fold) one, with exactly its gold intents
+    assert (r["text"], repr(sorted((k, sorted(v)) for k, v in r["attributes"].items()))) in test
+  assert dev_sweep.real_records(task, n, 1) == added and dev_sweep.real_records(task, n, 2) != added  # seeded
