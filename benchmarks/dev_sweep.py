@@ -124,8 +124,10 @@ def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k,
 
 
 def real_records(task, n: int, k: int) -> list[dict]:
-  """n real utterances with their gold labels, a seeded draw from the held-out test examples."""
-  return experiment.subsample([experiment.example_record(ex) for ex in task.splits["test"]], n, k)
+  """n real utterances with their gold labels, a seeded draw from the held-out test examples. Not marked
+  synthetic: every word's gold tag is trusted (CrossNER's `mask_synthetic_o` skips "O" only in generations)."""
+  pool = [dict(experiment.example_record(ex), synthetic=False) for ex in task.splits["test"]]
+  return experiment.subsample(pool, n, k)
 
 
 def filtered(counts: dict | None) -> str:
@@ -178,7 +180,7 @@ def main():
       sets, origin = synthetic_records(c, a.workdir, name, backbone, task, dataset, domain, method, k, synonyms,
                                        judge, thresholds, a.grid)
       which, model, on_dev = task_models.fit_on_dev(
-          task, cache, c, k, {f: seeds + [dict(r, synthetic=True) for r in added] for f, (added, _) in sets.items()}, dev)
+          task, cache, c, k, {f: seeds + [{"synthetic": True, **r} for r in added] for f, (added, _) in sets.items()}, dev)
       synthetic, counts = sets[which]
       heads = " + ".join(f"{head} {chosen['dev_metric']}" for head, chosen in model.selection.items())
       r = {"variant": name, "fields": fields, "method": method, "seed": k,

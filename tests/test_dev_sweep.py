@@ -72,4 +72,5 @@ def test_the_real_data_ceiling_adds_gold_labelled_held_out_utterances(load_task)
   test = {labelled(ex) for ex in task.splits["test"]}
   for r in added:  # every added utterance is a held-out (test-fold) one, with exactly its gold intents
     assert (r["text"], repr(sorted((k, sorted(v)) for k, v in r["attributes"].items()))) in test
+    assert r["synthetic"] is False  # gold text: no loss masking meant for generations
   assert dev_sweep.real_records(task, n, 1) == added and dev_sweep.real_records(task, n, 2) != added  # seeded
