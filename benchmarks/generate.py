@@ -28,7 +28,7 @@ import numpy as np
 import msp_jax
 from msp_jax import sampling
 from msp_jax.models import weights
-from benchmarks.forward import median_seconds
+from benchmarks.forward import median_seconds, synced, torch_model
 from benchmarks.machine import describe, flops_per_token, utilisation
 
 
@@ -94,18 +94,16 @@ def time_ours(model, ids, prefix, config, reps):
                                   first_call_s=round(times[0], 3), compilations=sampling.compilations() - before)
 
 
-def load_hf(threads):
+def load_hf(threads, source=weights.DEFAULT_BACKBONE, device="cpu"):
   import torch
-  import transformers
   torch.set_num_threads(threads)
-  folder, name = os.path.split(weights.default_gguf_path())
-  model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-  return model
+  return torch_model(source, device).eval()
 
 
 def time_hf(model, ids, prefix, args, reps):
   import torch
-  ids_t = torch.tensor(ids, dtype=torch.long)
+  device = model.device
+  ids_t = torch.tensor(ids, dtype=torch.long, device=device)
   mask = torch.ones_like(ids_t)
   kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True, temperature=1.0,
             top_k=args.top_k, top_p=args.top_p, pad_token_id=0)
@@ -113,8 +111,9 @@ def time_hf(model, ids, prefix, args, reps):
     inputs = {"input_ids": ids_t, "attention_mask": mask}
   else:  # decoder-only generate from embeddings returns only the new tokens
     with torch.inference_mode():
-      embeds = torch.cat([torch.tensor(prefix), model.get_input_embeddings()(ids_t)], dim=1)
-    inputs = {"inputs_embeds": embeds, "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long)}
+      embeds = model.get_input_embeddings()(ids_t)
+      embeds = torch.cat([torch.tensor(prefix, dtype=embeds.dtype, device=device), embeds], dim=1)
+    inputs = {"inputs_embeds": embeds, "attention_mask": torch.ones(embeds.shape[:2], dtype=torch.long, device=device)}
   torch.manual_seed(0)
   new = args.new_tokens + (ids.shape[1] if prefix is None else 0)
 
@@ -124,7 +123,7 @@ def time_hf(model, ids, prefix, args, reps):
     assert out.shape == (ids.shape[0], new), out.shape
     return out
 
-  return median_seconds(run, reps, warmup=1)
+  return median_seconds(synced(run, str(device)), reps, warmup=1)
 
 
 def main():
@@ -140,17 +139,20 @@ def main():
   parser.add_argument("--skip_hf", action="store_true", help="e.g. on an accelerator machine")
   parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (bf16: GPU/TPU)")
   parser.add_argument("--peak_tflops", type=float, help="the device's peak, for MFU (H100/H200 bf16 dense: 989)")
+  parser.add_argument("--torch_device", default="cpu", help="where HF generate runs: cpu (fp32) or cuda (bf16)")
+  parser.add_argument("--backbone", default=weights.DEFAULT_BACKBONE,
+                      help="a backbone name, .gguf or HF folder (e.g. benchmarks/random_checkpoint.py's)")
   parser.add_argument("--json", help="also write the results here")
   args = parser.parse_args()
   machine = describe()
   print(machine, flush=True)
 
   dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
-  backbone = msp_jax.load_backbone(weights.DEFAULT_BACKBONE, dtype=dtype, with_tokenizer=False)
+  backbone = msp_jax.load_backbone(args.backbone, dtype=dtype, with_tokenizer=False)
   vocab, hidden = backbone.config.vocab_size, backbone.config.hidden_size
   config = sampling.DecodeConfig(max_new_tokens=args.new_tokens, do_sample=True, temperature=1.0, top_k=args.top_k,
                                  top_p=args.top_p, eos_ids=())
-  hf = None if args.skip_hf else load_hf(args.threads)
+  hf = None if args.skip_hf else load_hf(args.threads, args.backbone, args.torch_device)
   result = {**machine, "dtype": args.dtype,
             "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "prefix_tokens": args.prefix_tokens,
             "top_k": args.top_k, "top_p": args.top_p, "temperature": 1.0, "reps": args.reps, "runs": []}

@@ -25,7 +25,7 @@ import msp_jax
 from msp_jax import prompts as soft_prompts
 from msp_jax import sharding, training
 from msp_jax.models import weights
-from benchmarks.forward import median_seconds
+from benchmarks.forward import median_seconds, synced, torch_model
 from benchmarks.machine import describe, flops_per_token, utilisation
 
 
@@ -70,24 +70,22 @@ def time_ours(backbone, ids, prompt_tokens, reps, full_finetune=False):
   return median_seconds(run, reps), compile_s
 
 
-def time_peft(ids, prompt_tokens, reps):
+def time_peft(ids, prompt_tokens, reps, source=weights.DEFAULT_BACKBONE, device="cpu"):
   import torch
-  import transformers
   from peft import PromptTuningConfig, TaskType, get_peft_model
-  folder, name = os.path.split(weights.default_gguf_path())
-  base = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+  base = torch_model(source, device)
   model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt_tokens))
   model.train()
   opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-  batch = {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(ids.shape, dtype=torch.long),
-           "labels": torch.tensor(ids)}
+  batch = {"input_ids": torch.tensor(ids, device=device), "labels": torch.tensor(ids, device=device),
+           "attention_mask": torch.ones(ids.shape, dtype=torch.long, device=device)}
 
   def run():
     model(**batch).loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  return median_seconds(run, reps), torch.__version__, torch.get_num_threads()
+  return median_seconds(synced(run, device), reps), torch.__version__, torch.get_num_threads()
 
 
 def main():
@@ -99,11 +97,14 @@ def main():
   parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (bf16: GPU/TPU)")
   parser.add_argument("--skip_torch", action="store_true")
   parser.add_argument("--peak_tflops", type=float, help="the device's peak, for MFU (H100/H200 bf16 dense: 989)")
+  parser.add_argument("--torch_device", default="cpu", help="where PEFT runs: cpu (fp32) or cuda (bf16)")
+  parser.add_argument("--backbone", default=weights.DEFAULT_BACKBONE,
+                      help="a backbone name, .gguf or HF folder (e.g. benchmarks/random_checkpoint.py's)")
   parser.add_argument("--json")
   args = parser.parse_args()
   result = describe()
   print(result, flush=True)
-  backbone = msp_jax.load_backbone(weights.DEFAULT_BACKBONE, with_tokenizer=False,
+  backbone = msp_jax.load_backbone(args.backbone, with_tokenizer=False,
                                    dtype={"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype])
   ids = np.random.default_rng(0).integers(3, backbone.config.vocab_size, (args.batch, args.seq))
   result.update(dtype=str(backbone.model.dtype), batch=args.batch, seq=args.seq, runs=[])
@@ -119,7 +120,7 @@ def main():
     run["ours_full_finetune"] = utilisation(3 * forward, run["ours_full_finetune_s"], args.peak_tflops)
     print(run, flush=True)
     if not args.skip_torch:
-      seconds, version, threads = time_peft(ids, p, args.reps)
+      seconds, version, threads = time_peft(ids, p, args.reps, args.backbone, args.torch_device)
       run.update(peft_s=round(seconds, 3), torch=version, torch_threads=threads,
                  ours_over_peft=round(run["ours_prompt_only_s"] / seconds, 3))
     run["prompt_only_over_full"] = round(run["ours_prompt_only_s"] / run["ours_full_finetune_s"], 3)
