@@ -1,7 +1,8 @@
-"""Where the time goes: XLA's own per-op profile of one jitted call on SmolLM2-135M-Instruct (CPU).
+"""Where the time goes: XLA's own per-op profile of one jitted call on SmolLM2-135M-Instruct (CPU or GPU).
 
   python benchmarks/profile_ops.py [--what forward train_step decode_step sampling] [--batch 8] [--seq 128]
-      [--prompt_tokens 20] [--decode_batch 64] [--cache 80] [--reps 3] [--top 12] [--json out.json]
+      [--prompt_tokens 20] [--decode_batch 64] [--cache 80] [--reps 3] [--top 12] [--dtype fp32]
+      [--backbone B] [--json out.json]
 
 Each call runs under `jax.profiler.trace`; every XLA op (thunk) it executed is mapped to the HLO that
 made it (the compiled module's `metadata op_name`) and summed per call, then grouped by kind:
@@ -9,7 +10,8 @@ made it (the compiled module's `metadata op_name`) and summed per call, then gro
   weight matmul      a dot with a weight matrix (q/k/v/o, MLP, LM head)
   attention          the score and value dots and their softmax
   layer slicing      copying one layer's weights / cache out of the stacked [L, ...] arrays (lax.scan)
-  cache write        writing new keys/values into the KV cache
+  cache / scan write writing new keys/values into the KV cache, or a scan's per-layer outputs and saved
+                     activations into their stacked [L, ...] arrays (a train step's backward reads them)
   layout copy        transposes and copies XLA inserted
   other              norms, rotary, elementwise, the loss
 
@@ -17,6 +19,7 @@ forward: 8 x 128 fp32 (benchmarks/forward.py's shape); train_step: the prompt-on
 benchmarks/train_step.py (prefix of --prompt_tokens, backward to the prompts only); decode_step: one
 token for --decode_batch rows against a cache of --cache slots, donated as in the sampler's loop;
 sampling: top-p 0.95 and the draw on those rows' logits (the rest of a sampler iteration).
+On a GPU each kernel counts by the HLO op it ran for (the trace's `hlo_op`), on the device's streams only.
 Op times are summed over XLA's threads (an op split over 2 cores counts twice), so compare shares;
 they hold for the machine they were measured on (printed first), and under load only the shares do.
 """
@@ -44,8 +47,9 @@ from benchmarks.train_step import batch_for, prompt_step
 from msp_jax import sampling
 from msp_jax.models import weights
 
-KINDS = ("weight matmul", "attention", "layer slicing", "cache write", "layout copy", "other")
-ATTENTION = ("btkgd,bskd->bkgts", "bkgts,bskd->btkgd", "softmax", "reduce_max")  # layers.attention's einsums
+KINDS = ("weight matmul", "attention", "layer slicing", "cache / scan write", "layout copy", "other")
+ATTENTION = ("btkgd,bskd->bkgts", "bkgts,bskd->btkgd", "softmax", "reduce_max",  # layers.attention's einsums
+             "dot_product_attention")  # cuDNN's fused kernels (GPU)
 
 
 def hlo_sources(compiled_text: str) -> dict[str, str]:
@@ -59,16 +63,18 @@ def hlo_sources(compiled_text: str) -> dict[str, str]:
 
 
 def kind_of(op: str, source: str) -> str:
-  """The kind of an XLA op, from its name and the jax source of its HLO."""
+  """The kind of an XLA op, from its name and the jax source of its HLO. The source's last part is the
+  primitive; "transpose(" earlier in it is autodiff's transposition (a backward pass), not a layout copy."""
+  primitive = source.rsplit("/", 1)[-1]
   if any(a in source for a in ATTENTION):
     return "attention"
-  if "dot_general" in source:
+  if primitive == "dot_general":
     return "weight matmul"
-  if "dynamic_update_slice" in source or "dynamic-update-slice" in op:
-    return "cache write"
-  if "dynamic_slice" in source or "dynamic_index_in_dim" in source or "dynamic-slice" in op:
+  if primitive == "dynamic_update_slice" or "dynamic-update-slice" in op or "dynamic_update_slice" in op:
+    return "cache / scan write"
+  if primitive in ("dynamic_slice", "dynamic_index_in_dim") or "dynamic-slice" in op:
     return "layer slicing"
-  if re.search(r"\b(copy|transpose)", op) or "transpose" in source:
+  if re.search(r"(^|[_.])(copy|transpose)", op) or primitive == "transpose":
     return "layout copy"
   return "other"
 
@@ -92,10 +98,14 @@ def profile(fn, args, reps: int, make_args=None) -> tuple[list[dict], float]:
     raise SystemExit(f"profile_ops: jax.profiler wrote no trace under {folder}")
   events = json.load(gzip.open(trace[0]))
   events = events["traceEvents"] if isinstance(events, dict) else events
+  # A GPU's kernels run in the device's process and name their HLO op in args; the host's launches of
+  # them would count the same op twice, so on a GPU only the device's events count.
+  devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+             and "/device:GPU" in str(e.get("args", {}).get("name", ""))}
   total, count = collections.Counter(), collections.Counter()
   for e in events:
-    name = e.get("name", "")
-    if e.get("ph") == "X" and name in sources:
+    name = (e.get("args") or {}).get("hlo_op") or e.get("name", "")
+    if e.get("ph") == "X" and name in sources and (not devices or e.get("pid") in devices):
       total[name] += e.get("dur", 0)
       count[name] += 1
   rows = [dict(op=op, ms=round(us / reps / 1e3, 2), per_call=count[op] // reps, kind=kind_of(op, sources[op]),
@@ -176,11 +186,15 @@ def main():
   parser.add_argument("--cache", type=int, default=80, help="decode_step: cache slots (16 prompt + 64 new)")
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--top", type=int, default=12)
+  parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (bf16: GPU/TPU)")
+  parser.add_argument("--backbone", default=weights.DEFAULT_BACKBONE,
+                      help="a backbone name, .gguf or HF folder (e.g. benchmarks/random_checkpoint.py's)")
   parser.add_argument("--json", help="also write the results here")
   args = parser.parse_args()
   machine = describe()
   print(machine, flush=True)
-  backbone = msp_jax.load_backbone(weights.DEFAULT_BACKBONE, dtype=jnp.float32, with_tokenizer=False)
+  dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
+  backbone = msp_jax.load_backbone(args.backbone, dtype=dtype, with_tokenizer=False)
   result = {**machine, "cases": []}
   for what in args.what:
     fn, fn_args, fresh = CASES[what](backbone, args)
