@@ -21,6 +21,9 @@ pool), and its trained prompts (copied) where a variant changes only how they ar
 *real* gold-labelled utterances, drawn (seeded) from the task's held-out test examples, in place of
 synthetic ones. Only dev is scored, so the test examples serve as a pool of real text and are never a score;
 it says how much any added data of this size could lift the model, against which a generator's gain is read.
+`method=real_seed_labels` draws them only among the utterances whose label set is one of the seeds' label
+sets, the labels MSP is mostly asked to write (all but `combination_fraction` of its requests): real text
+under the generator's label distribution, which separates what the text adds from what new labels add.
 """
 import argparse
 import ast
@@ -102,8 +105,8 @@ def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k,
   n = experiment.synthetic_target(c, len(task.splits["train"]))
   if method == "seed":
     return {"": ([], None)}, {"target": 0}
-  if method == "real":  # the ceiling: real utterances with their gold labels (dev-only diagnostic, see above)
-    return {"": (real_records(task, n, k), None)}, {"target": n}
+  if method in ("real", "real_seed_labels"):  # the ceiling: real gold-labelled utterances (dev-only, see above)
+    return {"": (real_records(task, n, k, seed_labels_only=method == "real_seed_labels"), None)}, {"target": n}
   if method == "eda":
     copies = experiment.subsample(experiment.eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n, k)
     return {"": (copies, None)}, {"target": n}
@@ -123,10 +126,14 @@ def synthetic_records(c, root, name, backbone, task, dataset, domain, method, k,
   return sets, origin
 
 
-def real_records(task, n: int, k: int) -> list[dict]:
-  """n real utterances with their gold labels, a seeded draw from the held-out test examples. Not marked
+def real_records(task, n: int, k: int, seed_labels_only: bool = False) -> list[dict]:
+  """n real utterances with their gold labels, a seeded draw from the held-out test examples (with
+  `seed_labels_only`, among those whose label set is a seed's; fewer than n where fewer are). Not marked
   synthetic: every word's gold tag is trusted (CrossNER's `mask_synthetic_o` skips "O" only in generations)."""
-  pool = [dict(experiment.example_record(ex), synthetic=False) for ex in task.splits["test"]]
+  label_set = lambda ex: tuple(sorted((name, tuple(sorted(v))) for name, v in ex.attributes.items() if v))
+  seeds = {label_set(ex) for ex in task.splits["train"]}
+  pool = [dict(experiment.example_record(ex), synthetic=False) for ex in task.splits["test"]
+          if not seed_labels_only or label_set(ex) in seeds]
   return experiment.subsample(pool, n, k)
 
 

@@ -74,3 +74,14 @@ def test_the_real_data_ceiling_adds_gold_labelled_held_out_utterances(load_task)
     assert (r["text"], repr(sorted((k, sorted(v)) for k, v in r["attributes"].items()))) in test
     assert r["synthetic"] is False  # gold text: no loss masking meant for generations
   assert dev_sweep.real_records(task, n, 1) == added and dev_sweep.real_records(task, n, 2) != added  # seeded
+
+
+def test_the_seed_label_ceiling_draws_real_utterances_whose_label_set_a_seed_has(load_task):
+  task = load_task("nlupp", "hotels", "few_shot", seed=0)
+  label_set = lambda attributes: tuple(sorted((k, tuple(sorted(v))) for k, v in attributes.items() if v))
+  seeds = {label_set(ex.attributes) for ex in task.splits["train"]}
+  sets, _ = dev_sweep.synthetic_records(experiment_config.get_config(), "", "real_seed_labels", None, task, "nlupp",
+                                        "hotels", "real_seed_labels", 1, None, None, None)
+  added = sets[""][0]
+  assert added and all(label_set(r["attributes"]) in seeds for r in added)
+  assert any(label_set(r["attributes"]) not in seeds for r in dev_sweep.real_records(task, len(added), 1))
