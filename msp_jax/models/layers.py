@@ -160,8 +160,8 @@ def cached_attention(q, k, v, k_cache, v_cache, index, mask, *, scale, bias=None
   s, t = k_cache.shape[1], k.shape[1]
   new = jax.lax.dynamic_slice_in_dim(mask, index, t, axis=2)  # the columns of the slots this call's keys take
   new_bias = None if bias is None else jax.lax.dynamic_slice_in_dim(bias, index, t, axis=3)
-  if empty:
-    return _attend(q, [(k, v, new, new_bias)], scale)
+  if empty:  # a prefill: plain attention over its own keys (cuDNN's fused kernel where it applies)
+    return attention(q, k, v, new, scale=scale, bias=new_bias)
   earlier = mask & (jnp.arange(s) < index)[None, None, :]
   return _attend(q, [(k_cache, v_cache, earlier, bias), (k, v, new, new_bias)], scale)
 
