@@ -130,10 +130,9 @@ def real_records(task, n: int, k: int, seed_labels_only: bool = False) -> list[d
   """n real utterances with their gold labels, a seeded draw from the held-out test examples (with
   `seed_labels_only`, among those whose label set is a seed's; fewer than n where fewer are). Not marked
   synthetic: every word's gold tag is trusted (CrossNER's `mask_synthetic_o` skips "O" only in generations)."""
-  label_set = lambda ex: tuple(sorted((name, tuple(sorted(v))) for name, v in ex.attributes.items() if v))
-  seeds = {label_set(ex) for ex in task.splits["train"]}
+  seeds = {ex.keys() for ex in task.splits["train"]}
   pool = [dict(experiment.example_record(ex), synthetic=False) for ex in task.splits["test"]
-          if not seed_labels_only or label_set(ex) in seeds]
+          if not seed_labels_only or ex.keys() in seeds]
   return experiment.subsample(pool, n, k)
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import msp_jax
-from benchmarks.machine import describe, flops_per_token, utilisation
+from benchmarks.machine import add_backbone_argument, describe, flops_per_token, utilisation
 from msp_jax.models import weights
 
 
@@ -85,8 +85,7 @@ def main():
   parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
   parser.add_argument("--peak_tflops", type=float, help="the device's peak, for MFU (H100/H200 bf16 dense: 989)")
   parser.add_argument("--torch_device", default="cpu", help="where transformers runs: cpu (fp32) or cuda (bf16)")
-  parser.add_argument("--backbone", default=weights.DEFAULT_BACKBONE,
-                      help="a backbone name, .gguf or HF folder (e.g. benchmarks/random_checkpoint.py's)")
+  add_backbone_argument(parser)
   parser.add_argument("--json", help="also write the results here")
   args = parser.parse_args()
   result = describe()

@@ -29,7 +29,7 @@ import msp_jax
 from msp_jax import sampling
 from msp_jax.models import weights
 from benchmarks.forward import median_seconds, synced, torch_model
-from benchmarks.machine import describe, flops_per_token, utilisation
+from benchmarks.machine import add_backbone_argument, describe, flops_per_token, utilisation
 
 
 def make_inputs(batch, prompt_len, prefix_tokens, vocab, hidden, seed=0):
@@ -140,8 +140,7 @@ def main():
   parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (bf16: GPU/TPU)")
   parser.add_argument("--peak_tflops", type=float, help="the device's peak, for MFU (H100/H200 bf16 dense: 989)")
   parser.add_argument("--torch_device", default="cpu", help="where HF generate runs: cpu (fp32) or cuda (bf16)")
-  parser.add_argument("--backbone", default=weights.DEFAULT_BACKBONE,
-                      help="a backbone name, .gguf or HF folder (e.g. benchmarks/random_checkpoint.py's)")
+  add_backbone_argument(parser)
   parser.add_argument("--json", help="also write the results here")
   args = parser.parse_args()
   machine = describe()

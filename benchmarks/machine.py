@@ -8,6 +8,8 @@ import platform
 
 import jax
 
+from msp_jax.models.weights import DEFAULT_BACKBONE
+
 # The extensions that decide XLA:CPU's and oneDNN's matmul kernels, in /proc/cpuinfo's spelling.
 VECTOR_EXTENSIONS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
@@ -37,6 +39,12 @@ def cpu_kind(flags) -> str:
   if "avx512f" in flags:
     return "AVX-512"
   return "AVX2" if "avx2" in flags else "pre-AVX2"
+
+
+def add_backbone_argument(parser) -> None:
+  """`--backbone`: what every benchmark loads (default: the SmolLM2 GGUF)."""
+  parser.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                      help="a backbone name, .gguf or HF folder (e.g. benchmarks/random_checkpoint.py's)")
 
 
 def describe() -> dict:

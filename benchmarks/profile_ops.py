@@ -42,10 +42,9 @@ import jax.numpy as jnp
 
 import msp_jax
 from benchmarks.generate import make_inputs
-from benchmarks.machine import describe
+from benchmarks.machine import add_backbone_argument, describe
 from benchmarks.train_step import batch_for, prompt_step
 from msp_jax import sampling
-from msp_jax.models import weights
 
 KINDS = ("weight matmul", "attention", "layer slicing", "cache / scan write", "layout copy", "other")
 ATTENTION = ("btkgd,bskd->bkgts", "bkgts,bskd->btkgd", "softmax", "reduce_max",  # layers.attention's einsums
@@ -187,8 +186,7 @@ def main():
   parser.add_argument("--reps", type=int, default=3)
   parser.add_argument("--top", type=int, default=12)
   parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype (bf16: GPU/TPU)")
-  parser.add_argument("--backbone", default=weights.DEFAULT_BACKBONE,
-                      help="a backbone name, .gguf or HF folder (e.g. benchmarks/random_checkpoint.py's)")
+  add_backbone_argument(parser)
   parser.add_argument("--json", help="also write the results here")
   args = parser.parse_args()
   machine = describe()

@@ -15,9 +15,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `python benchmarks/X.py`
 
+from msp_jax.models import weights
+
 
 def write_config(out: str, like: str) -> dict:
-  from msp_jax.models import weights
   path = weights.resolve(like)
   if path.endswith(".gguf"):
     config, _ = weights.gguf_config(weights.open_gguf(path), path)
@@ -41,7 +42,7 @@ def write_weights(out: str, seed: int) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("out", help="the folder to write (config.json, model.safetensors)")
-  parser.add_argument("--like", default="smollm2-135m-instruct", help="the backbone whose config is copied")
+  parser.add_argument("--like", default=weights.DEFAULT_BACKBONE, help="the backbone whose config is copied")
   parser.add_argument("--config_only", action="store_true", help="write config.json only (no torch needed)")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()

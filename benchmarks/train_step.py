@@ -26,7 +26,7 @@ from msp_jax import prompts as soft_prompts
 from msp_jax import sharding, training
 from msp_jax.models import weights
 from benchmarks.forward import median_seconds, synced, torch_model
-from benchmarks.machine import describe, flops_per_token, utilisation
+from benchmarks.machine import add_backbone_argument, describe, flops_per_token, utilisation
 
 
 def batch_for(ids):
@@ -98,8 +98,7 @@ def main():
   parser.add_argument("--skip_torch", action="store_true")
   parser.add_argument("--peak_tflops", type=float, help="the device's peak, for MFU (H100/H200 bf16 dense: 989)")
   parser.add_argument("--torch_device", default="cpu", help="where PEFT runs: cpu (fp32) or cuda (bf16)")
-  parser.add_argument("--backbone", default=weights.DEFAULT_BACKBONE,
-                      help="a backbone name, .gguf or HF folder (e.g. benchmarks/random_checkpoint.py's)")
+  add_backbone_argument(parser)
   parser.add_argument("--json")
   args = parser.parse_args()
   result = describe()

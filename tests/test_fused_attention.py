@@ -1,4 +1,5 @@
-"""cuDNN's fused attention (GPU, bf16) against float64 attention computed in numpy, values and gradients.
+"""cuDNN's fused attention (GPU, bf16): its values against float64 attention computed in numpy, its
+gradients against the einsum form's float32 gradients on the CPU.
 
 Skipped without a GPU (CI has none); `benchmarks/gpu.sh`'s machine runs it. Everywhere else `attention`
 takes the einsum form, which the backbone parity tests against transformers cover.
@@ -47,7 +48,7 @@ def test_fused_attention_matches_float64_attention():
   assert err < 1e-2, err  # bf16 output
 
 
-def test_fused_attention_gradients_match_float64_attention():
+def test_fused_attention_gradients_match_the_einsum_form_in_float32():
   q, k, v, mask, valid = inputs()
   cot = np.random.default_rng(1).normal(size=(B, T, H, DH)) * valid[:, :, None, None]
   scale = DH ** -0.5
