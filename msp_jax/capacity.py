@@ -11,6 +11,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from msp_jax.data import user_files
 from msp_jax.models.weights import BackboneShape, read_shape
 
 # Attribute sets per dataset (the S axis of attribute ids): NLU++ and TOPv2 have intents and slots,
@@ -21,7 +22,6 @@ ATTRIBUTE_SETS = {"nlupp": 2, "crossner": 1, "topv2": 2}
 def num_attribute_sets(c) -> int:
   """The benchmark's count, or the sets a files dataset's folder uses."""
   if c.dataset == "files":
-    from msp_jax.data import user_files
     return len(user_files.read_folder(c.data_path).attributes)
   return ATTRIBUTE_SETS[c.dataset]
 

@@ -30,6 +30,7 @@ from msp_jax import assembly, files, training
 from msp_jax.data.ontology import Ontology
 from msp_jax.errors import MspError
 from msp_jax.mixers import PromptParam
+from msp_jax.models.weights import load_backbone
 from msp_jax.prompts import SoftPrompts
 
 TENSORS, INFO = "prompts.safetensors", "prompts.json"
@@ -45,7 +46,6 @@ def flat_arrays(prompts: SoftPrompts) -> dict[str, np.ndarray]:
 def restored(workdir: str, which: str = "best"):
   """(PromptedModel with the checkpoint's prompts, its backbone, metadata, step), from the workdir alone:
   the config and vocabulary in its metadata.json, the backbone it names (checked by fingerprint)."""
-  from msp_jax.models.weights import load_backbone
   meta = ckpt.read_metadata(workdir)
   if meta is None:
     raise ckpt.CheckpointError(f"--workdir={workdir}: no {ckpt.METADATA} there; expected a train.py workdir")
