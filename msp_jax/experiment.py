@@ -55,7 +55,7 @@ import numpy as np
 from msp_jax import assembly, augment, consistency, features, files, provenance, synthesis, task_models, trainer
 from msp_jax import checkpoints as ckpt
 from msp_jax.data import PromptLayout, load_task, nlupp, user_files
-from msp_jax.data.splits import CROSSNER_SOURCE
+from msp_jax.data.splits import CROSSNER_SOURCE, domains
 from msp_jax.errors import MspError
 from msp_jax.metrics import task_scores, text_quality
 from msp_jax.models.weights import load_backbone
@@ -558,14 +558,24 @@ def column_name(key: str) -> str:
   return f"{key.removesuffix('_original')} (original)" if key.endswith("_original") else key
 
 
+def reported_tasks(c, grid_tasks) -> list[tuple[str, str]]:
+  """The grid's tasks, then every other benchmark task this workdir holds a folder of: an invocation over a
+  subset of tasks (e.g. one resuming the rest of a grid) rewrites results.md without dropping the others."""
+  others = [(dataset, domain) for dataset in DOWNSTREAM_DATASETS for domain in domains(dataset)
+            if (dataset, domain) not in grid_tasks and os.path.isdir(os.path.join(c.workdir, f"{dataset}_{domain}"))]
+  return list(grid_tasks) + others
+
+
 def write_table(c, grid_tasks, methods, wall: dict) -> str:
   """results.md: downstream scores (mean ± std over seeds, x100) per task and setting, and data quality per method.
-  A setting other than the grid's own is shown where this workdir holds current results of it."""
-  own = setting_of(c)
-  results = {s: load_results(setting_config(c, s), grid_tasks, methods) for s in SETTINGS}
-  shown = {(dataset, domain): [s for s in SETTINGS if s == own or any(results[s][dataset, domain, m][0] for m in methods)
+  A setting other than the grid's own is shown where this workdir holds current results of it, and so is a task
+  other than the grid's (`reported_tasks`)."""
+  own, reported = setting_of(c), reported_tasks(c, grid_tasks)
+  results = {s: load_results(setting_config(c, s), reported, methods) for s in SETTINGS}
+  shown = {(dataset, domain): [s for s in SETTINGS if (s == own and (dataset, domain) in grid_tasks)
+                               or any(results[s][dataset, domain, m][0] for m in methods)
                                or (s == SETTINGS[0] and any(results[s][dataset, domain, m][1] for m in methods))]
-           for dataset, domain in grid_tasks}  # the few-shot probe section also where only the data's quality is
+           for dataset, domain in reported}  # the few-shot probe section also where only the data's quality is
   held = {s for settings in shown.values() for s in settings}
   lines = [f"# MSP downstream experiment ({c.model}, few-shot, {c.num_seeds} seeds)", "",
            f"Scores x100 on the real test split, mean ± std over seeds; {c.synthetic_per_example} synthetic "
@@ -584,7 +594,7 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
     lines += ["'Domain adaptation' sections (config.source_data): each run also trained on real gold-labelled data of "
               "another domain, labels restricted to the target's; the prompts and synthetic data are the few-shot ones. "
               "NLU++ ranks them by general_intent_f1, the original's metric of this setting.", ""]
-  for dataset, domain in grid_tasks:
+  for dataset, domain in reported:
     for i, setting in enumerate(shown[dataset, domain]):
       lines += table_section(c, dataset, domain, methods, results[setting], setting, with_quality=i == 0)
   path = os.path.join(c.workdir, "results.md")
