@@ -94,6 +94,19 @@ def _fsync_folder(folder: str) -> None:
     os.close(fd)
 
 
+@contextlib.contextmanager
+def locked(folder: str):
+  """An exclusive `flock` on the folder itself while the block runs, waiting for any other holder: for a
+  read-modify-write of a file there that several processes may update (a file replaced atomically cannot
+  carry the lock itself: each replacement is a new inode)."""
+  fd = os.open(folder, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # releases the flock
+
+
 class WorkdirLock:
   """`with WorkdirLock(workdir):` holds the workdir for this process, or raises `WorkdirBusy` at
   once, having written nothing, if another process holds it.

@@ -83,6 +83,33 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, raw_da
   assert section(resumed, "## nlupp/hotels") == section(table, "## nlupp/hotels")
 
 
+def test_wall_time_survives_a_kill_and_adds_up_concurrent_invocations(tmp_path):
+  """The grid's wall time is on disk while an invocation runs (a session's end kills it: saving only at the
+  end of a task lost hours), and two invocations at once on one workdir each add their own time."""
+  import threading
+  import time
+  from msp_jax import experiment
+  path = tmp_path / "wall_time.json"
+  with experiment.WallTime(str(tmp_path), every=0.05):
+    time.sleep(0.5)
+    running = json.loads(path.read_text())  # what a kill here would leave
+  assert running["invocations"] == 1 and running["seconds"] >= 0.3
+  done = threading.Barrier(2)
+
+  def invocation():
+    with experiment.WallTime(str(tmp_path), every=0.05):
+      time.sleep(1.0)
+      done.wait()
+
+  threads = [threading.Thread(target=invocation) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  total = json.loads(path.read_text())
+  assert total["invocations"] == 3 and total["seconds"] >= 0.5 + 2 * 1.0
+
+
 @pytest.mark.parametrize("flag,message", [
     ("--config.methods=seed,gpt4", "config.methods='seed,gpt4': unknown 'gpt4'; valid: seed, eda"),
     ("--config.tasks=snips/weather", "config.tasks item 'snips/weather': expected dataset/domain"),
