@@ -422,89 +422,94 @@ def run(c, backbone=None) -> str:
     raise ExperimentError(f"config.quality_sample={c.quality_sample}, config.quality_draws={c.quality_draws}: need >= 2 and >= 1")
   keep_compiled_programs(c.workdir)
   backbone = backbone or load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
-  cache = task_models.FeatureCache(backbone)
   with WallTime(c.workdir) as clock:
-    synonyms = augment.embedding_synonyms(assembly.embedding_table(backbone.model), backbone.tokenizer) if "eda" in methods else None
-    for dataset, domain in grid_tasks:
-      task = load_task(dataset, domain, "few_shot", seed=c.seed, data_dir=c.data_dir or None, data_path=c.get("data_path") or None)
-      if not task.splits["test"]:
-        raise ExperimentError(f"{dataset} {c.get('data_path')}: the downstream experiment scores a test split; add test.jsonl")
-      seeds = [example_record(ex) for ex in task.splits["train"]]
-      test = list(task.splits["test"])[:c.max_test or None]
-      dev = list(task.splits["dev"])[:c.max_dev or None]
-      n_synthetic = synthetic_target(c, len(seeds))
-      name = f"{dataset}_{domain}"
-      # read once per task: the FeatureCache then embeds the source texts once for every method and seed
-      source, source_what = source_records(c, dataset, domain, task) if adapting else ([], "")
-      source_info = {"examples": len(source), "what": source_what,  # which examples: a short hash of their uids
-                     "uids_key": provenance.stable_key({"uids": sorted(r["uid"] for r in source)})}
-      metric = (adapting and SOURCE_MAIN_METRIC.get(dataset)) or task_models.main_metric(task)
-      seed_model, judge_scores = fit_judge(dataset, task, cache, c, dev)
-      thresholds = consistency_thresholds(seed_model, dev, c)
-      measure = lambda records: {**quality(records, task, seed_model, backbone, c.quality_sample, c.quality_draws), **judge_scores}
-      for method in methods:
-        folder = os.path.join(task_folder(c, dataset, domain), method)
-        label = f"[{dataset}/{domain}{''.join(f' +{tag}' for tag in setting_tags(c))}] {method}"
-        # the synthetic set's quality, the same in both settings: kept in the few-shot folder, keyed without source_data
-        quality_path = os.path.join(c.workdir, name, method, "quality.json")
-        quality_fields = result_fields(c, dataset, domain, method, None)
-        todo = [k for k in range(c.num_seeds) if c.rescore or not provenance.reusable(
-            os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k), f"{label} seed {k}")]
-        if not todo:
-          continue
+    return run_tasks(c, backbone, clock, grid_tasks, methods, adapting)
 
-        def synthetic_sets(k: int, filters=consistency.candidates(c)) -> tuple[dict[str, tuple[list[dict], dict | None]],
-                                                                              list[dict], dict | None]:
-          """Seed k's candidate added sets, {filter: (examples, what the filter did)}: one per filter in `filters`
-          for generated data, one ("") for EDA's copies (they keep their seeds' labels) and seed-only's
-          nothing; the set its quality is measured on (generated: the denoised pool before any filter); and
-          where the generations came from."""
-          if method == "seed":
-            return {"": ([], None)}, [], None
-          if method == "eda":
-            copies = subsample(eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n_synthetic, k)
-            return {"": (copies, None)}, copies, None
-          m = method_config(c, dataset, domain, method, k)
-          pool, origin = generated_records(m, backbone, method, f"[{dataset}/{domain}]", k)
-          sets = {}
-          for which in filters:
-            kept, counts = consistent_records(c, backbone, m, method, pool, seed_model, thresholds, n_synthetic, which)
-            sets[which] = (subsample(kept, n_synthetic, k), counts)
-          return sets, pool, origin
 
-        for k in todo:
-          t0 = time.time()
-          sets, measured, origin = synthetic_sets(k)
-          if k == 0 and measured and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
-            files.write_json_atomic(quality_path, measure(measured))
-            provenance.write_key(quality_path, quality_fields)
-          t1 = time.time()
-          # with several filters, each set trains a model and the dev split chooses which one is scored on test
-          chosen, run = task_models.downstream_run(
-              task, cache, c, k, {name: seeds + source + [dict(r, synthetic=True) for r in added] for name, (added, _) in sets.items()},
-              dev, test)
-          synthetic, counts = sets[chosen]
-          result = {"task": f"{dataset}/{domain}", "method": method, "seed": k, "seed_examples": len(seeds),
-                    "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
-                    "generation": origin, **({"consistency": counts} if counts else {}),
-                    **({"filter_chosen": chosen} if len(sets) > 1 else {}),
-                    "dev_examples": len(dev), "test_examples": len(test),
-                    **({"source_data": source_info} if adapting else {}), **run}
-          result.update(seconds=round(time.time() - t0, 1), downstream_seconds=round(time.time() - t1, 1))
-          files.write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
-          provenance.write_key(os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k))
-          print(f"{label} seed {k}: {metric} {result['scores'][metric]:.3f} ({len(synthetic)} synthetic"
-                f"{f', {len(source)} source' if adapting else ''}{f'; filter {chosen!r} chosen on dev' if len(sets) > 1 else ''})",
-                flush=True)
-        if 0 not in todo and method != "seed" and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
-          measured = synthetic_sets(0, filters=())[1]  # seed 0's result was current, its quality not (no filter needed)
-          if measured:
-            files.write_json_atomic(quality_path, measure(measured))
-            provenance.write_key(quality_path, quality_fields)
-      write_table(c, grid_tasks, methods, clock.save())  # a partial table after every task
-    path = write_table(c, grid_tasks, methods, clock.save())
-    print(f"wrote {path}", flush=True)
-    return path
+def run_tasks(c, backbone, clock: WallTime, grid_tasks, methods, adapting: bool) -> str:
+  """The grid's loop over tasks, methods and seeds, for a config `run` has checked; returns results.md's path."""
+  cache = task_models.FeatureCache(backbone)
+  synonyms = augment.embedding_synonyms(assembly.embedding_table(backbone.model), backbone.tokenizer) if "eda" in methods else None
+  for dataset, domain in grid_tasks:
+    task = load_task(dataset, domain, "few_shot", seed=c.seed, data_dir=c.data_dir or None, data_path=c.get("data_path") or None)
+    if not task.splits["test"]:
+      raise ExperimentError(f"{dataset} {c.get('data_path')}: the downstream experiment scores a test split; add test.jsonl")
+    seeds = [example_record(ex) for ex in task.splits["train"]]
+    test = list(task.splits["test"])[:c.max_test or None]
+    dev = list(task.splits["dev"])[:c.max_dev or None]
+    n_synthetic = synthetic_target(c, len(seeds))
+    name = f"{dataset}_{domain}"
+    # read once per task: the FeatureCache then embeds the source texts once for every method and seed
+    source, source_what = source_records(c, dataset, domain, task) if adapting else ([], "")
+    source_info = {"examples": len(source), "what": source_what,  # which examples: a short hash of their uids
+                   "uids_key": provenance.stable_key({"uids": sorted(r["uid"] for r in source)})}
+    metric = (adapting and SOURCE_MAIN_METRIC.get(dataset)) or task_models.main_metric(task)
+    seed_model, judge_scores = fit_judge(dataset, task, cache, c, dev)
+    thresholds = consistency_thresholds(seed_model, dev, c)
+    measure = lambda records: {**quality(records, task, seed_model, backbone, c.quality_sample, c.quality_draws), **judge_scores}
+    for method in methods:
+      folder = os.path.join(task_folder(c, dataset, domain), method)
+      label = f"[{dataset}/{domain}{''.join(f' +{tag}' for tag in setting_tags(c))}] {method}"
+      # the synthetic set's quality, the same in both settings: kept in the few-shot folder, keyed without source_data
+      quality_path = os.path.join(c.workdir, name, method, "quality.json")
+      quality_fields = result_fields(c, dataset, domain, method, None)
+      todo = [k for k in range(c.num_seeds) if c.rescore or not provenance.reusable(
+          os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k), f"{label} seed {k}")]
+      if not todo:
+        continue
+
+      def synthetic_sets(k: int, filters=consistency.candidates(c)) -> tuple[dict[str, tuple[list[dict], dict | None]],
+                                                                            list[dict], dict | None]:
+        """Seed k's candidate added sets, {filter: (examples, what the filter did)}: one per filter in `filters`
+        for generated data, one ("") for EDA's copies (they keep their seeds' labels) and seed-only's
+        nothing; the set its quality is measured on (generated: the denoised pool before any filter); and
+        where the generations came from."""
+        if method == "seed":
+          return {"": ([], None)}, [], None
+        if method == "eda":
+          copies = subsample(eda_records(task, backbone, c.synthetic_per_example, k, synonyms), n_synthetic, k)
+          return {"": (copies, None)}, copies, None
+        m = method_config(c, dataset, domain, method, k)
+        pool, origin = generated_records(m, backbone, method, f"[{dataset}/{domain}]", k)
+        sets = {}
+        for which in filters:
+          kept, counts = consistent_records(c, backbone, m, method, pool, seed_model, thresholds, n_synthetic, which)
+          sets[which] = (subsample(kept, n_synthetic, k), counts)
+        return sets, pool, origin
+
+      for k in todo:
+        t0 = time.time()
+        sets, measured, origin = synthetic_sets(k)
+        if k == 0 and measured and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
+          files.write_json_atomic(quality_path, measure(measured))
+          provenance.write_key(quality_path, quality_fields)
+        t1 = time.time()
+        # with several filters, each set trains a model and the dev split chooses which one is scored on test
+        chosen, run = task_models.downstream_run(
+            task, cache, c, k, {name: seeds + source + [dict(r, synthetic=True) for r in added] for name, (added, _) in sets.items()},
+            dev, test)
+        synthetic, counts = sets[chosen]
+        result = {"task": f"{dataset}/{domain}", "method": method, "seed": k, "seed_examples": len(seeds),
+                  "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
+                  "generation": origin, **({"consistency": counts} if counts else {}),
+                  **({"filter_chosen": chosen} if len(sets) > 1 else {}),
+                  "dev_examples": len(dev), "test_examples": len(test),
+                  **({"source_data": source_info} if adapting else {}), **run}
+        result.update(seconds=round(time.time() - t0, 1), downstream_seconds=round(time.time() - t1, 1))
+        files.write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
+        provenance.write_key(os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k))
+        print(f"{label} seed {k}: {metric} {result['scores'][metric]:.3f} ({len(synthetic)} synthetic"
+              f"{f', {len(source)} source' if adapting else ''}{f'; filter {chosen!r} chosen on dev' if len(sets) > 1 else ''})",
+              flush=True)
+      if 0 not in todo and method != "seed" and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
+        measured = synthetic_sets(0, filters=())[1]  # seed 0's result was current, its quality not (no filter needed)
+        if measured:
+          files.write_json_atomic(quality_path, measure(measured))
+          provenance.write_key(quality_path, quality_fields)
+    write_table(c, grid_tasks, methods, clock.save())  # a partial table after every task
+  path = write_table(c, grid_tasks, methods, clock.save())
+  print(f"wrote {path}", flush=True)
+  return path
 
 
 def keep_compiled_programs(workdir: str) -> None:
@@ -553,12 +558,12 @@ class WallTime:
 
   def __init__(self, workdir: str, every: float = 60.0):
     self.workdir, self.path, self.every = workdir, os.path.join(workdir, "wall_time.json"), every
-    self._mutex, self._stop = threading.Lock(), threading.Event()
+    self._stop = threading.Event()
 
   def __enter__(self) -> "WallTime":
     os.makedirs(self.workdir, exist_ok=True)
     self.last = time.time()
-    self._add(invocations=1)
+    self.save(invocations=1)
     self._thread = threading.Thread(target=self._tick, name="wall-time", daemon=True)
     self._thread.start()
     return self
@@ -568,15 +573,14 @@ class WallTime:
     self._thread.join()
     self.save()
 
-  def save(self) -> dict:
-    return self._add()
-
   def _tick(self) -> None:
     while not self._stop.wait(self.every):
       self.save()
 
-  def _add(self, invocations: int = 0) -> dict:
-    with self._mutex, files.locked(self.workdir):
+  def save(self, invocations: int = 0) -> dict:
+    """Adds the time since the last save (and `invocations`) to the file; returns what it now holds. Each
+    call opens its own lock, so this thread's saves and the caller's are serialised as other processes' are."""
+    with files.locked(self.workdir):
       value = json.load(open(self.path)) if os.path.exists(self.path) else {"seconds": 0.0, "invocations": 0}
       now = time.time()
       value = {"seconds": round(value["seconds"] + now - self.last, 1), "invocations": value["invocations"] + invocations}

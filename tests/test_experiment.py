@@ -72,13 +72,18 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, raw_da
   first = json.load(open(os.path.join(workdir, "wall_time.json")))
   assert first["invocations"] == 1 and first["seconds"] > 0
 
-  # resumed over one of its tasks: nothing is redone, and results.md still shows the other task, unchanged
-  rc, out = evaluate(f"--config.model={tiny_model_dir}", f"--config.workdir={workdir}", "--config.tasks=crossner/music")
+  rc, out = evaluate(f"--config.model={tiny_model_dir}", f"--config.workdir={workdir}")
   assert rc == 0 and " seed 0: " not in out and "training prompts" not in out  # everything was done
   again = json.load(open(os.path.join(workdir, "wall_time.json")))  # the resumed grid's time adds up
   assert again["invocations"] == 2 and again["seconds"] > first["seconds"]
+  assert f"Wall time: {again['seconds'] / 60:.1f} min over 2 invocation(s)" in open(os.path.join(workdir, "results.md")).read()
+
+  # resumed over one of its tasks: nothing is redone, and results.md still shows the other task, unchanged
+  table = open(os.path.join(workdir, "results.md")).read()
+  rc, out = evaluate(f"--config.model={tiny_model_dir}", f"--config.workdir={workdir}", "--config.tasks=crossner/music")
+  assert rc == 0 and " seed 0: " not in out and "training prompts" not in out
   resumed = open(os.path.join(workdir, "results.md")).read()
-  assert f"Wall time: {again['seconds'] / 60:.1f} min over 2 invocation(s)" in resumed
+  assert json.load(open(os.path.join(workdir, "wall_time.json")))["invocations"] == 3
   assert resumed.index("## crossner/music") < resumed.index("## nlupp/hotels")  # the grid's task first, then the others
   assert section(resumed, "## nlupp/hotels") == section(table, "## nlupp/hotels")
 
