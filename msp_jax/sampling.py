@@ -220,7 +220,10 @@ class _DecoderOnly:
     b, t = ids.shape
     p = 0 if prefix is None else prefix.shape[1]
     cache = self.model.init_cache(b, p + t + new_tokens)
-    logits, cache = self.model(ids, attention_mask=mask, embedded_prefix=prefix, prefix_mask=prefix_mask, cache=cache)
+    # The last position's logits only: all T of them ([B, T, V] fp32, 2.8 GB at 64 x 224) cost a fifth of
+    # the prefill's time, for columns nothing reads.
+    logits, cache = self.model(ids, attention_mask=mask, embedded_prefix=prefix, prefix_mask=prefix_mask, cache=cache,
+                               columns=slice(t - 1, t))
     return logits[:, -1], cache
 
   def step(self, cache, token, active):

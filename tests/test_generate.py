@@ -13,7 +13,9 @@ import pytest
 
 from configs import common
 from msp_jax import synthesis, trainer
+from msp_jax import data as msp_data
 from msp_jax.data import load_task
+from msp_jax.data.batching import mixture_bucket, row_length
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD_KEYS = {"text", "attributes", "values", "spans", "domain", "seed_id", "kind", "method", "decoding", "noise"}
@@ -219,10 +221,9 @@ def test_resume_with_another_gen_batch_size_keeps_the_done_requests(trained_in_p
   c.update(output=str(tmp_path / "out.jsonl"), gen_batch_size=2)
   first = synthesis.synthesize(c)
   progress = first["output"] + ".candidates"
-  lines = open(progress).readlines()
-  by_request = {json.loads(line).get("request"): json.loads(line) for line in lines}
-  with open(progress, "w") as f:  # killed after request 2 of chunk (2, 3) was written
-    f.writelines(line for line in lines if json.loads(line).get("request", -1) <= 2)
+  header, *written = open(progress).readlines()
+  with open(progress, "w") as f:  # killed after the first record of the second chunk (of 2) was written
+    f.writelines([header] + written[:3])
   c.gen_batch_size = 4
   capsys.readouterr()
   synthesis.synthesize(c)
@@ -230,5 +231,34 @@ def test_resume_with_another_gen_batch_size_keeps_the_done_requests(trained_in_p
   assert "resuming: 2 of 8 requests" in out, out
   records = [r for r in progress_lines(progress) if "request" in r]
   assert sorted(r["request"] for r in records) == list(range(8))  # each request once, none mis-assigned
-  assert [records[0], records[1]] == [by_request[0], by_request[1]]  # the done ones were kept, not redone
+  assert records[:2] == [json.loads(line) for line in written[:2]]  # the whole chunk was kept, not redone
   assert {tuple(r["chunk"]) for r in records[2:]} == {(4, 0), (4, 1)}
+
+
+def test_prompts_do_not_depend_on_the_batch_they_are_generated_in(trained_in_process, tmp_path):
+  c = trained_in_process.copy_and_resolve_references()
+  exemplars = {}
+  for size in (2, 3):
+    c.update(output=str(tmp_path / f"b{size}.jsonl"), gen_batch_size=size)
+    progress = synthesis.synthesize(c)["output"] + ".candidates"
+    exemplars[size] = {r["request"]: r["exemplars"] for r in progress_lines(progress) if "request" in r}
+  assert len(exemplars[2]) == 8 and exemplars[2] == exemplars[3]
+
+
+def test_chunks_are_cut_in_padding_order(trained_in_process, tmp_path, monkeypatch):
+  """Each chunk's rows are the next ones in (attribute slots, tokens) order, so no chunk pads a short row to
+  a long one that a later chunk could have taken."""
+  c = trained_in_process.copy_and_resolve_references()
+  c.update(output=str(tmp_path / "out.jsonl"), gen_batch_size=3, max_seeds=6)
+  chunks, make_batch = [], msp_data.make_batch
+
+  def spy(segments, tokenizer, config, *args, **kw):  # what each sampler call was built from
+    chunks.append([(mixture_bucket(max(map(len, s.attribute_ids)), config), row_length(s, tokenizer)) for s in segments])
+    return make_batch(segments, tokenizer, config, *args, **kw)
+
+  monkeypatch.setattr(msp_data, "make_batch", spy)
+  synthesis.synthesize(c)
+  assert [len(rows) for rows in chunks] == [3, 3, 3, 3]  # 12 requests
+  assert len({width for rows in chunks for width in rows}) > 3  # rows that differ, or the test shows nothing
+  for a, b in zip(chunks, chunks[1:]):
+    assert max(a) <= min(b), chunks

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from transformers.generation import logits_process as hf
 
 import test_llama
@@ -169,6 +170,18 @@ def test_greedy_equals_argmax_of_full_forwards_with_a_prefix(llama):
     token = np.asarray(logits[:, -1].argmax(-1))
     np.testing.assert_array_equal(new[:, i], token)
     seq, seq_mask = np.concatenate([seq, token[:, None]], 1), np.concatenate([seq_mask, np.ones((3, 1), bool)], 1)
+
+
+def test_prefill_computes_the_last_positions_logits_only(llama):
+  """Generation reads the prefill's last column; [B, T, V] logits (2.8 GB at the grid's 64 x 224) are waste."""
+  _, model = llama
+  ids, mask = left_padded(rows=3, length=8)
+  graph, state = nnx.split(model)
+  run = jax.jit(lambda state, ids, mask: sampling.generate(nnx.merge(graph, state), ids, mask,
+                                                          DecodeConfig(max_new_tokens=2, pad_id=PAD)))
+  hlo = run.lower(state, ids, mask).as_text()
+  v = model.cfg.vocab_size
+  assert f"3x1x{v}xf32" in hlo and f"3x8x{v}xf32" not in hlo
 
 
 def test_sampled_tokens_stay_inside_top_k_and_top_p(llama):

@@ -65,6 +65,13 @@ def row_length(segments: Segments, tokenizer) -> int:
   return text + target
 
 
+def padding_key(segments: Segments, tokenizer, config: BatchConfig) -> tuple[int, int]:
+  """(attribute-axis bucket, row length) of one row: rows cut into batches in this order pad alike,
+  in the mixture slots (each one `n_tokens` prefix tokens for the concat mixer) and in the tokens."""
+  largest = max((len(ids) for ids in segments.attribute_ids), default=0)
+  return mixture_bucket(largest, config), row_length(segments, tokenizer)
+
+
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
   # No special tokens: EOS is placed explicitly, and the text must tokenise the same in training
   # and in generation.
