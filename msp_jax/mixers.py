@@ -37,6 +37,7 @@ def _masked_mean(x, mask):  # x [B, M, ...], mask [B, M]
 
 class Concat(nnx.Module):
   """The k prompts one after another: [B, M*N, D], padding slots masked out (positions skip them)."""
+  widens_prefix = True  # the backbone sees N prefix tokens per attribute slot, padding slots included
 
   def __init__(self, dim: int, *, rngs: nnx.Rngs, **unused):
     pass
@@ -120,6 +121,11 @@ class CNN(nnx.Module):
 
 
 MIXERS = {"concat": Concat, "pooling": Pooling, "attention": Attention, "bottleneck": Bottleneck, "cnn": CNN}
+
+
+def widens_prefix(name: str) -> bool:
+  """Whether mixer `name`'s output grows with the attribute axis M (concat); the others give N tokens."""
+  return getattr(MIXERS.get(name), "widens_prefix", False)
 
 
 def make_mixer(name: str, dim: int, *, rngs: nnx.Rngs, **options) -> nnx.Module:

@@ -22,8 +22,8 @@
    sampling seeds) and denoising reruns on all candidates, until the target is reached or
    `max_generation_rounds` rounds were made; the summary records the rounds and whether it fell short.
    A requests file or balance plans each later round from what is still missing (rounds differ in size).
-Chunks of `gen_batch_size` requests are cut in padding order (attribute slots, then prompt tokens), and each
-request's exemplars come from its own seeded stream, so its prompt does not depend on the chunk it lands in.
+Chunks of `gen_batch_size` requests are cut in padding order (prompt tokens; concat: attribute slots first), and
+each request's exemplars come from its own seeded stream, so its prompt does not depend on the chunk it lands in.
 Progress is appended to `{output}.candidates` after every chunk, so an interrupted run resumes; the
 file's header line names what made the candidates (checkpoint step, a hash of the restored prompts,
 backbone, decoding, seeds, requests), and a run made by anything else is moved aside, not resumed.
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from msp_jax import assembly, checkpoints, features, files, provenance, requested, sampling, training
+from msp_jax import assembly, checkpoints, features, files, mixers, provenance, requested, sampling, training
 from msp_jax import data as msp_data
 from msp_jax.assembly import ConfigError
 from msp_jax.data.example import Example
@@ -330,15 +330,17 @@ def _synthesize(c, backbone) -> dict:
                                  num_beams=c.num_beams, eos_ids=(tok.eos_token_id,), pad_id=msp_data.batching.pad_id(tok),
                                  stop_ids=sampling.stop_token_ids(tok, STOP_STRINGS[:1]))  # a newline ends a row
   model = run.model
+  by_slots = c.method == "msp" and mixers.widens_prefix(c.mixture)
   offset = chunk_offset = 0  # requests and chunks of the earlier rounds
   kept = []
   for round_ in range(max_rounds):
     # round r > 0: requests planned and sampled with their own seeds, indexed after the earlier rounds'
     planned = first if round_ == 0 else planner.plan(round_, kept, offset)
     prompts = {r.index: request_prompt(r, layout, c, ontology) for r in planned}
-    # Chunks are cut from the requests in padding order (attribute slots, then tokens): in request order a
-    # CrossNER chunk was 57% real tokens, so its prefill computed almost twice the tokens it needed.
-    ordered = sorted(planned, key=lambda r: msp_data.batching.padding_key(prompts[r.index], tok, run.batch_config))
+    # Chunks are cut from the requests in padding order (concat: attribute slots, then tokens): in request
+    # order a CrossNER chunk was 57% real tokens, so its prefill computed almost twice the tokens it needed.
+    ordered = sorted(planned, key=lambda r: msp_data.batching.padding_key(prompts[r.index], tok, run.batch_config,
+                                                                           by_slots=by_slots))
     chunks = [ordered[i:i + c.gen_batch_size] for i in range(0, len(ordered), c.gen_batch_size)]
     for j in tqdm(range(len(chunks)), desc=f"generate ({c.method}, round {round_ + 1})", unit="chunk"):
       chunk = [r for r in chunks[j] if r.index not in done]

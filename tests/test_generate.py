@@ -245,11 +245,16 @@ def test_prompts_do_not_depend_on_the_batch_they_are_generated_in(trained_in_pro
   assert len(exemplars[2]) == 8 and exemplars[2] == exemplars[3]
 
 
-def test_chunks_are_cut_in_padding_order(trained_in_process, tmp_path, monkeypatch):
-  """Each chunk's rows are the next ones in (attribute slots, tokens) order, so no chunk pads a short row to
-  a long one that a later chunk could have taken."""
+@pytest.mark.parametrize("mixture", ["pooling", "concat"])
+def test_chunks_are_cut_in_padding_order(mixture, trained_in_process, tmp_path, monkeypatch):
+  """Each chunk's rows are the next ones in padding order, so no chunk pads a short row to a long one that a
+  later chunk could have taken: prompt tokens, and for concat (N prefix tokens per attribute slot) first the
+  attribute slots."""
   c = trained_in_process.copy_and_resolve_references()
   c.update(output=str(tmp_path / "out.jsonl"), gen_batch_size=3, max_seeds=6)
+  if mixture != c.mixture:
+    c.update(mixture=mixture, workdir=str(tmp_path / mixture))
+    trainer.train(c)
   chunks, make_batch = [], msp_data.make_batch
 
   def spy(segments, tokenizer, config, *args, **kw):  # what each sampler call was built from
@@ -259,6 +264,7 @@ def test_chunks_are_cut_in_padding_order(trained_in_process, tmp_path, monkeypat
   monkeypatch.setattr(msp_data, "make_batch", spy)
   synthesis.synthesize(c)
   assert [len(rows) for rows in chunks] == [3, 3, 3, 3]  # 12 requests
-  assert len({width for rows in chunks for width in rows}) > 3  # rows that differ, or the test shows nothing
+  assert len({slots for rows in chunks for slots, _ in rows}) > 1 and len({t for rows in chunks for _, t in rows}) > 3
+  key = (lambda w: w) if mixture == "concat" else (lambda w: w[1])
   for a, b in zip(chunks, chunks[1:]):
-    assert max(a) <= min(b), chunks
+    assert max(map(key, a)) <= min(map(key, b)), chunks

@@ -65,11 +65,12 @@ def row_length(segments: Segments, tokenizer) -> int:
   return text + target
 
 
-def padding_key(segments: Segments, tokenizer, config: BatchConfig) -> tuple[int, int]:
-  """(attribute-axis bucket, row length) of one row: rows cut into batches in this order pad alike,
-  in the mixture slots (each one `n_tokens` prefix tokens for the concat mixer) and in the tokens."""
+def padding_key(segments: Segments, tokenizer, config: BatchConfig, *, by_slots: bool) -> tuple[int, int]:
+  """(attribute-axis bucket or 0, row length) of one row: rows cut into batches in this order pad alike.
+  `by_slots` where every attribute slot costs prefix tokens (the concat mixer: `n_tokens` a slot);
+  elsewhere slots cost next to nothing and tokens alone decide."""
   largest = max((len(ids) for ids in segments.attribute_ids), default=0)
-  return mixture_bucket(largest, config), row_length(segments, tokenizer)
+  return mixture_bucket(largest, config) if by_slots else 0, row_length(segments, tokenizer)
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
