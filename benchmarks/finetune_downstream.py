@@ -2,7 +2,8 @@
 backbone: NLU++ few-shot seeds, dev-scored every epoch; per epoch the training seconds and the dev
 decode seconds (epoch 1 includes compilation). Sizes the grid; not a grid.
 
-  python benchmarks/finetune_downstream.py --params prompt --epochs 2 [--task nlupp/hotels] [--max_dev 100]
+  python benchmarks/finetune_downstream.py --params prompt --epochs 2 [--task nlupp/hotels] [--max_dev 100] \
+      [--group_by_length 0]
 """
 import argparse
 import json
@@ -26,14 +27,17 @@ def main():
   parser.add_argument("--lr", type=float, default=None, help="default: the config's (prompt) or 3e-5 (full)")
   parser.add_argument("--task", default="nlupp/hotels")
   parser.add_argument("--max_dev", type=int, default=100)
+  parser.add_argument("--group_by_length", type=int, choices=[0, 1], default=1, help="0: random training batches")
   parser.add_argument("--json")
   args = parser.parse_args()
   c = experiment_config.get_config()
   c.update(downstream="finetune", finetune_params=args.params, finetune_epochs=args.epochs,
-           finetune_lr=args.lr or (c.finetune_lr if args.params == "prompt" else 3e-5))
+           finetune_lr=args.lr or (c.finetune_lr if args.params == "prompt" else 3e-5),
+           finetune_group_by_length=bool(args.group_by_length))
   dataset, domain = args.task.split("/")
   result = {**describe(), "task": args.task, "params": args.params, "epochs": args.epochs, "lr": c.finetune_lr,
-            "batch_size": c.finetune_batch_size, "max_new_tokens": c.finetune_max_new_tokens}
+            "batch_size": c.finetune_batch_size, "max_new_tokens": c.finetune_max_new_tokens,
+            "group_by_length": c.finetune_group_by_length}
   start = time.perf_counter()
   backbone = load_backbone(c.model)
   result["load_seconds"] = round(time.perf_counter() - start, 1)

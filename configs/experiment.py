@@ -69,6 +69,7 @@ def get_config(arg=None):
   c.finetune_batch_size = 8
   c.finetune_max_new_tokens = 256  # a cap; decoding writes 1.25x the longest training label string (NLU++ 32-40, CrossNER 256)
   c.finetune_repetition_penalty = 1.2  # the original's greedy decoding (--threshold 1.2)
+  c.finetune_group_by_length = True  # batches of similar length (random batches were half padding)
 
   # Selection on the real dev split, per downstream run (the test split is scored once, never selects).
   c.max_dev = 0                  # 0 = the whole dev split

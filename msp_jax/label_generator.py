@@ -30,6 +30,7 @@ from flax import nnx
 from msp_jax import sampling, sharding, training
 from msp_jax.assembly import embedding_table
 from msp_jax.data.batching import BatchConfig, make_batch, pad_id
+from msp_jax.data.iterator import length_grouped
 from msp_jax.data.layout import Segments
 from msp_jax.errors import MspError
 from msp_jax.metrics.task_scores import normalize_original
@@ -158,6 +159,9 @@ class FinetuneConfig:
   warmup_fraction: float = 0.1      # the original: warm-up over 10% of the steps, then cosine
   # NLU++ rows (utterance, label string, EOS) are 10-68 tokens, CrossNER's 30-390: fine steps at the short end
   buckets: tuple[int, ...] = (16, 24, 32, 48, 64, 96, 128, 192, 256, 320, 384, 512)
+  # Batches of rows of similar length, in random order: random batches of 8 were 50% padding (NLU++ banking,
+  # CrossNER politics seeds), grouped ones 24-25%.
+  group_by_length: bool = True
   seed: int = 0
 
   def check(self, field_prefix: str = "finetune_") -> None:
@@ -227,9 +231,13 @@ class LabelGenerator:
     opt_state = tx.init(self.trainable)
     step = training.make_train_step(self.graphdef, tx, self.mesh, self.trainable, opt_state, self.frozen)
     rng = np.random.default_rng([c.seed, 13])
+    lengths = [len(ids) for ids in self.tokenizer([t + SEPARATOR + y for t, y in zip(texts, targets)],
+                                                  add_special_tokens=False)["input_ids"]]
     best = None
     for epoch in range(1, c.epochs + 1):
       order = rng.permutation(len(texts))
+      if c.group_by_length:
+        order = length_grouped(order, lengths.__getitem__, c.batch_size, rng)
       losses, start_time = [], time.perf_counter()
       for start in range(0, len(texts), c.batch_size):
         rows = order[start:start + c.batch_size]

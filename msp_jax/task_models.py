@@ -176,7 +176,8 @@ def epoch_report(c, metric: str) -> Callable[[dict], None]:
 def finetune_config(c, seed: int) -> label_generator.FinetuneConfig:
   return label_generator.FinetuneConfig(params=c.finetune_params, epochs=c.finetune_epochs, learning_rate=c.finetune_lr,
                                         batch_size=c.finetune_batch_size, max_new_tokens=c.finetune_max_new_tokens,
-                                        repetition_penalty=c.finetune_repetition_penalty, seed=seed)
+                                        repetition_penalty=c.finetune_repetition_penalty,
+                                        group_by_length=c.get("finetune_group_by_length", False), seed=seed)
 
 
 class GeneratedIntentModel(IntentModel):

@@ -314,11 +314,13 @@ def test_each_seed_trains_and_samples_its_own_generator_and_rounds_reach_the_tar
     ("source_data", True, "downstream", ("source_fraction",)),  # source_fraction only matters with source_data
     ("consistency_filter", "classifier", "filter", ("consistency_action", "consistency_recall",
                                                         "consistency_alternatives", "consistency_rank")),
-    ("downstream", "finetune", "downstream", ("finetune_params", "finetune_epochs", "finetune_lr", "finetune_batch_size", "finetune_max_new_tokens", "finetune_repetition_penalty")),
+    ("downstream", "finetune", "downstream", ("finetune_params", "finetune_epochs", "finetune_lr", "finetune_batch_size",
+                                              "finetune_max_new_tokens", "finetune_repetition_penalty",
+                                              "finetune_group_by_length")),
     # the probe heads never read the finetune_* fields: at downstream="probe" no value of theirs enters a key
     ("finetune_params", "prompt", "unread", ()), ("finetune_epochs", 9, "unread", ()), ("finetune_lr", 0.1, "unread", ()),
     ("finetune_batch_size", 2, "unread", ()), ("finetune_max_new_tokens", 8, "unread", ()),
-    ("finetune_repetition_penalty", 1.0, "unread", ())])
+    ("finetune_repetition_penalty", 1.0, "unread", ()), ("finetune_group_by_length", False, "unread", ())])
 def test_an_added_field_at_its_old_value_keeps_every_key(field, value, kind, added_with):
   """A grid cached before a field existed stays current while the field keeps its old behaviour."""
   from configs import experiment as experiment_config
@@ -343,6 +345,22 @@ def test_an_added_field_at_its_old_value_keeps_every_key(field, value, kind, add
     assert (result != keys(old)[method][0]) == (kind == "downstream" or (kind in ("generation", "filter") and method != "seed"))
     assert training == keys(old)[method][1]  # none changes the trained prompts
     assert (generation != keys(old)[method][2]) == (kind == "generation")
+
+
+def test_finetune_rows_made_with_random_batches_are_not_reused_for_grouped_ones():
+  """finetune_group_by_length came after the first finetune rows: at False (how those were made) a row keeps
+  its key; at True (the default) the finetune rows are made afresh."""
+  from configs import experiment as experiment_config
+  from msp_jax import experiment
+  new = experiment_config.get_config()
+  new.downstream = "finetune"
+  old = new.copy_and_resolve_references()
+  del old["finetune_group_by_length"]
+  key = lambda c: experiment.result_fields(c, "nlupp", "hotels", "concat", 0)
+  new.finetune_group_by_length = False
+  assert key(new) == key(old)
+  new.finetune_group_by_length = True
+  assert key(new) != key(old)
 
 
 # --- domain adaptation (config.source_data): real data of another domain added to every run ----------

@@ -108,6 +108,32 @@ def test_rows_decoded_in_length_order_come_back_in_input_order(smollm2_tokenizer
   assert gen.generate([]) == []
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+def test_training_batches_group_rows_of_similar_length(grouped, smollm2_tokenizer, monkeypatch):
+  """With group_by_length each full training batch holds the next rows by length (in a random batch order),
+  so it pads to its own rows; without, rows are a plain shuffle. Every row is trained on once an epoch."""
+  gen = lg.LabelGenerator(tiny_backbone(smollm2_tokenizer), lg.FinetuneConfig(epochs=2, batch_size=3, max_new_tokens=2,
+                                                                              group_by_length=grouped))
+  words = ["wifi", "a room for two", "breakfast in the room at seven", "spa", "an extra bed for my daughter please",
+           "late check out tomorrow", "pool", "do you have parking for a van", "gym hours", "taxi"]
+  texts, targets = [f"{w}?" for w in words], ["booking"] * len(words)
+  batches, batch = [], gen.batch
+
+  def spy(texts, targets=None, rows=None):  # the rows of each training step (targets given), not of decoding
+    if targets is not None:
+      batches.append(list(texts))
+    return batch(texts, targets, rows)
+
+  monkeypatch.setattr(gen, "batch", spy)
+  gen.fit(texts, targets, texts[:2], lambda written: 0.0)
+  length = lambda t: len(smollm2_tokenizer(t + lg.SEPARATOR + "booking", add_special_tokens=False)["input_ids"])
+  for epoch in (batches[:4], batches[4:]):
+    assert sorted(t for b in epoch for t in b) == sorted(texts) and [len(b) for b in epoch] == [3, 3, 3, 1]
+    spans = sorted((min(map(length, b)), max(map(length, b))) for b in epoch[:3])  # the full batches
+    disjoint = all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert disjoint == grouped, spans
+
+
 def toy_task(words=("gym", "spa")):
   """Two intents whose utterances differ by one word."""
   train = [f"{p} {w}" for p in ("book the", "i want the", "where is the", "open the") for w in words]

@@ -79,14 +79,8 @@ class BatchIterator:
     return self._orders[epoch]
 
   def _grouped(self, epoch: int, order: np.ndarray) -> np.ndarray:
-    """`order`'s full batches re-cut from their examples sorted by row length, in a seeded random order;
-    the remainder (dropped, or the final partial batch) stays the same examples, last."""
-    full = len(order) // self.global_batch_size * self.global_batch_size
-    kept, rest = order[:full], order[full:]
-    lengths = [row_length(self.to_segments(self.examples[i], self.exemplar_rng(epoch, i)), self.tokenizer) for i in kept]
-    batches = kept[np.argsort(lengths, kind="stable")].reshape(-1, self.global_batch_size)
-    shuffled = batches[np.random.default_rng([self.seed, epoch, 1]).permutation(len(batches))]
-    return np.concatenate([shuffled.ravel(), rest])
+    length = lambda i: row_length(self.to_segments(self.examples[i], self.exemplar_rng(epoch, i)), self.tokenizer)
+    return length_grouped(order, length, self.global_batch_size, np.random.default_rng([self.seed, epoch, 1]))
 
   def exemplar_rng(self, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([self.seed, epoch, int(index)])
@@ -116,6 +110,17 @@ class BatchIterator:
     batch = make_batch(segments, self.tokenizer, self.config, example_mask=real)
     mine = slice(self.process_index * self.local_batch_size, (self.process_index + 1) * self.local_batch_size)
     return {name: array[mine] for name, array in batch.items()}
+
+
+def length_grouped(order: np.ndarray, length: Callable[[int], int], batch_size: int,
+                   rng: np.random.Generator) -> np.ndarray:
+  """`order`'s full batches re-cut from their rows sorted by `length(row)`, in `rng`'s random batch order;
+  the remainder (dropped, or the final partial batch) stays the same rows, last. Training on these pads
+  a batch to its own rows' length instead of a random row's."""
+  full = len(order) // batch_size * batch_size
+  kept, rest = order[:full], order[full:]
+  batches = kept[np.argsort([length(i) for i in kept], kind="stable")].reshape(-1, batch_size)
+  return np.concatenate([batches[rng.permutation(len(batches))].ravel(), rest])
 
 
 def task_batches(task, split: str, tokenizer, *, global_batch_size: int, config: BatchConfig = BatchConfig(),
