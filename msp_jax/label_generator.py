@@ -29,7 +29,7 @@ from flax import nnx
 
 from msp_jax import sampling, sharding, training
 from msp_jax.assembly import embedding_table
-from msp_jax.data.batching import BatchConfig, make_batch, pad_id
+from msp_jax.data.batching import BatchConfig, make_batch, pad_id, row_length
 from msp_jax.data.iterator import length_grouped
 from msp_jax.data.layout import Segments
 from msp_jax.errors import MspError
@@ -177,6 +177,11 @@ class FinetuneConfig:
       raise fail("repetition_penalty", self.repetition_penalty, "must be > 0 (1.0 = off)")
 
 
+def row_segments(uid: int, text: str, target: str | None) -> Segments:
+  """One row of the layout: "{utterance}<label>", then the label string (training) or nothing (decoding)."""
+  return Segments(uid=str(uid), attribute_ids=(), domain_id=0, text=text + SEPARATOR, target=target)
+
+
 class LabelGenerator:
   """A causal LM that writes label strings; `fit` keeps the parameters of the epoch with the best
   dev score (ties: the earlier epoch), chosen by `dev_score(decoded dev strings)` alone."""
@@ -206,8 +211,7 @@ class LabelGenerator:
     n = len(texts)
     rows = rows or n
     index = list(range(n)) + [0] * (rows - n)
-    segments = [Segments(uid=str(i), attribute_ids=(), domain_id=0, text=texts[i] + SEPARATOR,
-                         target=None if targets is None else targets[i]) for i in index]
+    segments = [row_segments(i, texts[i], None if targets is None else targets[i]) for i in index]
     batch = make_batch(segments, self.tokenizer, self.batch_config)
     batch["loss_mask"][n:] = False
     return {k: jnp.asarray(v) for k, v in batch.items() if k in training.MODEL_KEYS}
@@ -231,8 +235,7 @@ class LabelGenerator:
     opt_state = tx.init(self.trainable)
     step = training.make_train_step(self.graphdef, tx, self.mesh, self.trainable, opt_state, self.frozen)
     rng = np.random.default_rng([c.seed, 13])
-    lengths = [len(ids) for ids in self.tokenizer([t + SEPARATOR + y for t, y in zip(texts, targets)],
-                                                  add_special_tokens=False)["input_ids"]]
+    lengths = [row_length(row_segments(i, t, y), self.tokenizer) for i, (t, y) in enumerate(zip(texts, targets))]
     best = None
     for epoch in range(1, c.epochs + 1):
       order = rng.permutation(len(texts))
