@@ -160,12 +160,17 @@ def main():
   p.add_argument("--json", default="")
   a = p.parse_args()
   base = experiment_config.get_config()
-  base.update(**parse_fields(base, a.set))
+  shared = parse_fields(base, a.set)
+  base.update(**shared)
   dataset, _, domain = a.task.partition("/")
   variants = []
   for spec in a.variant:
-    name, _, fields = spec.partition(":")
-    variants.append((name, parse_fields(base, fields)))
+    name, _, text = spec.partition(":")
+    fields = parse_fields(base, text)
+    if fields.get("method", a.method) == "in_context" and "temperature" in {**shared, **fields}:
+      raise SystemExit(f"error: variant {name!r}: the in-context baseline samples at in_context_temperature "
+                       f"(configs/experiment.py); set that field, not temperature")
+    variants.append((name, fields))
   print(describe(), flush=True)
   backbone = load_backbone(base.model, dtype=base.dtype or None, param_dtype=base.param_dtype or None)
   experiment.keep_compiled_programs(a.workdir)

@@ -1,4 +1,4 @@
-"""benchmarks/dev_sweep.py's reuse of a grid's work: its generations in place, its prompts copied."""
+"""benchmarks/dev_sweep.py: its reuse of a grid's work (generations in place, prompts copied) and its variants' checks."""
 import importlib.util
 import json
 import os
@@ -85,3 +85,14 @@ def test_the_seed_label_ceiling_draws_real_utterances_whose_label_set_a_seed_has
   added = sets[""][0]
   assert added and all(label_set(r["attributes"]) in seeds for r in added)
   assert any(label_set(r["attributes"]) not in seeds for r in dev_sweep.real_records(task, len(added), 1))
+
+
+def test_a_temperature_variant_of_the_in_context_baseline_is_a_one_line_error():
+  """It samples at in_context_temperature: a `temperature` variant would silently score the config's value."""
+  import subprocess
+  import sys
+  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "dev_sweep.py")
+  for args in (["--method", "in_context", "--variant", "t1:temperature=1.0"],
+               ["--set", "temperature=0.8", "--variant", "ic:method=in_context"]):
+    r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "in_context_temperature" in r.stderr, r.stderr
