@@ -125,7 +125,7 @@ def sample(key, scores, block: int = 256):
   row. The same distribution as `jax.random.categorical`, whose Gumbel noise for every vocabulary entry
   cost more than the decode step's forward on CPU."""
   probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-  return _draw(jax.random.uniform(key, (probs.shape[0], 1)), probs, block)[:, 0]
+  return _draw(_uniforms(key, probs.shape[0], 1), probs, block)[:, 0]
 
 
 def sample_top_p(key, scores, p: float, *, candidates: int | None = None, group: int = 4, block: int = 256):
@@ -142,8 +142,8 @@ def sample_top_p(key, scores, p: float, *, candidates: int | None = None, group:
   candidates = candidates or _candidates(p)
   if p >= 1.0 or candidates > 16:  # a narrow nucleus would be rejected too often: cut it
     return sample(key, apply_top_p(scores, p), block)
-  draw_key, fallback_key = jax.random.split(key)
-  u = jax.random.uniform(draw_key, (scores.shape[0], candidates))
+  draw_key, fallback_key = _split(key)
+  u = _uniforms(draw_key, scores.shape[0], candidates)
 
   def first_kept(row):  # one row: (token, whether a candidate was kept)
     u_row, scores_row = row
@@ -156,6 +156,21 @@ def sample_top_p(key, scores, p: float, *, candidates: int | None = None, group:
   token, found = jax.lax.map(first_kept, (u, scores), batch_size=group)
   return jax.lax.cond(found.all(), lambda: token,
                       lambda: jnp.where(found, token, sample(fallback_key, apply_top_p(scores, p), block)))
+
+
+def _uniforms(key, rows: int, n: int):
+  """Uniforms [rows, n] in [0, 1): from one key for the batch, or each row from its own (keys [rows])."""
+  if key.ndim == 0:
+    return jax.random.uniform(key, (rows, n))
+  return jax.vmap(lambda k: jax.random.uniform(k, (n,)))(key)
+
+
+def _split(key):
+  """Two keys from one key, or two [rows] key arrays from per-row keys."""
+  if key.ndim == 0:
+    return tuple(jax.random.split(key))
+  pairs = jax.vmap(jax.random.split)(key)  # [rows, 2]
+  return pairs[:, 0], pairs[:, 1]
 
 
 def _candidates(p: float) -> int:
@@ -266,10 +281,16 @@ def _interface(model):
 def generate(model, input_ids, attention_mask, config: DecodeConfig, *, rng=None, embedded_prefix=None,
              prefix_mask=None):
   """New tokens [B * n, max_new_tokens] (n = num_return_sequences; copies of a row are adjacent);
-  after a row ends (EOS or stop token, which is kept) it holds `pad_id`."""
+  after a row ends (EOS or stop token, which is kept) it holds `pad_id`.
+
+  `rng`: one key, or one key per row ([B]). Each row draws its tokens from its own stream (a row's key,
+  or `fold_in(rng, row)`), so with per-row keys a row's text does not depend on which other rows share
+  its batch: a generation cut into other batches, or resumed, draws the same tokens."""
   if config.do_sample and rng is None:
     raise ValueError("generate: do_sample=True needs rng= (a jax.random key)")
   rng = jax.random.key(0) if rng is None else rng
+  if rng.ndim and rng.shape != (len(input_ids),):
+    raise ValueError(f"generate: rng= holds {rng.shape[0]} keys for {len(input_ids)} rows; give one key, or one per row")
   return _generate(model, jnp.asarray(input_ids), jnp.asarray(attention_mask, bool), rng, embedded_prefix,
                    prefix_mask, config=config)
 
@@ -300,8 +321,11 @@ def _generate(model, input_ids, attention_mask, rng, embedded_prefix, prefix_mas
     index = jnp.repeat(jnp.arange(input_ids.shape[0]), copies)
     logits, state = logits[index], _rows(state, index, lm.batch_axes)
     seen = None if seen is None else seen[index]
+  keys = rng if rng.ndim else jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(input_ids.shape[0]))
+  if copies > 1:  # each copy of a row its own stream
+    keys = jax.vmap(jax.random.fold_in)(keys[index], jnp.tile(jnp.arange(copies), input_ids.shape[0]))
   loop = _beam_search if config.num_beams > 1 else _sample
-  return loop(lm, logits, seen, state, rng, config)
+  return loop(lm, logits, seen, state, keys, config)
 
 
 def _ends(token, config: DecodeConfig):
@@ -311,7 +335,8 @@ def _ends(token, config: DecodeConfig):
   return ends
 
 
-def _sample(lm, logits, seen, state, rng, config: DecodeConfig):
+def _sample(lm, logits, seen, state, keys, config: DecodeConfig):
+  """Sampling or greedy decoding; `keys` [B]: each row's own stream, folded with the step."""
   b, n = logits.shape[0], config.max_new_tokens
   rows = jnp.arange(b)
 
@@ -323,7 +348,7 @@ def _sample(lm, logits, seen, state, rng, config: DecodeConfig):
     i, logits, seen, state, done, out = carry
     scores = process(logits, seen, config, top_p=False)
     if config.do_sample:
-      token = sample_top_p(jax.random.fold_in(rng, i), scores, config.top_p)
+      token = sample_top_p(jax.vmap(jax.random.fold_in, (0, None))(keys, i), scores, config.top_p)
     else:
       token = jnp.argmax(scores, axis=-1)
     token = jnp.where(done, config.pad_id, token.astype(jnp.int32))
@@ -338,9 +363,9 @@ def _sample(lm, logits, seen, state, rng, config: DecodeConfig):
   return jax.lax.while_loop(cond, body, carry)[-1]
 
 
-def _beam_search(lm, logits, seen, state, rng, config: DecodeConfig):
+def _beam_search(lm, logits, seen, state, keys, config: DecodeConfig):
   """transformers' `_beam_search` (v5), vectorised the same way, inside one while_loop."""
-  del rng
+  del keys
   k, n, vocab = config.num_beams, config.max_new_tokens, logits.shape[-1]
   b = logits.shape[0] // k
   # Candidates per row: enough to leave k running even if every ender (EOS or stop token, transformers'

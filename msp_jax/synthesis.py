@@ -23,7 +23,8 @@
    `max_generation_rounds` rounds were made; the summary records the rounds and whether it fell short.
    A requests file or balance plans each later round from what is still missing (rounds differ in size).
 Chunks of `gen_batch_size` requests are cut in padding order (prompt tokens; concat: attribute slots first), and
-each request's exemplars come from its own seeded stream, so its prompt does not depend on the chunk it lands in.
+each request's exemplars and tokens come from its own seeded streams, so its prompt and text do not depend on
+the chunk it lands in.
 Progress is appended to `{output}.candidates` after every chunk, so an interrupted run resumes; the
 file's header line names what made the candidates (checkpoint step, a hash of the restored prompts,
 backbone, decoding, seeds, requests), and a run made by anything else is moved aside, not resumed.
@@ -54,6 +55,7 @@ from msp_jax.prompts import instruction_text
 
 STOP_STRINGS = ("\n", "...")
 PROGRESS_KEY = "progress_key"  # marks a progress file's header line
+TOKEN_STREAM = 3  # tags the sampling keys' stream (request_prompt's exemplar draws are stream 2)
 
 
 def cut(text: str, stop_strings: Sequence[str] = STOP_STRINGS) -> str:
@@ -353,8 +355,8 @@ def _synthesize(c, backbone) -> dict:
                if k in training.MODEL_KEYS}
       prefix, prefix_mask = model.prefix(batch) if c.method == "msp" else (None, None)
       new = sampling.generate(model.backbone, batch["input_ids"], batch["attention_mask"], config,
-                              rng=jax.random.fold_in(jax.random.key(c.seed), i), embedded_prefix=prefix,
-                              prefix_mask=prefix_mask)
+                              rng=request_keys(c.seed, [r.index for r in chunk], c.gen_batch_size),
+                              embedded_prefix=prefix, prefix_mask=prefix_mask)
       texts = tok.batch_decode(np.asarray(new)[:len(chunk)].tolist(), skip_special_tokens=True)
       append_progress(progress_path, [dict(candidate_record(r, cut(t), s.text, c.method, decoding),
                                            chunk=[c.gen_batch_size, i], chunk_requests=len(chunk))
@@ -397,6 +399,14 @@ def request_prompt(r: requested.Request, layout, c, ontology):
   if c.method == "in_context":
     segments = dataclasses.replace(segments, text=in_context_text(segments.text, r.attributes, ontology, c.num_shot))
   return segments
+
+
+def request_keys(seed: int, indices: list[int], rows: int):
+  """One sampling key per batch row: request r draws its tokens from its own stream, so its text does not
+  depend on the chunk it is generated in (batch size, order, resume). Padding rows repeat the last."""
+  indices = indices + indices[-1:] * (rows - len(indices))
+  return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), TOKEN_STREAM), r))(
+      jnp.asarray(indices))
 
 
 def make_planner(c, seeds, ontology, target: int):

@@ -235,14 +235,18 @@ def test_resume_with_another_gen_batch_size_keeps_the_done_requests(trained_in_p
   assert {tuple(r["chunk"]) for r in records[2:]} == {(4, 0), (4, 1)}
 
 
-def test_prompts_do_not_depend_on_the_batch_they_are_generated_in(trained_in_process, tmp_path):
+def test_prompts_and_texts_do_not_depend_on_the_batch_they_are_generated_in(trained_in_process, tmp_path):
+  """Each request draws its exemplars and its tokens from its own streams: cut into chunks of 2 or of 3
+  (other companions, other padding rows), every request gets the same prompt and writes the same text."""
   c = trained_in_process.copy_and_resolve_references()
-  exemplars = {}
+  assert c.do_sample
+  made = {}
   for size in (2, 3):
     c.update(output=str(tmp_path / f"b{size}.jsonl"), gen_batch_size=size)
     progress = synthesis.synthesize(c)["output"] + ".candidates"
-    exemplars[size] = {r["request"]: r["exemplars"] for r in progress_lines(progress) if "request" in r}
-  assert len(exemplars[2]) == 8 and exemplars[2] == exemplars[3]
+    made[size] = {r["request"]: (r["exemplars"], r["text"]) for r in progress_lines(progress) if "request" in r}
+  assert len(made[2]) == 8 and made[2] == made[3]
+  assert len({text for _, text in made[2].values()}) > 1  # sampled, not one text for all
 
 
 @pytest.mark.parametrize("mixture", ["pooling", "concat"])

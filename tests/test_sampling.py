@@ -235,6 +235,24 @@ def test_num_return_sequences_copies_rows_in_order(llama):
   assert sampled.shape == (9, 6) and len({tuple(r) for r in sampled[:3]}) > 1
 
 
+def test_per_row_keys_make_a_row_independent_of_its_batch(llama):
+  """With one key per row, a row samples the same tokens whatever rows share its batch, in whatever order;
+  a wrong number of keys is refused."""
+  _, model = llama
+  ids, mask = left_padded(1, rows=4)
+  config = DecodeConfig(max_new_tokens=6, do_sample=True, top_p=0.9, temperature=1.5, pad_id=PAD)
+  keys = jax.random.split(jax.random.key(7), 4)
+  whole = np.asarray(sampling.generate(model, ids, mask, config, rng=keys))
+  order = np.array([3, 1, 0, 2])
+  shuffled = np.asarray(sampling.generate(model, ids[order], mask[order], config, rng=keys[order]))
+  np.testing.assert_array_equal(shuffled, whole[order])
+  alone = np.asarray(sampling.generate(model, ids[2:3], mask[2:3], config, rng=keys[2:3]))
+  np.testing.assert_array_equal(alone, whole[2:3])
+  assert len({tuple(r) for r in whole}) > 1
+  with pytest.raises(ValueError, match="3 keys for 4 rows"):
+    sampling.generate(model, ids, mask, config, rng=keys[:3])
+
+
 def test_one_compilation_per_config_and_shape(llama):
   _, model = llama
   ids, mask = left_padded()
