@@ -124,25 +124,29 @@ class EntityStrings:
 
 
 def locate(text: str, entities: Sequence[tuple[str, str]]) -> list[tuple[str, int, int]]:
-  """Word spans (type, start, end) of predicted entities in `text`: the first whole-word occurrence not
-  taken yet, exact, else case-insensitive. An entity not in the text gets (type, -1, -1): a false
-  positive in exact span F1 (it can never equal a gold span)."""
+  """Word spans (type, start, end) of predicted entities in `text`, exact, else case-insensitive. Label
+  strings list entities in sentence order, so each is looked for first after the previous one found, then
+  anywhere; never on words an earlier entity took ("France" after "Stade de France [location]" is the
+  later France). An entity not in the text gets (type, -1, -1): a false positive in exact span F1 (it
+  can never equal a gold span)."""
   words = text.split()
-  taken, spans = set(), []
+  taken, spans, after = set(), [], 0
   for kind, entity in entities:
     target = entity.split()
     where = None
     for fold in (lambda w: w, str.lower):
       starts = [i for i in range(len(words) - len(target) + 1)
-                if [fold(w) for w in words[i:i + len(target)]] == [fold(w) for w in target] and (kind, i) not in taken]
+                if [fold(w) for w in words[i:i + len(target)]] == [fold(w) for w in target]
+                and not taken & set(range(i, i + len(target)))]
       if starts:
-        where = starts[0]
+        where = next((i for i in starts if i >= after), starts[0])
         break
     if where is None:
       spans.append((kind, -1, -1))
     else:
-      taken.add((kind, where))
-      spans.append((kind, where, where + len(target)))
+      taken |= set(range(where, where + len(target)))
+      after = where + len(target)
+      spans.append((kind, where, after))
   return spans
 
 
@@ -270,13 +274,16 @@ class LabelGenerator:
     return min(self.config.max_new_tokens, -(-int(1.25 * longest) // 8) * 8)
 
   def generate(self, texts: Sequence[str]) -> list[str]:
-    """Greedy label strings of `texts` (the original: greedy with a repetition penalty). Rows are decoded
-    in order of length: each call's prompts share a short bucket and its rows end at similar steps."""
+    """Greedy label strings of `texts` (the original: greedy with a repetition penalty). The penalty counts
+    the label string's own tokens only: the original's GODEL, an encoder-decoder, penalised its decoder's,
+    and a label string copies its utterance's words (CrossNER's entities) and `<sep>` (in the prompt's
+    `<label>`). Rows are decoded in order of length: each call's prompts share a short bucket and its rows
+    end at similar steps."""
     if not texts:
       return []
     c, eos = self.config, self.tokenizer.eos_token_id
-    config = sampling.DecodeConfig(max_new_tokens=self.new_tokens,
-                                   repetition_penalty=c.repetition_penalty, eos_ids=(eos,), pad_id=pad_id(self.tokenizer))
+    config = sampling.DecodeConfig(max_new_tokens=self.new_tokens, repetition_penalty=c.repetition_penalty,
+                                   penalize_prompt=False, eos_ids=(eos,), pad_id=pad_id(self.tokenizer))
     model = self.model()
     lengths = [len(ids) for ids in self.tokenizer([t + SEPARATOR for t in texts], add_special_tokens=False)["input_ids"]]
     order = np.argsort(lengths, kind="stable")

@@ -34,6 +34,8 @@ class DecodeConfig:
   top_k: int = 0                       # 0 = off
   top_p: float = 1.0                   # 1.0 = off
   repetition_penalty: float = 1.0      # 1.0 = off; > 1 discourages tokens already in the row
+  penalize_prompt: bool = True         # the prompt's tokens count as already in the row (transformers,
+                                       # decoder-only); False: only the new tokens (as an encoder-decoder)
   num_return_sequences: int = 1
   num_beams: int = 1
   length_penalty: float = 1.0          # beam search: score = sum log p / new_length ** length_penalty
@@ -311,6 +313,8 @@ def _generate(model, input_ids, attention_mask, rng, embedded_prefix, prefix_mas
   logits, state = lm.start(input_ids, attention_mask, embedded_prefix, prefix_mask, config.max_new_tokens)
   if config.repetition_penalty == 1.0:  # nothing reads it: skip a [B, V] update per step
     seen = None
+  elif not config.penalize_prompt:  # only what this call writes
+    seen = jnp.zeros((input_ids.shape[0], logits.shape[-1]), bool)
   elif isinstance(lm, _EncoderDecoder):  # transformers counts the decoder's own ids: the start token
     seen = seen_tokens(jnp.full((input_ids.shape[0], 1), model.cfg.decoder_start_token_id), jnp.ones((input_ids.shape[0], 1)),
                        logits.shape[-1])

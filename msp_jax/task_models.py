@@ -106,14 +106,19 @@ class IntentModel(LabelSetModel):
       return None, None
     return [j for j, n in enumerate(self.labels[s]) if n in self.general], "general_intent_f1"
 
+  def predict_unmatched(self, texts) -> tuple[list[set], list[int] | None]:
+    """Predicted intents, and per text how many predictions named no intent (a head predicts none such)."""
+    return self.predict(texts)["intents"], None
+
   def score(self, examples) -> dict:
     """Standard micro/macro F1, and the original code's per-utterance formulas (all intents, and its
     cross-domain general-intent restriction) beside the standard micro F1 on that restriction."""
     gold = [set(ex.attributes["intents"]) for ex in examples]
-    pred = self.predict([ex.text for ex in examples])["intents"]
-    prf = task_scores.multilabel_prf(gold, pred, self.labels["intents"])
+    pred, unmatched = self.predict_unmatched([ex.text for ex in examples])
+    prf = task_scores.multilabel_prf(gold, pred, self.labels["intents"], unmatched)
     return {"micro_f1": prf["micro_f1"], "macro_f1": prf["macro_f1"], "micro_precision": prf["micro_precision"],
-            "micro_recall": prf["micro_recall"], "intent_f1_original": task_scores.intent_f1_original(gold, pred)["f1"],
+            "micro_recall": prf["micro_recall"],
+            "intent_f1_original": task_scores.intent_f1_original(gold, pred, unmatched=unmatched)["f1"],
             "general_intent_f1": task_scores.general_intent_f1(gold, pred, self.general),
             "general_intent_f1_original": task_scores.intent_f1_original(gold, pred, self.general)["f1"]}
 
@@ -182,29 +187,40 @@ def finetune_config(c, seed: int) -> label_generator.FinetuneConfig:
 
 class GeneratedIntentModel(IntentModel):
   """NLU++, the original's protocol: the backbone (its soft prompt, or all of it) learns to write the
-  ";"-joined intents; the epoch is chosen by micro F1 of the parsed dev strings. Scored like IntentModel."""
+  ";"-joined intents; the epoch is chosen on the parsed dev strings by the score the setting is ranked by
+  (micro F1; with `source_data`, general_intent_f1). Scored like IntentModel; a written piece that names
+  no intent is a false positive, as in the original's scoring."""
 
   def fit(self, records, dev):
     self.strings = label_generator.IntentStrings(self.labels["intents"])
     self.generator = label_generator.LabelGenerator(self.cache.backbone, finetune_config(self.c, self.seed))
     gold = [set(ex.attributes["intents"]) for ex in dev]
+    self.dev_metric = self.dev_columns("intents")[1] or "micro_f1"
 
     def dev_score(strings):
-      pred = [self.strings.parse(s)[0] for s in strings]
-      return task_scores.multilabel_prf(gold, pred, self.labels["intents"])["micro_f1"]
+      pred, unmatched = self.parse(strings)
+      if self.dev_metric == "general_intent_f1":
+        return task_scores.general_intent_f1(gold, pred, self.general)
+      return task_scores.multilabel_prf(gold, pred, self.labels["intents"], unmatched)["micro_f1"]
 
     self.generator.fit([r["text"] for r in records], [self.strings.format(r["attributes"].get("intents", ())) for r in records],
-                       [ex.text for ex in dev], dev_score, epoch_report(self.c, "micro_f1"))
+                       [ex.text for ex in dev], dev_score, epoch_report(self.c, self.dev_metric))
     return self
 
   @property
   def selection(self) -> dict:
-    return {"intents": {**self.generator.selection, "dev_metric": "micro_f1"}}
+    return {"intents": {**self.generator.selection, "dev_metric": self.dev_metric}}
+
+  def parse(self, strings) -> tuple[list[set], list[int]]:
+    parsed = [self.strings.parse(s) for s in strings]
+    self.dropped = sum(n for _, n in parsed)  # label pieces of the last prediction that named no intent
+    return [labels for labels, _ in parsed], [n for _, n in parsed]
+
+  def predict_unmatched(self, texts) -> tuple[list[set], list[int]]:
+    return self.parse(self.generator.generate(texts))
 
   def predict(self, texts) -> dict[str, list[set]]:
-    parsed = [self.strings.parse(s) for s in self.generator.generate(texts)]
-    self.dropped = sum(n for _, n in parsed)  # label pieces of the last prediction that named no intent
-    return {"intents": [labels for labels, _ in parsed]}
+    return {"intents": self.predict_unmatched(texts)[0]}
 
 
 class GeneratedEntityModel(EntityModel):
@@ -217,7 +233,12 @@ class GeneratedEntityModel(EntityModel):
     self.strings = label_generator.EntityStrings(self.types)
     self.generator = label_generator.LabelGenerator(self.cache.backbone, finetune_config(self.c, self.seed))
     gold = [task_scores.bio_to_spans(example_bio_tags(ex)) for ex in dev]
-    dev_score = lambda strings: task_scores.span_f1(gold, self.located([ex.text for ex in dev], strings))["f1"]
+    texts = [ex.text for ex in dev]
+
+    def dev_score(strings):
+      written, unmatched = self.written(strings)
+      return task_scores.span_f1(gold, [label_generator.locate(t, e) for t, e in zip(texts, written)], unmatched)["f1"]
+
     targets = [self.strings.format([(s["type"], s["value"]) for s in sorted(r["spans"] or [], key=lambda s: s["start"])])
                for r in records]
     self.generator.fit([r["text"] for r in records], targets, [ex.text for ex in dev], dev_score, epoch_report(self.c, "span_f1"))
@@ -227,24 +248,25 @@ class GeneratedEntityModel(EntityModel):
   def selection(self) -> dict:
     return {"entities": {**self.generator.selection, "dev_metric": "span_f1"}}
 
-  def written(self, strings) -> list[list[tuple[str, str]]]:
+  def written(self, strings) -> tuple[list[list[tuple[str, str]]], list[int]]:
+    """The entities each string names, and how many of its pieces were not "entity [known type]"."""
     parsed = [self.strings.parse(s) for s in strings]
     self.dropped = sum(n for _, n in parsed)  # pieces of the last prediction that were not "entity [known type]"
-    return [entities for entities, _ in parsed]
-
-  def located(self, texts, strings) -> list[list]:
-    return [label_generator.locate(t, e) for t, e in zip(texts, self.written(strings))]
+    return [entities for entities, _ in parsed], [n for _, n in parsed]
 
   def predict_spans(self, texts) -> list[list]:
-    return self.located(texts, self.generator.generate(texts))
+    written, _ = self.written(self.generator.generate(texts))
+    return [label_generator.locate(t, e) for t, e in zip(texts, written)]
 
   def score(self, examples) -> dict:
-    """EntityModel's scores: exact span F1 on the located entities, the original's partial F1 on the written ones."""
+    """EntityModel's scores: exact span F1 on the located entities, the original's partial F1 on the
+    written ones; a malformed piece is a false positive of both, as in the original's scoring."""
     gold = [task_scores.bio_to_spans(example_bio_tags(ex)) for ex in examples]
     texts = [ex.text for ex in examples]
-    written = self.written(self.generator.generate(texts))
-    exact = task_scores.span_f1(gold, [label_generator.locate(t, e) for t, e in zip(texts, written)])
-    partial = task_scores.span_partial_f1_original([task_scores.span_texts(ex.text, g) for ex, g in zip(examples, gold)], written)
+    written, unmatched = self.written(self.generator.generate(texts))
+    exact = task_scores.span_f1(gold, [label_generator.locate(t, e) for t, e in zip(texts, written)], unmatched)
+    partial = task_scores.span_partial_f1_original([task_scores.span_texts(ex.text, g) for ex, g in zip(examples, gold)],
+                                                   written, unmatched)
     return {"span_f1": exact["f1"], "span_precision": exact["precision"], "span_recall": exact["recall"],
             "span_partial_f1_original": partial["f1"]}
 

@@ -38,6 +38,11 @@ def test_entity_strings_round_trip_parse_and_locate():
   found = lg.locate(sentence, [("musicalartist", "The Beatles"), ("album", "Abbey Road"), ("album", "Abbey Road"),
                                ("song", "Yesterday")])
   assert found == [("musicalartist", 2, 4), ("album", 5, 7), ("album", 8, 10), ("song", -1, -1)]
+  # in the order written, never inside an entity found before; out of order still found
+  stade = "The Stade de France in Paris , France"
+  assert lg.locate(stade, [("location", "Stade de France"), ("country", "France")]) == [("location", 1, 4), ("country", 7, 8)]
+  assert lg.locate(stade, [("country", "France"), ("location", "Stade de France")]) == [("country", 3, 4), ("location", -1, -1)]
+  assert lg.locate(stade, [("city", "Paris"), ("location", "Stade de France")]) == [("city", 5, 6), ("location", 1, 4)]
 
 
 def test_postprocess_cuts_at_end_tokens_past_the_start():
@@ -169,6 +174,30 @@ def test_test_labels_never_choose_the_epoch(smollm2_tokenizer, load_task):
   assert chosen["dev_score"] == max(h["dev_score"] for h in chosen["history"])
   assert set(runs[0]["scores"]) == {"micro_f1", "macro_f1", "micro_precision", "micro_recall", "intent_f1_original",
                                     "general_intent_f1", "general_intent_f1_original"}
+
+
+def test_written_pieces_that_name_no_intent_are_false_positives(smollm2_tokenizer, load_task):
+  """The scores of a finetuned label writer count every written piece that names no intent as a false
+  positive, as the original's scoring did (they were dropped before); domain adaptation selects the
+  epoch on general_intent_f1, the score that setting is ranked by."""
+  from msp_jax import experiment, task_models
+  task = load_task("nlupp", "hotels", "few_shot")
+  cache = task_models.FeatureCache(tiny_backbone(smollm2_tokenizer, embed_scale=30.0))
+  records = [experiment.example_record(ex) for ex in task.splits["train"][:8]]
+  dev = list(task.splits["dev"][:4])
+  test = [ex for ex in task.splits["test"] if ex.attributes["intents"]][:4]
+  model = task_models.GeneratedIntentModel(task, cache, finetune_config(finetune_epochs=1), 0).fit(records, dev)
+  # what a writer that gets every intent right but adds one piece naming none writes in two of four
+  written = [model.strings.format(ex.attributes["intents"]) + ("; not an intent" if i % 2 else "")
+             for i, ex in enumerate(test)]
+  model.generator.generate = lambda texts: written[:len(texts)]
+  tp = sum(len(ex.attributes["intents"]) for ex in test)
+  scores = model.score(test)
+  assert scores["micro_precision"] == pytest.approx(tp / (tp + 2)) and scores["micro_recall"] == 1.0
+  assert scores["micro_f1"] == pytest.approx(2 * tp / (2 * tp + 2)) and model.dropped == 2
+  assert scores["intent_f1_original"] < 1.0
+  source = task_models.GeneratedIntentModel(task, cache, finetune_config(finetune_epochs=1, source_data=True), 0)
+  assert source.fit(records, dev).selection["intents"]["dev_metric"] == "general_intent_f1"
 
 
 def test_topv2_or_a_bad_value_is_a_one_line_error_naming_the_field():

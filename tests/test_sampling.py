@@ -291,6 +291,22 @@ def pad_to(a, n):
   return np.concatenate([a, np.full((a.shape[0], n - a.shape[1]), PAD, a.dtype)], 1)
 
 
+def test_a_penalty_on_the_new_tokens_only_equals_transformers_prompt_ignore_length(llama):
+  """`penalize_prompt=False` (the label writer's greedy decode) penalises only what the call wrote:
+  transformers' RepetitionPenaltyLogitsProcessor with the whole (padded) prompt ignored."""
+  torch_model, model = llama
+  ids, mask = left_padded(3, rows=3, length=8)
+  steps, penalty = 10, 3.0
+  processor = hf.LogitsProcessorList([hf.RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=ids.shape[1])])
+  ref = reference_beams(torch_model, ids, mask, steps, -1, {}, logits_processor=processor)[:, ids.shape[1]:]
+  ours = np.asarray(sampling.generate(model, ids, mask, DecodeConfig(max_new_tokens=steps, repetition_penalty=penalty,
+                                                                      penalize_prompt=False, pad_id=PAD)))
+  np.testing.assert_array_equal(ours, ref)
+  with_prompt = np.asarray(sampling.generate(model, ids, mask, DecodeConfig(max_new_tokens=steps, repetition_penalty=penalty,
+                                                                             pad_id=PAD)))
+  assert (with_prompt != ours).any()  # the prompt's tokens make a difference here
+
+
 @pytest.mark.parametrize("kw", BEAMS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_beam_search_equals_transformers_decoder_only(llama, kw):
   torch_model, model = llama

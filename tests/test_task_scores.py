@@ -24,6 +24,17 @@ def test_multilabel_prf_by_hand():
   assert restricted["micro_f1"] == 1.0
 
 
+def test_unmatched_predictions_are_micro_false_positives_only():
+  gold, pred = [{"a", "b"}, set()], [{"a"}, set()]
+  # 3 written labels that name no label (2 in example 0, 1 in example 1): fp 0 -> 3; macro is per label
+  got = task_scores.multilabel_prf(gold, pred, unmatched=[2, 1])
+  assert (got["tp"], got["fp"], got["fn"]) == (1, 3, 1)
+  assert got["micro_precision"] == pytest.approx(1 / 4) and got["micro_f1"] == pytest.approx(2 / (2 + 3 + 1))
+  assert got["macro_f1"] == task_scores.multilabel_prf(gold, pred)["macro_f1"]
+  spans = task_scores.span_f1(GOLD, PRED, unmatched=[0, 2])  # test_span_f1_exact's counts, 2 fp more
+  assert (spans["tp"], spans["fp"], spans["fn"]) == (2, 4, 1)
+
+
 def test_multilabel_empty_sets():
   # examples with empty gold and prediction add nothing
   base = task_scores.multilabel_prf([{"a"}, {"b"}], [{"a"}, set()])
@@ -103,6 +114,14 @@ def test_span_partial_f1_original_by_hand():
   assert got["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
 
 
+def test_span_partial_f1_original_counts_malformed_pieces():
+  # "Ann [person] <sep> no brackets": two pieces, one matches -> P 1 / 2.0001 -> 0.5, R 1.0; a sentence
+  # whose only piece is malformed: P = 0 / 1 as an empty prediction, R 0
+  got = task_scores.span_partial_f1_original([[("person", "Ann")], [("person", "Bo")]],
+                                             [[("person", "Ann")], []], unmatched=[1, 1])
+  assert (got["precision"], got["recall"]) == ((0.5 + 0) / 2, (1.0 + 0) / 2)
+
+
 def test_span_partial_f1_original_entity_free_sentences_score_zero():
   # the right answer (nothing) for a sentence without entities still scores 0
   assert task_scores.span_partial_f1_original([[]], [[]]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
@@ -144,10 +163,17 @@ def test_intent_f1_original_by_hand():
   got = task_scores.intent_f1_original(gold, pred)
   assert got["precision"] == pytest.approx(precision) and got["recall"] == pytest.approx(recall)
   assert got["f1"] == pytest.approx(2 * precision * recall / (precision + recall))
-  # general intents only (its cross-domain formula): 1 and 3 are perfect; 2 and 4 keep nothing on
-  # either side and score 0 / 0.0001 = 0
+  # general intents only (its cross-domain formula, on its cross-domain splits, which hold only the
+  # utterances with a general gold intent): 2 and 4 are not scored; 1 and 3 are perfect
   general = task_scores.intent_f1_original(gold, pred, ["affirm", "deny"])
-  assert (general["precision"], general["recall"], general["f1"]) == (0.5, 0.5, 0.5)
+  assert (general["precision"], general["recall"], general["f1"]) == (1.0, 1.0, 1.0)
+  # written pieces that name no intent count as predictions: utterance 2's "" vs one unknown piece
+  # scores P = R = 0 (it was 1 / 1); utterance 1's P 1 / 2.0001 -> 0.5
+  unmatched = task_scores.intent_f1_original(gold, pred, unmatched=[1, 1, 0, 0])
+  precision, recall = (0.5 + 0 + 0.333 + 0) / 4, (0.5 + 0 + 1 + 0) / 4
+  assert unmatched["precision"] == pytest.approx(precision) and unmatched["recall"] == pytest.approx(recall)
+  # ... and the general-intent score ignores them, as it ignores every non-general piece
+  assert task_scores.intent_f1_original(gold, pred, ["affirm", "deny"], unmatched=[1, 1, 0, 0]) == general
   # the standard micro F1 on the same restriction: tp 2, nothing else
   assert task_scores.general_intent_f1(gold, pred, ["affirm", "deny"]) == 1.0
 

@@ -30,7 +30,7 @@ def _check_lengths(gold: Sequence, pred: Sequence) -> None:
 
 
 def multilabel_prf(gold: Sequence[Collection[Hashable]], pred: Sequence[Collection[Hashable]],
-                   labels: Iterable[Hashable] | None = None) -> dict:
+                   labels: Iterable[Hashable] | None = None, unmatched: Sequence[int] | None = None) -> dict:
   """Micro precision/recall/F1 and macro F1 of per-example label sets.
 
   `labels` restricts the scoring to those labels (others are ignored on both sides); by default it
@@ -38,9 +38,13 @@ def multilabel_prf(gold: Sequence[Collection[Hashable]], pred: Sequence[Collecti
   Macro F1 averages per-label F1 over the labels with any gold or predicted occurrence: a label never
   seen on either side carries no evidence (as sklearn's zero_division=nan) and is left out; with no
   such label macro F1 is 1.0, like micro.
+  `unmatched[i]`: predictions of example i that name no label at all (a written label string's
+  unknown pieces): false positives of the micro scores; macro F1 is per label and leaves them out.
   Returns micro_precision, micro_recall, micro_f1, macro_f1, tp, fp, fn and per_label_f1.
   """
   _check_lengths(gold, pred)
+  if unmatched is not None:
+    _check_lengths(gold, unmatched)
   scope = None if labels is None else set(labels)
   counts = collections.defaultdict(lambda: [0, 0, 0])  # label -> tp, fp, fn
   for g, p in zip(gold, pred):
@@ -54,6 +58,7 @@ def multilabel_prf(gold: Sequence[Collection[Hashable]], pred: Sequence[Collecti
     for label in g - p:
       counts[label][2] += 1
   tp, fp, fn = (sum(c[k] for c in counts.values()) for k in range(3))
+  fp += sum(unmatched or ())
   micro_p, micro_r, micro_f = _prf(tp, fp, fn)
   per_label = {label: _prf(*c)[2] for label, c in counts.items()}
   macro = sum(per_label.values()) / len(per_label) if per_label else 1.0
@@ -81,13 +86,15 @@ def intent_set_accuracy(gold: Sequence[Collection[str]], pred: Sequence[Collecti
   return sum(set(g) == set(p) for g, p in zip(gold, pred)) / len(gold)
 
 
-def span_f1(gold_spans: Sequence[Collection[Span]], pred_spans: Sequence[Collection[Span]]) -> dict:
+def span_f1(gold_spans: Sequence[Collection[Span]], pred_spans: Sequence[Collection[Span]],
+            unmatched: Sequence[int] | None = None) -> dict:
   """Entity-level exact-match micro precision/recall/F1 (CoNLL/CrossNER standard).
 
   One list of (type, start, end) spans per sentence; a prediction is correct when type and both
-  boundaries equal a gold span's. Returns precision, recall, f1, tp, fp, fn."""
+  boundaries equal a gold span's. `unmatched[i]`: predicted entities of sentence i that are no span at
+  all (a written label string's malformed pieces): false positives. Returns precision, recall, f1, tp, fp, fn."""
   _check_lengths(gold_spans, pred_spans)
-  tp = fp = fn = 0
+  tp, fp, fn = 0, sum(unmatched or ()), 0
   for g, p in zip(gold_spans, pred_spans):
     g, p = collections.Counter(g), collections.Counter(p)
     hit = sum((g & p).values())
@@ -138,6 +145,7 @@ def attribute_prf(requested: Sequence[Collection[str]], predicted: Sequence[Coll
 
 _PUNCTUATION = re.compile(r"[!\"#$%&()\*\+\-./:;=?@\\^`{|}~_']")  # all but , [ ] (and < >)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+_UNMATCHED = "\0unmatched"  # a written piece that names no label: equal to no normalised gold piece
 
 # The original's CrossNER parser renamed these raw types (ORIGINAL.md §4.3); the names matter because
 # its normalisation keeps only the first 7 tokens of "entity [type]".
@@ -173,7 +181,7 @@ def _token_pr_original(pred: Sequence[str], gold: Sequence[str]) -> tuple[float,
 
 
 def intent_f1_original(gold: Sequence[Collection[str]], pred: Sequence[Collection[str]],
-                       general_labels: Iterable[str] | None = None) -> dict:
+                       general_labels: Iterable[str] | None = None, unmatched: Sequence[int] | None = None) -> dict:
   """The original's NLU++ score. Per utterance P = #(predicted in gold) / #predicted and
   R = #(gold in predicted) / #gold, each denominator + 1e-4 and rounded to 3 decimals; P and R are
   averaged over utterances and F1 = 2PR / (P + R) of the two averages.
@@ -181,18 +189,23 @@ def intent_f1_original(gold: Sequence[Collection[str]], pred: Sequence[Collectio
   Names are compared after `normalize_original`, as the original compared label strings.
   Without `general_labels` every intent counts (its `calculate_token_f1`, the in-domain settings):
   an utterance with no intent is the label string "", one piece, so empty gold with an empty
-  prediction scores P = R = 1 and with any prediction P = R = 0. With `general_labels` only those
-  intents count on both sides (its cross-domain `calculate_nlu_f1`), and an utterance with no
-  general gold intent and none predicted scores P = R = 0. Returns precision, recall and f1 (nan
-  with no utterances)."""
+  prediction scores P = R = 1 and with any prediction P = R = 0; `unmatched[i]` written pieces that
+  name no intent count as predictions that match nothing. With `general_labels` only those intents
+  count on both sides (its cross-domain `calculate_nlu_f1`), and only the utterances with at least one
+  general gold intent are scored: the original's cross-domain dev and test splits hold no others
+  (ORIGINAL.md 4.2). Returns precision, recall and f1 (nan with no utterances)."""
   _check_lengths(gold, pred)
+  unmatched = [0] * len(gold) if unmatched is None else unmatched
+  _check_lengths(gold, unmatched)
   general = None if general_labels is None else {normalize_original(x) for x in general_labels}
-  pieces = lambda names: [normalize_original(x) for x in (sorted(names) or [""])]  # ";".join(...).split(";")
   precisions, recalls = [], []
-  for g, p in zip(gold, pred):
-    g, p = pieces(g), pieces(p)
+  for g, p, u in zip(gold, pred, unmatched):
+    p = [normalize_original(x) for x in sorted(p)] + [_UNMATCHED] * u  # ";".join(...).split(";")
+    g, p = [normalize_original(x) for x in sorted(g)] or [""], p or [""]
     if general is not None:
       g, p = [x for x in g if x in general], [x for x in p if x in general]
+      if not g:  # not in the original's cross-domain splits
+        continue
     precision, recall = _token_pr_original(p, g)
     precisions.append(precision)
     recalls.append(recall)
@@ -230,7 +243,7 @@ def _greedy_containment(outer: dict[str, list[str]], inner: dict[str, list[str]]
 
 
 def span_partial_f1_original(gold: Sequence[Sequence[tuple[str, str]]],
-                             pred: Sequence[Sequence[tuple[str, str]]]) -> dict:
+                             pred: Sequence[Sequence[tuple[str, str]]], unmatched: Sequence[int] | None = None) -> dict:
   """The original's CrossNER score (`calculate_ner_f1`) on per-sentence (type, entity text) lists.
 
   A predicted entity counts toward precision when it contains every token of a same-type gold
@@ -240,13 +253,18 @@ def span_partial_f1_original(gold: Sequence[Sequence[tuple[str, str]]],
   then averaged over sentences; F1 = 2PR / (P + R) of the averages. Entities are compared as
   normalized strings, types as the original named them (`ORIGINAL_ENTITY_TYPES`). A sentence
   without entities is the label string "", one piece that never matches, so it scores P = R = 0
-  whatever is predicted; an empty prediction likewise has P = 0. Returns precision, recall, f1."""
+  whatever is predicted; an empty prediction likewise has P = 0. `unmatched[i]` written pieces of
+  sentence i that are not "entity [known type]" count as predicted pieces that match nothing, as the
+  original counted them. Returns precision, recall, f1."""
   _check_lengths(gold, pred)
+  unmatched = [0] * len(gold) if unmatched is None else unmatched
+  _check_lengths(gold, unmatched)
   precisions, recalls = [], []
-  for g, p in zip(gold, pred):
+  for g, p, u in zip(gold, pred, unmatched):
     g_pieces, p_pieces = _entity_pieces(g), _entity_pieces(p)
     g_types, p_types = _entities_by_type(g_pieces), _entities_by_type(p_pieces)
-    precisions.append(round(_greedy_containment(p_types, g_types) / (len(p_pieces) + 1e-4), 3))
+    predicted = len(p) + u or 1  # "" is one piece
+    precisions.append(round(_greedy_containment(p_types, g_types) / (predicted + 1e-4), 3))
     recalls.append(round(_greedy_containment(g_types, p_types) / (len(g_pieces) + 1e-4), 3))
   return _f1_of_means(precisions, recalls)
 
