@@ -375,8 +375,14 @@ def consistent_records(c, backbone, m, method, pool, judge, thresholds, target: 
 def fit_judge(dataset, task, cache, c, dev) -> tuple:
   """The attribute judge of generated text: a downstream model on the real seeds, chosen on the even
   half of the dev Examples; (judge, its precision/recall/F1 on the odd half), so its own error rate
-  is measured on dev examples its selection never saw."""
-  judge = task_models.model_class(task)(task, cache, c, c.seed).fit([example_record(ex) for ex in task.splits["train"]], dev[0::2])
+  is measured on dev examples its selection never saw. It judges every requested attribute, whatever the
+  downstream setting: with `source_data` an NLU++ model is selected on the general intents alone, so the
+  judge is always the few-shot one (quality.json and the classifier filter are the same in both settings)."""
+  few_shot = c.copy_and_resolve_references()
+  with few_shot.unlocked():
+    few_shot.source_data = False
+  judge = task_models.model_class(task)(task, cache, few_shot, c.seed).fit([example_record(ex) for ex in task.splits["train"]],
+                                                                          dev[0::2])
   held_out = dev[1::2]
   if not held_out:  # a one-example dev split (a small files dataset): nothing left to measure the judge on
     return judge, {"judge_dev_examples": 0, "judge_dev_precision": None, "judge_dev_recall": None, "judge_dev_f1": None}
@@ -398,7 +404,10 @@ def quality(records, task, seed_model, backbone, sample_size: int = 30, draws: i
   requested = [{(s, n) for s in seed_model.attribute_sets for n in r["attributes"].get(s, ())} for r in records]
   attribute = task_scores.attribute_prf(requested, seed_model.predict_keys(texts))
   nll, counts = features.text_nll(backbone, texts) if not backbone.is_encoder_decoder else (None, None)
-  presence, _ = text_quality.label_presence(records)
+  # Values are words of the text only where the seeds type them (CrossNER entities, TOPv2 slot values, span-
+  # labelled files); NLU++'s are slot names ("time"), which a good utterance need not contain.
+  surface = any(ex.typed_values for ex in task.splits["train"])
+  presence = text_quality.label_presence(records)[0] if surface else None
   seeds = [ex.text for ex in task.splits["train"]]
   return {"examples": len(texts), **text_quality.sampled_diversity(texts, sample_size, draws),
           "quality_sample": sample_size, "quality_draws": draws,
@@ -618,9 +627,12 @@ def write_table(c, grid_tasks, methods, wall: dict) -> str:
            for dataset, domain in reported}  # the few-shot probe section also where only the data's quality is
   held = {s for settings in shown.values() for s in settings}
   lines = [f"# MSP downstream experiment ({c.model}, few-shot, {c.num_seeds} seeds)", "",
-           f"Scores x100 on the real test split, mean ± std over seeds; {c.synthetic_per_example} synthetic "
+           f"Scores x100 on the real test split, mean ± std over seeds (the population std, numpy's ddof=0; with 3 seeds "
+           f"the sample std is 1.22x it); {c.synthetic_per_example} synthetic "
            f"examples per seed example; prompt training {prompt_training(c)}. The 'dev' column is each run's selection "
-           f"score on the real dev split (the choices are in each run's JSON). '(original)': the original MSP code's formula "
+           f"score on the real dev split (the choices are in each run's JSON); where a run chose among filter candidates "
+           f"it is the best of them, so it favours the generators over seed-only and EDA, which have one: compare methods "
+           f"on test. '(original)': the original MSP code's formula "
            f"beside the standard score. Wall time: {wall['seconds'] / 60:.1f} min over {wall['invocations']} invocation(s) "
            f"of evaluate.py.", ""]
   if any(protocol == "probe" for _, protocol in held):
@@ -688,7 +700,7 @@ def table_section(c, dataset, domain, methods, results, setting: tuple[bool, str
   filter_column = [] if filters == ["none"] else [f"filter (of {', '.join(filters)}; per seed)"]
   lines = [f"## {title}", "", "| method | synthetic | " + " | ".join(filter_column + dev_column + [column_name(k) for k in metrics]) + " |",
            "| --- | --- | " + " | ".join("---" for _ in filter_column + dev_column + metrics) + " |"]
-  ranked, short = [], []
+  ranked, short, partial = [], [], []
   metric = ((adapting and SOURCE_MAIN_METRIC.get(dataset)) or task_models.MAIN_METRIC.get(dataset)
             or ("span_f1" if "span_f1" in first.get("scores", {}) else "micro_f1"))
   for m in methods:
@@ -700,12 +712,16 @@ def table_section(c, dataset, domain, methods, results, setting: tuple[bool, str
       dev = [mean_std([r.get("selection", {}).get(heads[0], {}).get("dev_score") for r in runs])] if heads else []
       used = [", ".join(r.get("filter_chosen") or (r.get("consistency") or {}).get("filter") or "none" for r in runs)
               if m not in ("seed", "eda") else "-"] if filter_column else []
-      lines.append(f"| {m} | {synth} | " + " | ".join(used + dev + [mean_std([r["scores"].get(k) for r in runs]) for k in metrics]) + " |")
-      (short if is_short else ranked).append((m, np.mean([r["scores"][metric] for r in runs])))
-  if ranked or short:
+      name = m if len(runs) == c.num_seeds else f"{m} ({len(runs)}/{c.num_seeds} seeds)"  # a grid still running
+      lines.append(f"| {name} | {synth} | " + " | ".join(used + dev + [mean_std([r["scores"].get(k) for r in runs]) for k in metrics]) + " |")
+      (short if is_short else partial if len(runs) < c.num_seeds else ranked).append((m, np.mean([r["scores"][metric] for r in runs])))
+  if ranked or short or partial:
     rounds = c.get("max_generation_rounds", 1)
     order = " > ".join(m for m, _ in sorted(ranked, key=lambda x: -x[1]))
-    lines += ["", f"Order by mean {metric} (methods that added the full synthetic count only): {order or '-'}."]
+    lines += ["", f"Order by mean {metric} (methods with all {c.num_seeds} seeds that added the full synthetic count "
+                  f"only): {order or '-'}."]
+    if partial:
+      lines.append(f"Not ranked until all their seeds are done: {', '.join(m for m, _ in partial)}.")
     if short:
       filtered = " and the consistency filter" if filter_column else ""
       lines.append(f"'(short)': fewer synthetic examples survived denoising{filtered} than the target after {rounds} generation "

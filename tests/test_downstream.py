@@ -384,3 +384,22 @@ def test_nlupp_is_selected_on_the_metric_its_setting_is_ranked_by(load_task, sou
   scores = model.score(dev)
   assert chosen["dev_metric"] == metric and scores[metric] == pytest.approx(chosen["dev_score"])
   assert scores["general_intent_f1"] != pytest.approx(scores["micro_f1"])  # the two scores differ here
+
+
+def test_the_attribute_judge_is_the_same_in_both_settings(backbone, load_task):
+  """The judge of generated text (quality.json, the classifier filter) is selected on every intent even
+  when the grid's downstream runs use source data, which select on the general intents alone: one
+  quality.json serves both settings."""
+  from ml_collections import ConfigDict
+  from msp_jax import experiment
+  task = load_task("nlupp", "hotels", "few_shot")
+  dev = list(task.splits["dev"])[:12]
+  cache = task_models.FeatureCache(backbone)
+  c = ConfigDict({"downstream_hidden": 0, "downstream_steps": 20, "downstream_l2": (1e-3,), "downstream_eval_every": 10,
+                  "downstream_thresholds": (0.3, 0.5), "seed": 0, "source_data": False})
+  judges = {}
+  for source in (False, True):
+    c.source_data = source
+    judges[source], scores = experiment.fit_judge("nlupp", task, cache, c, dev)
+  assert judges[True].selection == judges[False].selection and judges[True].selection["intents"]["dev_metric"] == "micro_f1"
+  assert c.source_data  # the grid's own config is left as it was

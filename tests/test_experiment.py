@@ -651,3 +651,19 @@ def test_finetune_grid_shares_the_probe_grids_workdir_and_keeps_both_current(bas
   out = run_grid(dict_update(c, downstream="probe"), capsys)  # the probe grid (finetune_* unread): all current, both sections
   assert " seed 0: " not in out and "recomputing" not in out, out
   assert "## nlupp/hotels, finetune (the original's protocol)\n" in open(os.path.join(workdir, "results.md")).read()
+
+
+def test_a_method_with_some_of_its_seeds_done_is_marked_and_not_ranked():
+  """While the grid runs, a method with 1 of 3 seeds shows its count and stays out of the order (its one
+  score would read as "± 0.0" over 3 seeds)."""
+  from configs import experiment as experiment_config
+  from msp_jax import experiment
+  c = experiment_config.get_config()
+  run = lambda f1: {"scores": {"micro_f1": f1}, "selection": {}, "synthetic_examples": 4, "synthetic_target": 4}
+  results = {("nlupp", "hotels", "seed"): ([run(0.5), run(0.5), run(0.5)], None),
+             ("nlupp", "hotels", "concat"): ([run(0.9)], None)}
+  table = "\n".join(experiment.table_section(c, "nlupp", "hotels", ["seed", "concat"], results, (False, "probe"), False))
+  assert "| concat (1/3 seeds) | 4/4 |" in table and "| seed | 4/4 |" in table, table
+  order = next(line for line in table.splitlines() if line.startswith("Order by mean micro_f1"))
+  assert order.endswith(": seed."), order
+  assert "Not ranked until all their seeds are done: concat." in table

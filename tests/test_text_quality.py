@@ -154,3 +154,6 @@ def test_quality_reports_diversity_on_equal_size_samples(load_task, smollm2_toke
   # on samples of 30 texts the same distribution measures the same
   assert abs(small["distinct_1"] - large["distinct_1"]) < 0.04
   assert abs(small["distinct_2"] - large["distinct_2"]) < 0.04
+  # NLU++'s values are slot names, not words an utterance must contain: no label presence there
+  named = [{"text": "a room for two at noon", "attributes": {"intents": ["booking"]}, "values": ["time", "number of people"]}]
+  assert experiment.quality(named, task, judge, backbone)["label_presence"] is None
