@@ -167,8 +167,9 @@ def main():
   for spec in a.variant:
     name, _, text = spec.partition(":")
     fields = parse_fields(base, text)
-    if fields.get("method", a.method) == "in_context" and "temperature" in {**shared, **fields}:
-      raise SystemExit(f"error: variant {name!r}: the in-context baseline samples at in_context_temperature "
+    own = experiment.OWN_TEMPERATURE.get(fields.get("method", a.method))
+    if own and base.get(own) and "temperature" in {**shared, **fields}:
+      raise SystemExit(f"error: variant {name!r}: {fields.get('method', a.method)} samples at {own} "
                        f"(configs/experiment.py); set that field, not temperature")
     variants.append((name, fields))
   print(describe(), flush=True)

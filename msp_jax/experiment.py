@@ -110,9 +110,14 @@ def method_config(c, dataset: str, domain: str, method: str, k: int = 0):
            output=os.path.join(c.workdir, "synthetic", f"{name}.jsonl"), seed=c.seed + k, data_seed=c.seed,
            method="in_context" if method == "in_context" else "msp",
            mixture="none" if method == "prompt_tuning" else method if method in MIXERS else c.mixture)
-  if method == "in_context" and c.get("in_context_temperature"):  # the baseline's own, chosen on dev
-    m.temperature = c.in_context_temperature
+  own = c.get(OWN_TEMPERATURE.get(method, ""))
+  if own:  # a baseline's own temperature, chosen on dev for it (not for MSP's mixers)
+    m.temperature = own
   return m
+
+
+# The baselines' own sampling temperatures (configs/experiment.py); the MSP mixers sample at `temperature`.
+OWN_TEMPERATURE = {"in_context": "in_context_temperature", "prompt_tuning": "prompt_tuning_temperature"}
 
 
 # --- what made each cached artifact ---------------------------------------------------------------
@@ -120,10 +125,10 @@ def method_config(c, dataset: str, domain: str, method: str, k: int = 0):
 # none of the groups below counts as a training field, so an unknown field can cost a rerun, never a
 # stale result.
 
-# (in_context_temperature is resolved into the in-context rows' `temperature` by method_config: it is keyed there.)
+# (OWN_TEMPERATURE's fields are resolved into their rows' `temperature` by method_config: they are keyed there.)
 NEUTRAL_FIELDS = ("workdir", "output", "data_dir", "tasks", "methods", "num_seeds", "rescore", "log_every",
                   "checkpoint_every", "model_parallel", "coordinator_address", "num_processes", "process_id",
-                  "in_context_temperature")
+                  *OWN_TEMPERATURE.values())
 GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fraction", "keep_fraction", "frequency_weight",
                      "min_value_coverage", "max_seeds", "gen_batch_size", "do_sample", "temperature", "top_k", "top_p",
                      "repetition_penalty", "num_beams", "synthetic_per_example", "max_generation_rounds", "requests", "balance",

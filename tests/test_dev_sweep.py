@@ -87,12 +87,14 @@ def test_the_seed_label_ceiling_draws_real_utterances_whose_label_set_a_seed_has
   assert any(label_set(r["attributes"]) not in seeds for r in dev_sweep.real_records(task, len(added), 1))
 
 
-def test_a_temperature_variant_of_the_in_context_baseline_is_a_one_line_error():
-  """It samples at in_context_temperature: a `temperature` variant would silently score the config's value."""
+def test_a_temperature_variant_of_a_baseline_with_its_own_is_a_one_line_error():
+  """In-context and plain prompt tuning sample at their own temperatures: a `temperature` variant would
+  silently score the config's value."""
   import subprocess
   import sys
   script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "dev_sweep.py")
-  for args in (["--method", "in_context", "--variant", "t1:temperature=1.0"],
-               ["--set", "temperature=0.8", "--variant", "ic:method=in_context"]):
+  for args, field in [(["--method", "in_context", "--variant", "t1:temperature=1.0"], "in_context_temperature"),
+                      (["--set", "temperature=0.8", "--variant", "ic:method=in_context"], "in_context_temperature"),
+                      (["--method", "prompt_tuning", "--variant", "t1:temperature=1.0"], "prompt_tuning_temperature")]:
     r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and "in_context_temperature" in r.stderr, r.stderr
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0 and field in r.stderr, r.stderr

@@ -502,25 +502,28 @@ def test_mask_synthetic_o_enters_the_keys_of_span_tasks_only():
     assert experiment.result_fields(on, "crossner", "music", method, 0) != experiment.result_fields(off, "crossner", "music", method, 0)
 
 
-def test_the_in_context_baseline_samples_at_its_own_temperature_and_only_its_rows_are_keyed_by_it():
-  """The in-context rows sample at in_context_temperature (chosen on dev for that baseline, not for MSP) and are
-  remade when it changes; the trained generators' prompts, generations and results keep their keys, and a
-  config from before the field existed keys them the same."""
+@pytest.mark.parametrize("baseline,field", [("in_context", "in_context_temperature"),
+                                            ("prompt_tuning", "prompt_tuning_temperature")])
+def test_a_baseline_samples_at_its_own_temperature_and_only_its_rows_are_keyed_by_it(baseline, field):
+  """The in-context and plain prompt-tuning rows sample at their own temperatures (chosen on dev for each
+  baseline, not for MSP) and are remade when it changes; the other rows' prompts, generations and results
+  keep their keys, and a config from before the field existed keys them the same."""
   from configs import experiment as experiment_config
   from msp_jax import experiment
-  c = dict_update(experiment_config.get_config(), temperature=1.2, in_context_temperature=1.0)
-  assert experiment.method_config(c, "nlupp", "hotels", "in_context", 1).temperature == 1.0
+  c = dict_update(experiment_config.get_config(), temperature=1.2, **{field: 1.0})
+  assert experiment.method_config(c, "nlupp", "hotels", baseline, 1).temperature == 1.0
   assert experiment.method_config(c, "nlupp", "hotels", "attention", 1).temperature == 1.2
   old = c.copy_and_resolve_references()
-  del old["in_context_temperature"]  # a grid from before: every generator at `temperature`
-  assert experiment.method_config(old, "nlupp", "hotels", "in_context", 1).temperature == 1.2
-  other = dict_update(c, in_context_temperature=0.8)
-  for method in ("seed", "eda", "prompt_tuning", "attention"):
+  del old[field]  # a grid from before: the baseline at `temperature`
+  assert experiment.method_config(old, "nlupp", "hotels", baseline, 1).temperature == 1.2
+  other = dict_update(c, **{field: 0.8})
+  for method in {"seed", "eda", "in_context", "prompt_tuning", "attention"} - {baseline}:
     assert experiment.result_fields(c, "nlupp", "hotels", method, 1) == experiment.result_fields(old, "nlupp", "hotels", method, 1)
     assert experiment.result_fields(c, "nlupp", "hotels", method, 1) == experiment.result_fields(other, "nlupp", "hotels", method, 1)
-  assert experiment.training_fields(experiment.method_config(c, "nlupp", "hotels", "attention", 1).to_dict()) == \
-      experiment.training_fields(experiment.method_config(old, "nlupp", "hotels", "attention", 1).to_dict())
-  keys = [experiment.result_fields(x, "nlupp", "hotels", "in_context", 1) for x in (c, old, other)]
+  for method in ("attention", "prompt_tuning"):  # prompts are trained the same whatever they are sampled at
+    assert experiment.training_fields(experiment.method_config(c, "nlupp", "hotels", method, 1).to_dict()) == \
+        experiment.training_fields(experiment.method_config(old, "nlupp", "hotels", method, 1).to_dict())
+  keys = [experiment.result_fields(x, "nlupp", "hotels", baseline, 1) for x in (c, old, other)]
   assert keys[0] != keys[1] and keys[0] != keys[2] and keys[0]["synthetic"]["temperature"] == 1.0
 
 
