@@ -110,9 +110,9 @@ def method_config(c, dataset: str, domain: str, method: str, k: int = 0):
            output=os.path.join(c.workdir, "synthetic", f"{name}.jsonl"), seed=c.seed + k, data_seed=c.seed,
            method="in_context" if method == "in_context" else "msp",
            mixture="none" if method == "prompt_tuning" else method if method in MIXERS else c.mixture)
-  own = c.get(OWN_TEMPERATURE.get(method, ""))
-  if own:  # a baseline's own temperature, chosen on dev for it (not for MSP's mixers)
-    m.temperature = own
+  field = OWN_TEMPERATURE.get(method)
+  if field and c.get(field):  # a baseline's own temperature, chosen on dev for it (not for MSP's mixers)
+    m.temperature = c[field]
   return m
 
 

@@ -405,8 +405,8 @@ def request_keys(seed: int, indices: list[int], rows: int):
   """One sampling key per batch row: request r draws its tokens from its own stream, so its text does not
   depend on the chunk it is generated in (batch size, order, resume). Padding rows repeat the last."""
   indices = indices + indices[-1:] * (rows - len(indices))
-  return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), TOKEN_STREAM), r))(
-      jnp.asarray(indices))
+  stream = jax.random.fold_in(jax.random.key(seed), TOKEN_STREAM)
+  return jax.vmap(lambda r: jax.random.fold_in(stream, r))(jnp.asarray(indices))
 
 
 def make_planner(c, seeds, ontology, target: int):

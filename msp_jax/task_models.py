@@ -223,6 +223,11 @@ class GeneratedIntentModel(IntentModel):
     return {"intents": self.predict_unmatched(texts)[0]}
 
 
+def located(texts, written) -> list[list]:
+  """The word spans of each text's written entities (`label_generator.locate`)."""
+  return [label_generator.locate(t, e) for t, e in zip(texts, written)]
+
+
 class GeneratedEntityModel(EntityModel):
   """CrossNER, the original's protocol: the backbone learns to write "entity [type] <sep> ..."; the epoch
   is chosen by exact span F1 on dev. Exact span F1 needs word offsets: each written entity is found in
@@ -237,7 +242,7 @@ class GeneratedEntityModel(EntityModel):
 
     def dev_score(strings):
       written, unmatched = self.written(strings)
-      return task_scores.span_f1(gold, [label_generator.locate(t, e) for t, e in zip(texts, written)], unmatched)["f1"]
+      return task_scores.span_f1(gold, located(texts, written), unmatched)["f1"]
 
     targets = [self.strings.format([(s["type"], s["value"]) for s in sorted(r["spans"] or [], key=lambda s: s["start"])])
                for r in records]
@@ -255,8 +260,7 @@ class GeneratedEntityModel(EntityModel):
     return [entities for entities, _ in parsed], [n for _, n in parsed]
 
   def predict_spans(self, texts) -> list[list]:
-    written, _ = self.written(self.generator.generate(texts))
-    return [label_generator.locate(t, e) for t, e in zip(texts, written)]
+    return located(texts, self.written(self.generator.generate(texts))[0])
 
   def score(self, examples) -> dict:
     """EntityModel's scores: exact span F1 on the located entities, the original's partial F1 on the
@@ -264,7 +268,7 @@ class GeneratedEntityModel(EntityModel):
     gold = [task_scores.bio_to_spans(example_bio_tags(ex)) for ex in examples]
     texts = [ex.text for ex in examples]
     written, unmatched = self.written(self.generator.generate(texts))
-    exact = task_scores.span_f1(gold, [label_generator.locate(t, e) for t, e in zip(texts, written)], unmatched)
+    exact = task_scores.span_f1(gold, located(texts, written), unmatched)
     partial = task_scores.span_partial_f1_original([task_scores.span_texts(ex.text, g) for ex, g in zip(examples, gold)],
                                                    written, unmatched)
     return {"span_f1": exact["f1"], "span_precision": exact["precision"], "span_recall": exact["recall"],

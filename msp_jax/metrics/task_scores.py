@@ -29,6 +29,13 @@ def _check_lengths(gold: Sequence, pred: Sequence) -> None:
     raise ValueError(f"{len(gold)} gold but {len(pred)} predicted examples")
 
 
+def _unmatched(gold: Sequence, unmatched: Sequence[int] | None) -> Sequence[int]:
+  """Per example, the predictions that name no label at all (0 each by default), one count per example."""
+  unmatched = [0] * len(gold) if unmatched is None else unmatched
+  _check_lengths(gold, unmatched)
+  return unmatched
+
+
 def multilabel_prf(gold: Sequence[Collection[Hashable]], pred: Sequence[Collection[Hashable]],
                    labels: Iterable[Hashable] | None = None, unmatched: Sequence[int] | None = None) -> dict:
   """Micro precision/recall/F1 and macro F1 of per-example label sets.
@@ -43,8 +50,7 @@ def multilabel_prf(gold: Sequence[Collection[Hashable]], pred: Sequence[Collecti
   Returns micro_precision, micro_recall, micro_f1, macro_f1, tp, fp, fn and per_label_f1.
   """
   _check_lengths(gold, pred)
-  if unmatched is not None:
-    _check_lengths(gold, unmatched)
+  unmatched = _unmatched(gold, unmatched)
   scope = None if labels is None else set(labels)
   counts = collections.defaultdict(lambda: [0, 0, 0])  # label -> tp, fp, fn
   for g, p in zip(gold, pred):
@@ -58,7 +64,7 @@ def multilabel_prf(gold: Sequence[Collection[Hashable]], pred: Sequence[Collecti
     for label in g - p:
       counts[label][2] += 1
   tp, fp, fn = (sum(c[k] for c in counts.values()) for k in range(3))
-  fp += sum(unmatched or ())
+  fp += sum(unmatched)
   micro_p, micro_r, micro_f = _prf(tp, fp, fn)
   per_label = {label: _prf(*c)[2] for label, c in counts.items()}
   macro = sum(per_label.values()) / len(per_label) if per_label else 1.0
@@ -94,7 +100,7 @@ def span_f1(gold_spans: Sequence[Collection[Span]], pred_spans: Sequence[Collect
   boundaries equal a gold span's. `unmatched[i]`: predicted entities of sentence i that are no span at
   all (a written label string's malformed pieces): false positives. Returns precision, recall, f1, tp, fp, fn."""
   _check_lengths(gold_spans, pred_spans)
-  tp, fp, fn = 0, sum(unmatched or ()), 0
+  tp, fp, fn = 0, sum(_unmatched(gold_spans, unmatched)), 0
   for g, p in zip(gold_spans, pred_spans):
     g, p = collections.Counter(g), collections.Counter(p)
     hit = sum((g & p).values())
@@ -195,8 +201,7 @@ def intent_f1_original(gold: Sequence[Collection[str]], pred: Sequence[Collectio
   general gold intent are scored: the original's cross-domain dev and test splits hold no others
   (ORIGINAL.md 4.2). Returns precision, recall and f1 (nan with no utterances)."""
   _check_lengths(gold, pred)
-  unmatched = [0] * len(gold) if unmatched is None else unmatched
-  _check_lengths(gold, unmatched)
+  unmatched = _unmatched(gold, unmatched)
   general = None if general_labels is None else {normalize_original(x) for x in general_labels}
   precisions, recalls = [], []
   for g, p, u in zip(gold, pred, unmatched):
@@ -257,8 +262,7 @@ def span_partial_f1_original(gold: Sequence[Sequence[tuple[str, str]]],
   sentence i that are not "entity [known type]" count as predicted pieces that match nothing, as the
   original counted them. Returns precision, recall, f1."""
   _check_lengths(gold, pred)
-  unmatched = [0] * len(gold) if unmatched is None else unmatched
-  _check_lengths(gold, unmatched)
+  unmatched = _unmatched(gold, unmatched)
   precisions, recalls = [], []
   for g, p, u in zip(gold, pred, unmatched):
     g_pieces, p_pieces = _entity_pieces(g), _entity_pieces(p)
