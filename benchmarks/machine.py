@@ -1,7 +1,9 @@
-"""What a benchmark ran on: the CPU model and its vector extensions, cores, the JAX device.
+"""What a benchmark ran on: the CPU model, family and vector extensions, cores, the JAX device.
 
 Speed numbers hold for one CPU kind only (an AVX2-only AMD core and an AVX-512/AMX Intel core differ by
-up to 2x for the same XLA program), so every benchmark prints and records this first.
+up to 2x for the same XLA program), so every benchmark prints and records this first. The vector
+extensions alone do not name the kind: a Zen 4 core runs AVX-512 on 256-bit units, a Zen 5 core on
+512-bit ones, and a VM names both "AMD EPYC"; so the family / model numbers are recorded too.
 """
 import os
 import platform
@@ -16,20 +18,36 @@ VECTOR_EXTENSIONS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "am
 
 def cpu_info() -> dict:
   """Model name and vector extensions from /proc/cpuinfo (Linux); the platform string elsewhere."""
-  model, flags = platform.processor() or platform.machine(), set()
+  fields, flags = {}, set()
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
         key, _, value = line.partition(":")
-        if key.strip() == "model name":
-          model = value.strip()
-        elif key.strip() == "flags":
+        if key.strip() == "flags":
           flags = set(value.split())
           break
+        fields.setdefault(key.strip(), value.strip())
   except OSError:
     pass
-  return {"cpu": model, "vector_extensions": [x for x in VECTOR_EXTENSIONS if x in flags],
+  family, model = fields.get("cpu family"), fields.get("model")
+  return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
+          "family_model": f"{family}/{model}" if family and model else None,
+          "microarchitecture": amd_zen(fields.get("vendor_id"), family, model),
+          "vector_extensions": [x for x in VECTOR_EXTENSIONS if x in flags],
           "cpu_kind": cpu_kind(flags), "cores": os.cpu_count()}
+
+
+def amd_zen(vendor, family, model) -> str | None:
+  """The Zen generation of an AMD core from /proc/cpuinfo's family and model (AMD's published ranges);
+  None for other vendors or unknown numbers."""
+  if vendor != "AuthenticAMD" or not (family or "").isdigit() or not (model or "").isdigit():
+    return None
+  family, model = int(family), int(model)
+  if family == 23:
+    return "Zen 2" if model >= 0x30 else "Zen / Zen+"
+  if family == 25:
+    return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF else "Zen 3"
+  return "Zen 5" if family == 26 else None
 
 
 def cpu_kind(flags) -> str:

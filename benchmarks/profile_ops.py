@@ -86,7 +86,9 @@ def profile(fn, args, reps: int, make_args=None) -> tuple[list[dict], float]:
   sources = hlo_sources(fn.lower(*first).compile().as_text())
   jax.block_until_ready(fn(*first))  # the warm-up call: compiles
   folder = tempfile.mkdtemp(prefix="profile_ops_")
-  calls = [fresh() for _ in range(reps)]
+  # made and finished before the trace: a decode step's fresh cache comes from a prefill, whose ops (same
+  # fusion names, 16x the tokens) an asynchronous dispatch would otherwise run inside the trace
+  calls = [jax.block_until_ready(fresh()) for _ in range(reps)]
   with jax.profiler.trace(folder, create_perfetto_trace=True):
     start = time.perf_counter()
     for a in calls:
