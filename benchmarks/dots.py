@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `python benchmarks/X.py`
 
@@ -18,20 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.forward import median_seconds
 from benchmarks.machine import describe
 
 # (k, n) of SmolLM2-135M's weight matrices: hidden 576, MLP 1,536, vocabulary 49,152
 SHAPES = ((576, 576), (576, 1536), (1536, 576), (576, 49152))
-
-
-def median_seconds(fn, reps: int) -> float:
-  fn()
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def main():
