@@ -45,9 +45,10 @@ from benchmarks.generate import make_inputs
 from benchmarks.machine import add_backbone_argument, describe
 from benchmarks.train_step import batch_for, prompt_step
 from msp_jax import sampling
+from msp_jax.models import layers
 
 KINDS = ("weight matmul", "attention", "layer slicing", "cache / scan write", "layout copy", "other")
-ATTENTION = ("btkgd,bskd->bkgts", "bkgts,bskd->btkgd", "softmax", "reduce_max",  # layers.attention's einsums
+ATTENTION = (layers.SCORES, layers.VALUES, "softmax", "reduce_max",  # layers._attend's einsums
              "dot_product_attention")  # cuDNN's fused kernels (GPU)
 
 

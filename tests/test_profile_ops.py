@@ -1,8 +1,14 @@
 """benchmarks/profile_ops.py's grouping of XLA ops into kinds, on op names and HLO sources as XLA:CPU and
 XLA:GPU print them (README's "where the time goes" tables are built from it)."""
-import pytest
+import collections
 
-from benchmarks.profile_ops import kind_of
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from benchmarks.profile_ops import hlo_sources, kind_of
+from msp_jax.models import layers, llama
 
 
 @pytest.mark.parametrize("op, source, kind", [
@@ -15,7 +21,8 @@ from benchmarks.profile_ops import kind_of
     ("wrapped_transpose.1", "jit(step)/eval_jaxpr/transpose", "layout copy"),
     ("loop_transpose_fusion.3", "jit(step)/eval_jaxpr/convert_element_type", "layout copy"),
     # attention: the einsum form's dots and softmax, and cuDNN's fused kernels
-    ("gemm_fusion_dot.59", "jit(step)/btkgd,bskd->bkgts/dot_general", "attention"),
+    ("gemm_fusion_dot.59", f"jit(step)/{layers.SCORES}/dot_general", "attention"),
+    ("ynn_fusion.6", f"jit(step)/while/body/{layers.VALUES}/dot_general", "attention"),
     ("dot_product_attention_bwd.0", "jit(step)/eval_jaxpr/dot_product_attention_bwd", "attention"),
     # the scan's stacked arrays
     ("loop_dynamic_update_slice_fusion.2", "jit(dynamic_update_index_in_dim)/dynamic_update_slice",
@@ -24,3 +31,17 @@ from benchmarks.profile_ops import kind_of
 ])
 def test_ops_are_grouped_by_their_primitive(op, source, kind):
   assert kind_of(op, source) == kind
+
+
+def test_a_compiled_decoding_step_has_attention_and_weight_matmul_ops():
+  """The grouping holds on what the models compile to (a renamed einsum would fall into "weight matmul")."""
+  # big enough that XLA keeps the attention einsums as dots (at 2 rows x 2 heads x 8 it rewrites them)
+  cfg = llama.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=16)
+  model = llama.Llama(cfg, rngs=nnx.Rngs(0))
+  cache = model.init_cache(4, 16)
+  _, cache = model(jnp.ones((4, 3), jnp.int32), attention_mask=jnp.ones((4, 3), bool), cache=cache)
+  step = jax.jit(lambda m, c, t: m(t, attention_mask=jnp.ones(t.shape, bool), cache=c))
+  sources = hlo_sources(step.lower(model, cache, jnp.ones((4, 1), jnp.int32)).compile().as_text())
+  dots = collections.Counter(kind_of(op, source) for op, source in sources.items() if source.endswith("dot_general"))
+  assert dots["attention"] >= 2 and dots["weight matmul"] >= 2, dots  # the score and value dots; the projections

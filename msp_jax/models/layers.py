@@ -168,6 +168,10 @@ def cached_attention(q, k, v, k_cache, v_cache, index, mask, *, scale, bias=None
   return _attend(q, [(k_cache, v_cache, earlier, bias), (k.swapaxes(1, 2), v.swapaxes(1, 2), new, new_bias)], scale)
 
 
+# The score and value einsums (benchmarks/profile_ops.py names attention's ops by them).
+SCORES, VALUES = "bkgtd,bksd->bkgts", "bkgts,bksd->bkgtd"
+
+
 def _attend(q, parts, scale):
   """Softmax attention of q [B, T, H, Dh] over the keys of every (k, v, mask, bias) part together; each
   part's k, v [B, K, S, Dh] (heads before slots: the KV cache's layout, which the score and value dots
@@ -177,7 +181,7 @@ def _attend(q, parts, scale):
   q = q.reshape(b, t, kh, h // kh, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
   logits = []
   for k, _, mask, bias in parts:
-    part = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    part = jnp.einsum(SCORES, q, k, preferred_element_type=jnp.float32) * scale
     if bias is not None:
       part = part + bias.astype(jnp.float32).reshape(bias.shape[0], kh, h // kh, t, -1)
     logits.append(jnp.where(mask[:, None, None], part, jnp.finfo(jnp.float32).min))
@@ -185,7 +189,7 @@ def _attend(q, parts, scale):
   out, start = 0, 0
   for k, v, _, _ in parts:
     size = k.shape[2]
-    out = out + jnp.einsum("bkgts,bksd->bkgtd", probs[..., start:start + size].astype(v.dtype), v)
+    out = out + jnp.einsum(VALUES, probs[..., start:start + size].astype(v.dtype), v)
     start += size
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh).astype(q.dtype)
 
