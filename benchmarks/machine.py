@@ -17,7 +17,8 @@ VECTOR_EXTENSIONS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "am
 
 
 def cpu_info() -> dict:
-  """Model name and vector extensions from /proc/cpuinfo (Linux); the platform string elsewhere."""
+  """Model name, family / model, Zen generation and vector extensions from /proc/cpuinfo (Linux); the
+  platform string elsewhere."""
   fields, flags = {}, set()
   try:
     with open("/proc/cpuinfo") as f:
@@ -43,11 +44,10 @@ def amd_zen(vendor, family, model) -> str | None:
   if vendor != "AuthenticAMD" or not (family or "").isdigit() or not (model or "").isdigit():
     return None
   family, model = int(family), int(model)
-  if family == 23:
-    return "Zen 2" if model >= 0x30 else "Zen / Zen+"
-  if family == 25:
-    return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF else "Zen 3"
-  return "Zen 5" if family == 26 else None
+  ranges = {23: (("Zen / Zen+", ((0x00, 0x2F),)), ("Zen 2", ((0x30, 0xAF),))),
+            25: (("Zen 3", ((0x00, 0x0F), (0x20, 0x5F))), ("Zen 4", ((0x10, 0x1F), (0x60, 0x7F), (0xA0, 0xAF)))),
+            26: (("Zen 5", ((0x00, 0x7F),)),)}
+  return next((name for name, spans in ranges.get(family, ()) if any(lo <= model <= hi for lo, hi in spans)), None)
 
 
 def cpu_kind(flags) -> str:
