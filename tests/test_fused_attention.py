@@ -62,7 +62,7 @@ def test_fused_attention_gradients_match_the_einsum_form_in_float32():
   # inputs, on the CPU (no TF32 there).
   qb, kb, vb = (jnp.asarray(jnp.asarray(x, jnp.bfloat16), jnp.float32) for x in (q, k, v))
   cpu = jax.devices("cpu")[0]
-  ref_loss = lambda q, k, v: jnp.sum(layers._attend(q, [(k, v, jnp.asarray(mask), None)], scale) * cot)
+  ref_loss = lambda q, k, v: jnp.sum(layers.einsum_attention(q, k, v, jnp.asarray(mask), scale=scale) * cot)
   with jax.default_device(cpu):
     refs = jax.grad(ref_loss, argnums=(0, 1, 2))(*(jax.device_put(x, cpu) for x in (qb, kb, vb)))
   for name, g, r in zip("qkv", grads, refs):

@@ -57,9 +57,10 @@ class KVCache:
   `index` suffices; `valid` marks which slots hold real tokens and `length` counts them per row,
   which is where the next token's position comes from.
   """
-  # heads before slots: a layer's slice is [B, K, S, Dh], the layout the score and value dots read. In the
-  # tokens' [B, S, K, Dh] layout XLA:CPU transposed both per layer per decoding step, 18% of its op time.
-  k: jax.Array       # [L, B, K, S, Dh]
+  # The layouts the score and value dots read without a copy: keys [B, K, Dh, S], values [B, K, S, Dh] per
+  # layer. In the tokens' [B, S, K, Dh] layout XLA:CPU transposed both per layer per decoding step (18% of
+  # its op time); keys as [B, K, S, Dh] made the score dot 1.6x slower than keys as [B, K, Dh, S].
+  k: jax.Array       # [L, B, K, Dh, S]
   v: jax.Array       # [L, B, K, S, Dh]
   valid: jax.Array   # [B, S] bool
   length: jax.Array  # [B] int32, real tokens so far per row
@@ -70,14 +71,14 @@ class KVCache:
 
   @classmethod
   def create(cls, num_layers, batch, max_len, num_kv_heads, head_dim, dtype=jnp.float32):
-    shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    k_shape, v_shape = (num_layers, batch, num_kv_heads, head_dim, max_len), (num_layers, batch, num_kv_heads, max_len, head_dim)
+    return cls(k=jnp.zeros(k_shape, dtype), v=jnp.zeros(v_shape, dtype),
                valid=jnp.zeros((batch, max_len), bool), length=jnp.zeros((batch,), jnp.int32),
                index=jnp.zeros((), jnp.int32), empty=True)
 
   @property
   def max_len(self):
-    return self.k.shape[3]
+    return self.v.shape[3]
 
 
 def join_prefix(embeds, mask, embedded_prefix, prefix_mask=None):
@@ -123,7 +124,7 @@ def write_cache(cache: KVCache, k, v, index) -> KVCache:
   Layers return only their new keys/values (not whole per-layer caches) so the scan does not
   re-stack the full cache every call: -20% per decoding step at batch 64 on CPU.
   """
-  k = jax.lax.dynamic_update_slice(cache.k, k.swapaxes(2, 3).astype(cache.k.dtype), (0, 0, 0, index, 0))
+  k = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 1, 3, 4, 2).astype(cache.k.dtype), (0, 0, 0, 0, index))
   v = jax.lax.dynamic_update_slice(cache.v, v.swapaxes(2, 3).astype(cache.v.dtype), (0, 0, 0, index, 0))
   return cache.replace(k=k, v=v)
 
@@ -140,7 +141,17 @@ def attention(q, k, v, mask, *, scale, bias=None):
   """
   if bias is None and fused_attention_applies(q):
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn")
-  return _attend(q, [(k.swapaxes(1, 2), v.swapaxes(1, 2), mask, bias)], scale)
+  return einsum_attention(q, k, v, mask, scale=scale, bias=bias)
+
+
+def einsum_attention(q, k, v, mask, *, scale, bias=None):
+  """`attention` as einsums on every backend (its CPU form; the reference for the fused kernel's tests)."""
+  return _attend(q, [(*_dot_layouts(k, v), mask, bias)], scale)
+
+
+def _dot_layouts(k, v):
+  """Keys, values [B, S, K, Dh] -> keys [B, K, Dh, S], values [B, K, S, Dh] (the dots' layouts, `KVCache`)."""
+  return k.transpose(0, 2, 3, 1), v.swapaxes(1, 2)
 
 
 def fused_attention_applies(q) -> bool:
@@ -153,29 +164,29 @@ def cached_attention(q, k, v, k_cache, v_cache, index, mask, *, scale, bias=None
   """Attention over a KV cache's earlier slots plus this call's keys k, v [B, T, K, Dh], without writing
   the cache (the caller writes every layer's new keys once, `write_cache`).
 
-  Equal to writing k, v at slot `index` of k_cache, v_cache [B, K, S, Dh] and calling `attention` with
+  Equal to writing k, v at slot `index` of k_cache [B, K, Dh, S], v_cache [B, K, S, Dh] and calling `attention` with
   `mask` [B, T, S] (and `bias` [B|1, H, T, S]): the cache's slots before `index` and the new keys are the
   same keys under the same mask, in another order. A per-layer write would copy the layer's whole cache
   each call: 8-16% of a decoding step on CPU (batch 8-64). `empty` (static: the cache's `empty`): no
   earlier slot holds a key, so only the new keys are attended.
   """
-  s, t = k_cache.shape[2], k.shape[1]
+  s, t = v_cache.shape[2], k.shape[1]
   new = jax.lax.dynamic_slice_in_dim(mask, index, t, axis=2)  # the columns of the slots this call's keys take
   new_bias = None if bias is None else jax.lax.dynamic_slice_in_dim(bias, index, t, axis=3)
   if empty:  # a prefill: plain attention over its own keys (cuDNN's fused kernel where it applies)
     return attention(q, k, v, new, scale=scale, bias=new_bias)
   earlier = mask & (jnp.arange(s) < index)[None, None, :]
-  return _attend(q, [(k_cache, v_cache, earlier, bias), (k.swapaxes(1, 2), v.swapaxes(1, 2), new, new_bias)], scale)
+  return _attend(q, [(k_cache, v_cache, earlier, bias), (*_dot_layouts(k, v), new, new_bias)], scale)
 
 
 # The score and value einsums (benchmarks/profile_ops.py names attention's ops by them).
-SCORES, VALUES = "bkgtd,bksd->bkgts", "bkgts,bksd->bkgtd"
+SCORES, VALUES = "bkgtd,bkds->bkgts", "bkgts,bksd->bkgtd"
 
 
 def _attend(q, parts, scale):
   """Softmax attention of q [B, T, H, Dh] over the keys of every (k, v, mask, bias) part together; each
-  part's k, v [B, K, S, Dh] (heads before slots: the KV cache's layout, which the score and value dots
-  read without a transpose)."""
+  part's k [B, K, Dh, S], v [B, K, S, Dh] (the KV cache's layout, which the score and value dots read
+  without a copy)."""
   b, t, h, dh = q.shape
   kh = parts[0][0].shape[1]
   q = q.reshape(b, t, kh, h // kh, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
@@ -187,8 +198,8 @@ def _attend(q, parts, scale):
     logits.append(jnp.where(mask[:, None, None], part, jnp.finfo(jnp.float32).min))
   probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
   out, start = 0, 0
-  for k, v, _, _ in parts:
-    size = k.shape[2]
+  for _, v, _, _ in parts:
+    size = v.shape[2]
     out = out + jnp.einsum(VALUES, probs[..., start:start + size].astype(v.dtype), v)
     start += size
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh).astype(q.dtype)
