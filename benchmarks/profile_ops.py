@@ -53,12 +53,25 @@ ATTENTION = (layers.SCORES, layers.VALUES, "softmax", "reduce_max",  # layers._a
 
 
 def hlo_sources(compiled_text: str) -> dict[str, str]:
-  """{instruction name: its op_name metadata} for every instruction of a compiled HLO module."""
-  found = {}
+  """{instruction name: its op_name metadata} for every instruction of a compiled HLO module.
+
+  A fusion that contains a dot is named by its dot: XLA:CPU fuses e.g. attention's value-dot backward with
+  the softmax's backward into one op whose root is a reduce_sum, which is attention, not "other"."""
+  found, calls, dots, computation = {}, {}, {}, None
   for line in compiled_text.splitlines():
+    header = re.match(r"(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$", line)
+    if header:
+      computation = header.group(1)
     m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", line)
     if m:
       found[m.group(1)] = m.group(2)
+      called = re.search(r"calls=%?([\w.\-]+)", line)
+      if called:
+        calls[m.group(1)] = called.group(1)
+      if computation and m.group(2).endswith("dot_general"):
+        dots.setdefault(computation, m.group(2))
+  for op, computation in calls.items():
+    found[op] = dots.get(computation, found[op])
   return found
 
 

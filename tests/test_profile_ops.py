@@ -45,3 +45,25 @@ def test_a_compiled_decoding_step_has_attention_and_weight_matmul_ops():
   sources = hlo_sources(step.lower(model, cache, jnp.ones((4, 1), jnp.int32)).compile().as_text())
   dots = collections.Counter(kind_of(op, source) for op, source in sources.items() if source.endswith("dot_general"))
   assert dots["attention"] >= 2 and dots["weight matmul"] >= 2, dots  # the score and value dots; the projections
+
+
+def test_a_fusion_is_named_by_the_dot_it_contains():
+  """XLA:CPU fuses attention's value-dot backward with the softmax's backward into one op whose root is a
+  reduce_sum (a prompt-only train step, SmolLM2): it is attention, not "other"."""
+  values = f"jit(step)/transpose(jvp())/while/body/closed_call/{layers.VALUES}/dot_general"
+  text = "\n".join([
+      "%fused_computation.18 (param_0: f32[8,444,64], param_1: f32[8,148,64]) -> f32[8,444] {",
+      f'  %dot.105 = f32[8,444,148]{{2,1,0}} dot(%param_0, %param_1), metadata={{op_name="{values}"}}',
+      '  ROOT %reduce_sum.58 = f32[8,444]{1,0} reduce(%dot.105, %c), dimensions={2}, '
+      'metadata={op_name="jit(step)/transpose(jvp())/while/body/closed_call/reduce_sum"}',
+      "}",
+      "",
+      "ENTRY %main.9 (p: f32[8,444,64], q: f32[8,148,64]) -> f32[8,444] {",
+      '  ROOT %ynn_fusion.18 = f32[8,444]{1,0} fusion(%p, %q), kind=kCustom, calls=%fused_computation.18, '
+      'metadata={op_name="jit(step)/transpose(jvp())/while/body/closed_call/reduce_sum"}',
+      "}",
+  ])
+  sources = hlo_sources(text)
+  assert sources["ynn_fusion.18"] == values
+  assert kind_of("ynn_fusion.18", sources["ynn_fusion.18"]) == "attention"
+  assert sources["reduce_sum.58"].endswith("reduce_sum")  # the fused instructions keep their own names
