@@ -5,9 +5,9 @@ padded to max_mixture (as every batch was before bucketing), and the padding sha
       [--batch 8] [--json out.json]
   python benchmarks/task_step.py --epoch [--config configs/experiment.py] ...   # one epoch, rows grouped by length or not
 
-With --epoch: one epoch of the config's batches (buckets and all) twice, in random order and grouped by
-row length (data/iterator.py), each shape compiled before timing: padding share, prefix + T per row,
-distinct shapes (compiles) and epoch seconds each way.
+With --epoch: one epoch of the config's batches (buckets and all) in random order, grouped by row length
+and, for concat, grouped by attribute slots then length (data/iterator.py), each shape compiled before
+timing: padding share, prefix + T per row, distinct shapes (compiles) and epoch seconds each way.
 
 The same batches, in the same order, go through the same jitted prompt-only step twice; the only
 difference is the width M of attribute_ids / attribute_mask. Masked slots cannot change the loss
@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks.machine import describe
 from msp_jax import data as msp_data
-from msp_jax import assembly, sharding, trainer, training
+from msp_jax import assembly, mixers, sharding, trainer, training
 
 
 def widened(batch: dict, m: int) -> dict:
@@ -109,24 +109,31 @@ def epoch_with_and_without_grouping(c, args, machine):
   tx, _ = trainer.make_tx(c, 1000)
   step = training.make_train_step(graphdef, tx, mesh, trainable, tx.init(trainable), frozen)
   fresh = lambda: {"t": jax.tree.map(jnp.copy, trainable), "o": tx.init(trainable)}
-  prefix = c.n_tokens + (0 if c.mixture == "none" else c.attribute_tokens)  # concat: x M (in the M column)
+  def width(b):  # prefix + T of a batch's rows: instruction, mixed attribute prompts (concat: one a slot), text
+    slots = b["attribute_ids"].shape[-1] if mixers.widens_prefix(c.mixture) else 1
+    return c.n_tokens + (0 if c.mixture == "none" else c.attribute_tokens * slots) + b["input_ids"].shape[1]
+
   result = {**machine, "mixture": c.mixture, "task": f"{c.dataset}/{c.domain}", "batch": c.batch_size,
             "buckets": list(c.buckets)}
-  for grouped in (False, True):
+  ways = {"random": (False, False), "grouped": (True, False)}
+  if mixers.widens_prefix(c.mixture):  # concat: also grouped by attribute slots first (group_by_slots)
+    ways["grouped_by_slots"] = (True, True)
+  for way, (grouped, by_slots) in ways.items():
     batches = list(msp_data.task_batches(run.task, "train", run.backbone.tokenizer, global_batch_size=c.batch_size,
                                          config=run.batch_config, seed=c.seed, num_exemplars=c.num_shot,
-                                         group_by_length=grouped))
+                                         group_by_length=grouped, group_by_slots=by_slots))
     shapes = {(b["input_ids"].shape, b["attribute_ids"].shape): b for b in batches}
     compile_s = sum(timed(step, fresh(), frozen, b, mesh)[1] for b in shapes.values())  # first call: compile + step
     state = fresh()
     seconds = sum(timed(step, state, frozen, b, mesh)[1] for b in batches)
     mask = np.concatenate([b["attention_mask"].ravel() for b in batches])
-    way = "grouped" if grouped else "random"
     result[way] = {"steps": len(batches), "shapes": len(shapes), "pad_tokens": round(float(1 - mask.mean()), 3),
-                   "prefix_plus_T": round(float(np.mean([prefix + b["input_ids"].shape[1] for b in batches])), 1),
+                   "prefix_plus_T": round(float(np.mean([width(b) for b in batches])), 1),
                    "epoch_s": round(seconds, 2), "first_calls_s": round(compile_s, 1)}
     print(f"{way}: {result[way]}", flush=True)
   result["grouped_over_random_epoch"] = round(result["grouped"]["epoch_s"] / result["random"]["epoch_s"], 3)
+  if "grouped_by_slots" in result:
+    result["by_slots_over_grouped_epoch"] = round(result["grouped_by_slots"]["epoch_s"] / result["grouped"]["epoch_s"], 3)
   print(json.dumps({k: v for k, v in result.items() if k not in machine}, indent=1))
   if args.json:
     with open(args.json, "w") as f:

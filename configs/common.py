@@ -25,6 +25,9 @@ def get_config(arg: str | None = None, *, mixture: str = "attention") -> ml_coll
   c.max_mixture = 10             # M: most attributes per example and set
   c.buckets = (48, 64, 80, 96, 128, 160, 192, 256)  # padded sequence lengths (each new one compiles once)
   c.group_by_length = True       # training batches of similar row lengths: less padding (data/iterator.py)
+  # concat: group by attribute slots first (its prefix is attribute_tokens a slot): NLU++ hotels / banking
+  # batches 15% / 20% fewer prefix + text tokens than grouped by length alone (README, "Training")
+  c.group_by_slots = True
 
   # Soft prompts and mixer.
   c.mixture = mixture            # concat | pooling | attention | bottleneck | cnn

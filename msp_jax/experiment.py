@@ -53,7 +53,7 @@ import time
 import jax
 import numpy as np
 
-from msp_jax import assembly, augment, consistency, features, files, provenance, synthesis, task_models, trainer
+from msp_jax import assembly, augment, consistency, features, files, mixers, provenance, synthesis, task_models, trainer
 from msp_jax import checkpoints as ckpt
 from msp_jax.data import PromptLayout, load_task, nlupp, user_files
 from msp_jax.data.splits import CROSSNER_SOURCE, domains
@@ -147,7 +147,7 @@ IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buc
 # existed: at that value a field is left out of every key, so adding an option never invalidates the
 # results of a grid that does not use it (a grid runs for many hours, across invocations).
 ADDED_FIELDS = {"mask_synthetic_o": False, "max_request_values": 0, "source_data": False, "consistency_filter": "none",
-                "downstream": "probe", "finetune_group_by_length": False}
+                "downstream": "probe", "finetune_group_by_length": False, "group_by_slots": False}
 # Fields that only an added option reads: with the option at its old value nothing uses them, so they are
 # out of every key whatever their values (an old grid stays current, and changing them while the option is
 # off recomputes nothing: e.g. the probe heads never read finetune_*).
@@ -158,6 +158,8 @@ INACTIVE_WITHOUT = {"consistency_filter": consistency.FIELDS, "source_data": ("s
 def keyed(config: dict) -> dict:
   """`config` without the added fields that are at their old behaviour's value, nor the fields they switch off."""
   inactive = {f for k, fields in INACTIVE_WITHOUT.items() if config.get(k, ADDED_FIELDS[k]) == ADDED_FIELDS[k] for f in fields}
+  if not mixers.widens_prefix(config.get("mixture", "")):  # slot grouping changes only concat's batches
+    inactive.add("group_by_slots")
   return {k: v for k, v in config.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k]) and k not in inactive}
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from msp_jax import checkpoints as ckpt
 from msp_jax import data as msp_data
-from msp_jax import files, interrupts, sampling, sharding, training
+from msp_jax import files, interrupts, mixers, sampling, sharding, training
 from msp_jax.assembly import Run, announce, build, checkpoint_store, metadata, say, validate
 from msp_jax.errors import MspError
 from msp_jax.metrics import text_quality
@@ -176,7 +176,8 @@ def _train(c, backbone: Backbone | None, guard: interrupts.StopGuard) -> dict:
   frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh))
   train_it = msp_data.task_batches(run.task, "train", run.backbone.tokenizer, global_batch_size=c.batch_size,
                                    config=run.batch_config, seed=c.seed, num_epochs=None, num_exemplars=c.num_shot,
-                                   group_by_length=c.get("group_by_length", False))
+                                   group_by_length=c.get("group_by_length", False),
+                                   group_by_slots=c.get("group_by_slots", False) and mixers.widens_prefix(c.mixture))
   total_steps = c.max_steps or c.num_epochs * train_it.steps_per_epoch // c.grad_accum_steps
   eval_every = eval_interval(c, train_it.steps_per_epoch)
   tx, schedule = make_tx(c, total_steps)

@@ -363,6 +363,25 @@ def test_finetune_rows_made_with_random_batches_are_not_reused_for_grouped_ones(
   assert key(new) != key(old)
 
 
+def test_slot_grouping_retrains_only_concat():
+  """group_by_slots came after the grid's prompts: at False (how they were trained, the grid's setting) every
+  key stays; at True only concat's prompts (whose batches it changes) and what follows from them are new."""
+  from configs import experiment as experiment_config
+  from msp_jax import experiment
+  new = experiment_config.get_config()
+  old = new.copy_and_resolve_references()
+  del old["group_by_slots"]
+  training = lambda c, method: experiment.training_fields(
+      experiment.method_config(c, "nlupp", "hotels", method, 0).to_dict())
+  result = lambda c, method: experiment.result_fields(c, "nlupp", "hotels", method, 0)
+  methods = ("seed", "in_context", "prompt_tuning", "concat", "attention")
+  assert not new.group_by_slots
+  assert all(training(new, m) == training(old, m) and result(new, m) == result(old, m) for m in methods)
+  new.group_by_slots = True
+  assert [m for m in methods if training(new, m) != training(old, m)] == ["concat"]
+  assert [m for m in methods if result(new, m) != result(old, m)] == ["concat"]
+
+
 # --- domain adaptation (config.source_data): real data of another domain added to every run ----------
 
 def source_config(tfds_dir, **extra):

@@ -10,6 +10,8 @@ With `group_by_length` (training) each epoch's kept examples are sorted by their
 and cut into batches whose order is then shuffled: every batch still holds a random epoch's examples
 once, but rows of one batch have similar lengths, so the bucketed length T wastes less on padding
 (NLU++ hotels rows are 36-73 tokens from p10 to p90: random batches of 8 mostly pad to the 128 bucket).
+With `group_by_slots` as well the sort key is (attribute-axis bucket, length), `batching.padding_key`:
+for the concat mixer, whose prefix is `n_tokens` per attribute slot, the slots pad more than the tokens.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from msp_jax.data.batching import BatchConfig, make_batch, row_length
+from msp_jax.data.batching import BatchConfig, make_batch, padding_key
 from msp_jax.data.example import Example
 from msp_jax.data.layout import PromptLayout, Segments
 from msp_jax.data.sources import DataError
@@ -34,7 +36,8 @@ class BatchIterator:
   def __init__(self, examples: Sequence[Example], to_segments: Callable[[Example, np.random.Generator], Segments],
                tokenizer, *, global_batch_size: int, config: BatchConfig = BatchConfig(), seed: int = 0,
                num_epochs: int | None = 1, shuffle: bool = True, drop_remainder: bool = True,
-               group_by_length: bool = False, process_index: int | None = None, process_count: int | None = None):
+               group_by_length: bool = False, group_by_slots: bool = False, process_index: int | None = None,
+               process_count: int | None = None):
     if process_index is None or process_count is None:
       import jax  # only to ask which host this is
       process_index, process_count = jax.process_index(), jax.process_count()
@@ -45,6 +48,7 @@ class BatchIterator:
     self.examples, self.to_segments, self.tokenizer, self.config = list(examples), to_segments, tokenizer, config
     self.global_batch_size, self.seed, self.num_epochs = global_batch_size, seed, num_epochs
     self.shuffle, self.drop_remainder, self.group_by_length = shuffle, drop_remainder, group_by_length
+    self.group_by_slots = group_by_slots
     self._orders: dict[int, np.ndarray] = {}  # the last epoch's order (grouping tokenizes the whole epoch)
     self.local_batch_size = global_batch_size // process_count
     self.process_index = process_index
@@ -79,8 +83,9 @@ class BatchIterator:
     return self._orders[epoch]
 
   def _grouped(self, epoch: int, order: np.ndarray) -> np.ndarray:
-    length = lambda i: row_length(self.to_segments(self.examples[i], self.exemplar_rng(epoch, i)), self.tokenizer)
-    return length_grouped(order, length, self.global_batch_size, np.random.default_rng([self.seed, epoch, 1]))
+    key = lambda i: padding_key(self.to_segments(self.examples[i], self.exemplar_rng(epoch, i)), self.tokenizer,
+                                self.config, by_slots=self.group_by_slots)
+    return length_grouped(order, key, self.global_batch_size, np.random.default_rng([self.seed, epoch, 1]))
 
   def exemplar_rng(self, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([self.seed, epoch, int(index)])
@@ -112,21 +117,23 @@ class BatchIterator:
     return {name: array[mine] for name, array in batch.items()}
 
 
-def length_grouped(order: np.ndarray, length: Callable[[int], int], batch_size: int,
+def length_grouped(order: np.ndarray, length: Callable[[int], int | tuple], batch_size: int,
                    rng: np.random.Generator) -> np.ndarray:
-  """`order`'s full batches re-cut from their rows sorted by `length(row)`, in `rng`'s random batch order;
-  the remainder (dropped, or the final partial batch) stays the same rows, last. Training on these pads
-  a batch to its own rows' length instead of a random row's."""
+  """`order`'s full batches re-cut from their rows sorted by `length(row)` (a number or a tuple), in `rng`'s
+  random batch order; the remainder (dropped, or the final partial batch) stays the same rows, last.
+  Training on these pads a batch to its own rows' length instead of a random row's."""
   full = len(order) // batch_size * batch_size
   kept, rest = order[:full], order[full:]
-  batches = kept[np.argsort([length(i) for i in kept], kind="stable")].reshape(-1, batch_size)
+  keys = [length(i) for i in kept]
+  batches = kept[sorted(range(full), key=keys.__getitem__)].reshape(-1, batch_size)  # stable, as argsort's
   return np.concatenate([batches[rng.permutation(len(batches))].ravel(), rest])
 
 
 def task_batches(task, split: str, tokenizer, *, global_batch_size: int, config: BatchConfig = BatchConfig(),
                  seed: int = 0, num_epochs: int | None = 1, shuffle: bool | None = None,
                  num_exemplars: int = 2, pool_size: int = 10, with_target: bool = True, group_by_length: bool = False,
-                 process_index: int | None = None, process_count: int | None = None) -> BatchIterator:
+                 group_by_slots: bool = False, process_index: int | None = None,
+                 process_count: int | None = None) -> BatchIterator:
   """Batches of a task's split in the MSP prompt layout; exemplars always come from task's train split.
 
   Training (split "train") shuffles and drops the remainder (and groups rows by length if asked);
@@ -139,5 +146,5 @@ def task_batches(task, split: str, tokenizer, *, global_batch_size: int, config:
   return BatchIterator(task.splits[split], lambda ex, rng: layout.segments(ex, rng, with_target), tokenizer,
                        global_batch_size=global_batch_size, config=config, seed=seed, num_epochs=num_epochs,
                        shuffle=training if shuffle is None else shuffle, drop_remainder=training,
-                       group_by_length=group_by_length and training,
+                       group_by_length=group_by_length and training, group_by_slots=group_by_slots,
                        process_index=process_index, process_count=process_count)
