@@ -11,7 +11,7 @@ and cut into batches whose order is then shuffled: every batch still holds a ran
 once, but rows of one batch have similar lengths, so the bucketed length T wastes less on padding
 (NLU++ hotels rows are 36-73 tokens from p10 to p90: random batches of 8 mostly pad to the 128 bucket).
 With `group_by_slots` as well the sort key is (attribute-axis bucket, length), `batching.padding_key`:
-for the concat mixer, whose prefix is `n_tokens` per attribute slot, the slots pad more than the tokens.
+for the concat mixer, whose prefix is `attribute_tokens` per attribute slot, the slots pad more than the tokens.
 """
 from __future__ import annotations
 
