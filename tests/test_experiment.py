@@ -3,6 +3,7 @@ backbone writes a JSON per run and the results table, resumes, and refuses bad i
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -86,6 +87,16 @@ def test_smoke_grid_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, raw_da
   assert json.load(open(os.path.join(workdir, "wall_time.json")))["invocations"] == 3
   assert resumed.index("## crossner/music") < resumed.index("## nlupp/hotels")  # the grid's task first, then the others
   assert section(resumed, "## nlupp/hotels") == section(table, "## nlupp/hotels")
+
+  # rescored on a machine that has the generations but not the prompt runs (a new session's checkout): the
+  # results still say how the generating prompts were trained (recorded beside the generations)
+  before = [json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", f"seed{k}.json"))) for k in (0, 1)]
+  shutil.rmtree(os.path.join(workdir, "runs"))
+  rc, out = evaluate(f"--config.model={tiny_model_dir}", f"--config.workdir={workdir}", "--config.tasks=nlupp/hotels",
+                     "--config.methods=attention", "--config.rescore=True")
+  assert rc == 0 and " seed 0: " in out and "training prompts" not in out and "generating" not in out, out[-3000:]
+  after = [json.load(open(os.path.join(workdir, "nlupp_hotels", "attention", f"seed{k}.json"))) for k in (0, 1)]
+  assert [a["generation"] for a in after] == [b["generation"] for b in before]
 
 
 def test_wall_time_survives_a_kill_and_adds_up_concurrent_invocations(tmp_path):
