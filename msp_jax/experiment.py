@@ -308,11 +308,9 @@ def generated_records(m, backbone, method: str, where: str, k: int) -> tuple[lis
         trainer.train(m, backbone)
     print(f"{where} generating: {method} seed {k}", flush=True)
     synthesis.synthesize(m, backbone)
-    if method != "in_context":
-      record_prompt_run(m)
     provenance.write_key(m.output, generation_fields(m))
   summary = json.load(open(m.output + ".summary.json"))
-  run = prompt_run(m, summary) if method != "in_context" else {}
+  run = summary.get("prompt_run") or {}  # in-context: no prompts
   source = {"file": m.output, "prompts": None if method == "in_context" else m.workdir, "seed": m.seed,
             "rounds": summary.get("rounds", 1), "candidates": summary["candidates"], "kept": summary["kept"],
             "train_seconds": run.get("seconds"), "generate_seconds": summary.get("seconds"),
@@ -320,27 +318,6 @@ def generated_records(m, backbone, method: str, where: str, k: int) -> tuple[lis
             "prompt_select_metric": run.get("select_metric"), "prompt_best": run.get("best"),
             "prompt_best_step": run.get("best_step"), "prompt_steps": run.get("step")}
   return [json.loads(line) for line in open(m.output)], source
-
-
-PROMPT_RUN_FIELDS = ("seconds", "select_metric", "best", "best_step", "step")
-
-
-def prompt_run(m, summary: dict) -> dict:
-  """The generating prompts' training (seconds, dev score, steps): from their run's summary, else as recorded
-  beside the generations (`record_prompt_run`): a grid resumed on another machine has the committed
-  generations but not the runs, and a rescore must not lose where its prompts came from."""
-  trained = os.path.join(m.workdir, "summary.json")
-  if os.path.exists(trained):
-    run = json.load(open(trained))
-    return {k: run.get(k) for k in PROMPT_RUN_FIELDS}
-  return summary.get("prompt_run", {})
-
-
-def record_prompt_run(m) -> None:
-  """Copy the prompts' training summary into the generations' summary (`prompt_run`)."""
-  path = m.output + ".summary.json"
-  summary = json.load(open(path))
-  files.write_json_atomic(path, dict(summary, prompt_run=prompt_run(m, {})))
 
 
 def eda_records(task, backbone, per_example: int, seed: int, synonyms) -> list[dict]:

@@ -382,13 +382,25 @@ def _synthesize(c, backbone) -> dict:
              "seconds": round(time.perf_counter() - started, 1), "resumed": bool(done),  # this invocation's
              "candidates": len(records), "kept": len(kept), "removed": removed, "target": target, "rounds": rounds,
              "short": bool(missing), "shortfall": missing, "attribute_counts": counts, "compilations": sampling.compilations(),
-             "key": provenance.stable_key(output_made_by), "made_by": output_made_by}
+             "key": provenance.stable_key(output_made_by), "made_by": output_made_by,
+             **({"prompt_run": prompt_run(c.workdir)} if c.method == "msp" else {})}
   files.write_json_atomic(output + ".summary.json", summary)
   print(summarise(kept, removed, len(records), counts), flush=True)
   if missing:
     print(f"short after {rounds} round(s) (config.max_generation_rounds={max_rounds}): {describe_shortfall(missing)}",
           flush=True)
   return summary
+
+
+PROMPT_RUN_FIELDS = ("seconds", "select_metric", "best", "best_step", "step")
+
+
+def prompt_run(workdir: str) -> dict:
+  """How the generating prompts were trained (their run's summary: seconds, dev score, steps), kept with the
+  generations: a rescore on a machine that has the committed generations but not the runs still knows it."""
+  trained = os.path.join(workdir, "summary.json")
+  run = json.load(open(trained)) if os.path.exists(trained) else {}
+  return {k: run.get(k) for k in PROMPT_RUN_FIELDS}
 
 
 def request_prompt(r: requested.Request, layout, c, ontology):

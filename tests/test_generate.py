@@ -71,6 +71,8 @@ def test_generate_writes_labelled_jsonl(trained, tiny_model_dir, tmp_path, load_
   check_records(records, names, seeds, "msp")
   summary = json.load(open(output + ".summary.json"))
   assert summary["candidates"] == 8 and summary["kept"] == len(records)
+  trained_run = json.load(open(os.path.join(trained, "summary.json")))  # the trainer's record of the generating prompts
+  assert summary["prompt_run"] == {k: trained_run[k] for k in ("seconds", "select_metric", "best", "best_step", "step")}
   assert summary["kept"] + sum(summary["removed"].values()) == summary["candidates"]
   assert summary["removed"].get("noise", 0) >= 1  # denoising really filters
   _, *candidates = progress_lines(output + ".candidates")  # per-attribute counts, before and after, counted here by hand
