@@ -42,6 +42,9 @@ synthetic/ are shared, never retrained); its results go to {task}+source/{method
 section of their own in results.md. NLU++ ranks them by general_intent_f1 (the original's metric).
 `downstream="finetune"` (the original's protocol: the backbone writes label strings) likewise writes to
 {task}+finetune/ (and {task}+source+finetune/), over the same prompts, generations and quality.json.
+Fine-tuning costs minutes per candidate set where the probe costs seconds, so with
+`finetune_filter="probe"` a generated row fine-tunes only on the filter the same setting's probe run chose
+on dev for that method and seed (run the probe grid first); "each" fine-tunes on every candidate.
 """
 from __future__ import annotations
 
@@ -134,7 +137,8 @@ GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fra
                      "repetition_penalty", "num_beams", "synthetic_per_example", "max_generation_rounds", "requests", "balance",
                      "max_request_values")
 FINETUNE_FIELDS = ("finetune_params", "finetune_epochs", "finetune_lr", "finetune_batch_size", "finetune_max_new_tokens",
-                   "finetune_repetition_penalty", "finetune_group_by_length")  # read only with downstream="finetune"
+                   "finetune_repetition_penalty", "finetune_group_by_length", "finetune_filter")  # read only with downstream="finetune"
+FINETUNE_FILTERS = ("each", "probe")  # finetune_filter: train on every filter candidate, or on the probe run's choice
 DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "max_dev", "downstream_hidden", "downstream_steps",
                      "downstream_l2", "downstream_eval_every", "downstream_thresholds", "quality_sample", "quality_draws",
                      "mask_synthetic_o", "source_data", "source_fraction", "consistency_filter", *consistency.FIELDS,
@@ -147,7 +151,7 @@ IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buc
 # existed: at that value a field is left out of every key, so adding an option never invalidates the
 # results of a grid that does not use it (a grid runs for many hours, across invocations).
 ADDED_FIELDS = {"mask_synthetic_o": False, "max_request_values": 0, "source_data": False, "consistency_filter": "none",
-                "downstream": "probe", "finetune_group_by_length": False, "group_by_slots": False}
+                "downstream": "probe", "finetune_group_by_length": False, "group_by_slots": False, "finetune_filter": "each"}
 # Fields that only an added option reads: with the option at its old value nothing uses them, so they are
 # out of every key whatever their values (an old grid stays current, and changing them while the option is
 # off recomputes nothing: e.g. the probe heads never read finetune_*).
@@ -190,14 +194,47 @@ def result_fields(c, dataset: str, domain: str, method: str, seed: int | None) -
   if seed is None or dataset in ("nlupp", "topv2"):  # only the span tagger reads it (CrossNER, span-labelled files)
     config.pop("mask_synthetic_o", None)
   if seed is None or method in ("seed", "eda"):  # the filters select generated data; quality measures the unfiltered pool
-    for field in ("consistency_filter", *consistency.FIELDS):
+    for field in ("consistency_filter", *consistency.FIELDS, "finetune_filter"):
       config.pop(field, None)
   data = None if method in ("seed", "eda") else generation_fields(method_config(c, dataset, domain, method, seed or 0))
   inputs = {k: config[k] for k in INPUT_FIELDS}
   if dataset == "files":  # the folder and what is in it (added only here: the benchmarks' keys stay as they were)
     inputs["data"] = [config["data_path"], user_files.fingerprint(config["data_path"])]
-  return {"method": method, "seed": seed, "inputs": inputs,
-          "downstream": {k: config[k] for k in DOWNSTREAM_FIELDS if k in config}, "synthetic": data}
+  downstream = {k: config[k] for k in DOWNSTREAM_FIELDS if k in config}
+  if seed is not None and follows_probe(c, method):  # a changed choice of the probe run makes this result stale
+    downstream["probe_filter"] = probe_choice(c, dataset, domain, method, seed)[0]
+  return {"method": method, "seed": seed, "inputs": inputs, "downstream": downstream, "synthetic": data}
+
+
+def follows_probe(c, method: str) -> bool:
+  """Whether `method`'s finetune runs train on the filter their probe run chose, not on every candidate."""
+  return (c.get("downstream", "probe") == "finetune" and c.get("finetune_filter", "each") == "probe"
+          and method not in ("seed", "eda") and len(consistency.candidates(c)) > 1)
+
+
+def check_probe_choices(c, grid_tasks, methods) -> None:
+  """Before anything loads: finetune_filter is valid, and with "probe" every probe run it follows is current."""
+  if c.get("finetune_filter", "each") not in FINETUNE_FILTERS:
+    raise ExperimentError(f"config.finetune_filter={c.finetune_filter!r}: valid: {', '.join(FINETUNE_FILTERS)}")
+  for dataset, domain in grid_tasks:
+    for method in filter(lambda m: follows_probe(c, m), methods):
+      for k in range(c.num_seeds):
+        chosen, path = probe_choice(c, dataset, domain, method, k)
+        if chosen is None:
+          raise ExperimentError(f"{path}: config.finetune_filter='probe' fine-tunes on the filter this probe run chose on "
+                                f"dev, and it is missing or was made with other settings: run the same grid with "
+                                f"--config.downstream=probe first, or set --config.finetune_filter=each")
+
+
+def probe_choice(c, dataset: str, domain: str, method: str, seed: int) -> tuple[str | None, str]:
+  """(The filter that `c`'s setting's probe run of this method and seed chose on dev, or None where that run
+  is missing or was made with other settings; the run's path)."""
+  probe = setting_config(c, (setting_of(c)[0], "probe"))
+  path = os.path.join(task_folder(probe, dataset, domain), method, f"seed{seed}.json")
+  if not current(path, result_fields(probe, dataset, domain, method, seed)):
+    return None, path
+  with open(path) as f:
+    return json.load(f).get("filter_chosen"), path
 
 
 def trained_fields(workdir: str) -> dict | None:
@@ -437,6 +474,7 @@ def run(c, backbone=None) -> str:
     check_source_data(c, grid_tasks)
   consistency.validate(c)
   task_models.check_downstream(c, [dataset for dataset, _ in grid_tasks])
+  check_probe_choices(c, grid_tasks, methods)
   if c.quality_sample < 2 or c.quality_draws < 1:
     raise ExperimentError(f"config.quality_sample={c.quality_sample}, config.quality_draws={c.quality_draws}: need >= 2 and >= 1")
   keep_compiled_programs(c.workdir)
@@ -498,7 +536,8 @@ def run_tasks(c, backbone, clock: WallTime, grid_tasks, methods, adapting: bool)
 
       for k in todo:
         t0 = time.time()
-        sets, measured, origin = synthetic_sets(k)
+        filters = [probe_choice(c, dataset, domain, method, k)[0]] if follows_probe(c, method) else consistency.candidates(c)
+        sets, measured, origin = synthetic_sets(k, filters)
         if k == 0 and measured and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
           files.write_json_atomic(quality_path, measure(measured))
           provenance.write_key(quality_path, quality_fields)
@@ -512,6 +551,7 @@ def run_tasks(c, backbone, clock: WallTime, grid_tasks, methods, adapting: bool)
                   "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
                   "generation": origin, **({"consistency": counts} if counts else {}),
                   **({"filter_chosen": chosen} if len(sets) > 1 else {}),
+                  **({"filter_chosen": chosen, "filter_chosen_by": "probe"} if follows_probe(c, method) else {}),
                   "dev_examples": len(dev), "test_examples": len(test),
                   **({"source_data": source_info} if adapting else {}), **run}
         result.update(seconds=round(time.time() - t0, 1), downstream_seconds=round(time.time() - t1, 1))

@@ -327,11 +327,12 @@ def test_each_seed_trains_and_samples_its_own_generator_and_rounds_reach_the_tar
                                                         "consistency_alternatives", "consistency_rank")),
     ("downstream", "finetune", "downstream", ("finetune_params", "finetune_epochs", "finetune_lr", "finetune_batch_size",
                                               "finetune_max_new_tokens", "finetune_repetition_penalty",
-                                              "finetune_group_by_length")),
+                                              "finetune_group_by_length", "finetune_filter")),
     # the probe heads never read the finetune_* fields: at downstream="probe" no value of theirs enters a key
     ("finetune_params", "prompt", "unread", ()), ("finetune_epochs", 9, "unread", ()), ("finetune_lr", 0.1, "unread", ()),
     ("finetune_batch_size", 2, "unread", ()), ("finetune_max_new_tokens", 8, "unread", ()),
-    ("finetune_repetition_penalty", 1.0, "unread", ()), ("finetune_group_by_length", False, "unread", ())])
+    ("finetune_repetition_penalty", 1.0, "unread", ()), ("finetune_group_by_length", False, "unread", ()),
+    ("finetune_filter", "each", "unread", ())])
 def test_an_added_field_at_its_old_value_keeps_every_key(field, value, kind, added_with):
   """A grid cached before a field existed stays current while the field keeps its old behaviour."""
   from configs import experiment as experiment_config
@@ -684,6 +685,42 @@ def test_finetune_grid_shares_the_probe_grids_workdir_and_keeps_both_current(bas
   out = run_grid(dict_update(c, downstream="probe"), capsys)  # the probe grid (finetune_* unread): all current, both sections
   assert " seed 0: " not in out and "recomputing" not in out, out
   assert "## nlupp/hotels, finetune (the original's protocol)\n" in open(os.path.join(workdir, "results.md")).read()
+
+
+def test_finetune_follows_the_filter_its_probe_run_chose_on_dev(base_grid, tmp_path, capsys):
+  """finetune_filter="probe": a generated row fine-tunes on the one filtered set its probe run (same setting,
+  method and seed) chose on dev, and records that; without a current probe run the grid stops with the path;
+  a probe run that later chooses otherwise makes the finetune result stale; seed-only's key ignores the field."""
+  import shutil
+  from msp_jax import experiment
+  workdir = str(tmp_path / "results")
+  shutil.copytree(base_grid.workdir, workdir)
+  probe = dict_update(base_grid, workdir=workdir, consistency_filter="none,classifier", consistency_recall=0.5)
+  finetune = dict_update(probe, downstream="finetune", finetune_filter="probe", finetune_epochs=1, finetune_batch_size=16,
+                         finetune_max_new_tokens=6)
+  with pytest.raises(experiment.ExperimentError,
+                     match=r"nlupp_hotels/attention/seed0.json: config.finetune_filter='probe' .* --config.downstream=probe first"):
+    experiment.run(finetune)  # the probe results in the copied workdir were made with another consistency_filter
+  run_grid(probe, capsys)
+  probe_path = os.path.join(workdir, "nlupp_hotels", "attention", "seed0.json")
+  chosen = json.load(open(probe_path))["filter_chosen"]
+  out = run_grid(finetune, capsys)
+  assert "training prompts" not in out and "generating" not in out, out
+  result = json.load(open(os.path.join(workdir, "nlupp_hotels+finetune", "attention", "seed0.json")))
+  assert result["filter_chosen"] == chosen and result["filter_chosen_by"] == "probe"
+  assert "candidates_dev_score" not in result  # one model fine-tuned, not one per candidate
+  assert ("consistency" in result) == (chosen == "classifier")
+  key = lambda: experiment.result_fields(finetune, "nlupp", "hotels", "attention", 0)
+  assert key()["downstream"]["probe_filter"] == chosen
+  finetuned = os.path.join(workdir, "nlupp_hotels+finetune", "attention", "seed0.json")
+  assert experiment.current(finetuned, key())
+  other = {"none": "classifier", "classifier": "none"}[chosen]
+  json.dump(dict(json.load(open(probe_path)), filter_chosen=other), open(probe_path, "w"))  # the probe run chose otherwise
+  assert not experiment.current(finetuned, key())
+  seed_key = lambda c: experiment.result_fields(c, "nlupp", "hotels", "seed", 0)
+  assert seed_key(finetune) == seed_key(dict_update(finetune, finetune_filter="each"))
+  with pytest.raises(experiment.ExperimentError, match=r"config.finetune_filter='both': valid: each, probe"):
+    experiment.run(dict_update(finetune, finetune_filter="both"))
 
 
 def test_a_method_with_some_of_its_seeds_done_is_marked_and_not_ranked():
