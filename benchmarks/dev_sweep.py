@@ -39,7 +39,7 @@ import numpy as np
 
 from benchmarks.machine import describe
 from configs import experiment as experiment_config
-from msp_jax import augment, assembly, consistency, experiment, files, provenance, task_models
+from msp_jax import augment, assembly, config_keys, consistency, experiment, files, provenance, task_models
 from msp_jax.data import load_task
 from msp_jax.models.weights import load_backbone
 
@@ -70,7 +70,7 @@ def split_top_level(text: str) -> list[str]:
 
 def prompts_dir(root: str, m) -> str:
   """One prompt run per distinct set of training fields, shared by the variants that only differ after it."""
-  return os.path.join(root, "runs", f"{os.path.basename(m.workdir)}-{provenance.stable_key(experiment.training_fields(m.to_dict()))}")
+  return os.path.join(root, "runs", f"{os.path.basename(m.workdir)}-{provenance.stable_key(config_keys.training_fields(m.to_dict()))}")
 
 
 def grid_paths(m, grid: str, dataset: str, domain: str, method: str, k: int) -> str:
@@ -87,7 +87,7 @@ def grid_paths(m, grid: str, dataset: str, domain: str, method: str, k: int) -> 
   run, output = os.path.join(grid, "runs", name), os.path.join(grid, "synthetic", f"{name}.jsonl")
   trained_with = experiment.trained_fields(run) if os.path.exists(os.path.join(run, "summary.json")) else None
   trained = trained_with is not None and (provenance.stable_key(trained_with)  # tuples in m, lists in the JSON
-                                          == provenance.stable_key(experiment.training_fields(m.to_dict())))
+                                          == provenance.stable_key(config_keys.training_fields(m.to_dict())))
   made = provenance.read_key(output)
   if made is not None and made.get("key") == provenance.stable_key(experiment.generation_fields(m)):
     if method == "in_context" or not consistency.uses_roundtrip(m) or trained:
@@ -167,7 +167,7 @@ def main():
   for spec in a.variant:
     name, _, text = spec.partition(":")
     fields = parse_fields(base, text)
-    own = experiment.OWN_TEMPERATURE.get(fields.get("method", a.method))
+    own = config_keys.OWN_TEMPERATURE.get(fields.get("method", a.method))
     if own and base.get(own) and "temperature" in {**shared, **fields}:
       raise SystemExit(f"error: variant {name!r}: {fields.get('method', a.method)} samples at {own} "
                        f"(configs/experiment.py); set that field, not temperature")

@@ -20,7 +20,7 @@ from flax import nnx
 
 from msp_jax import checkpoints as ckpt
 from msp_jax import data as msp_data
-from msp_jax import files, interrupts, mixers, sampling, sharding, training
+from msp_jax import config_keys, files, interrupts, mixers, sampling, sharding, training
 from msp_jax.assembly import Run, announce, build, checkpoint_store, metadata, say, validate
 from msp_jax.errors import MspError
 from msp_jax.metrics import text_quality
@@ -162,12 +162,39 @@ def train(c, backbone: Backbone | None = None) -> dict:
     return _train(c, backbone, guard)
 
 
+RUN_LENGTH_FIELDS = ("max_steps", "num_epochs", "patience")  # when a run stops, not what its steps do
+
+
+def check_same_training(workdir: str, meta: dict) -> None:
+  """Refuses to resume a run under other training fields (`config_keys.training_fields`) than it was started
+  with: a changed learning rate, batch, schedule, seed or data would continue one run under another's
+  settings, and the metadata, rewritten at start, would no longer say how its first steps were made.
+  Under a constant learning rate with warm-up in steps, a run may be resumed to stop at another length."""
+  old = ckpt.read_metadata(workdir)
+  if old is None or old.get("config") is None:
+    return
+  as_json = lambda config: json.loads(json.dumps(config_keys.training_fields(config), default=str))  # tuples as lists
+  was, now = as_json(old["config"]), as_json(meta["config"])
+  changed = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+  if now.get("decay") == "constant" and not now.get("warmup_fraction"):  # the schedule ignores the run's length:
+    changed = [k for k in changed if k not in RUN_LENGTH_FIELDS]    # a longer (or shorter) run is the same run
+  if changed:
+    field = changed[0]
+    raise ckpt.CheckpointError(
+        f"{os.path.join(workdir, ckpt.METADATA)}: this run was trained with {field}={was.get(field)!r} and would resume "
+        f"with {field}={now.get(field)!r} ({len(changed)} training field(s) differ: {', '.join(changed)}); use another "
+        "workdir, or the run's original settings to resume it")
+
+
 def _train(c, backbone: Backbone | None, guard: interrupts.StopGuard) -> dict:
   started = time.perf_counter()
   run = build(c, backbone)
   os.makedirs(c.workdir, exist_ok=True)
   meta = metadata(run)
   ckpt.check_metadata(c.workdir, meta)
+  store = checkpoint_store(c)
+  if store.steps():  # a run to resume: only under the settings it was trained with
+    check_same_training(c.workdir, meta)
   if jax.process_index() == 0:
     files.write_json_atomic(os.path.join(c.workdir, ckpt.METADATA), meta, sort_keys=True)
 
@@ -188,7 +215,6 @@ def _train(c, backbone: Backbone | None, guard: interrupts.StopGuard) -> dict:
   eval_step = training.make_eval_step(graphdef, mesh, frozen)
 
   minimize = c.select_metric == "dev_loss"
-  store = checkpoint_store(c)
   step, best, since_best = 0, None, 0
   resumed = store.restore_newest_intact(ckpt.abstract({"trainable": trainable, "opt_state": opt_state}, rep),
                                         warn=say)

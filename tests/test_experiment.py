@@ -336,17 +336,17 @@ def test_each_seed_trains_and_samples_its_own_generator_and_rounds_reach_the_tar
 def test_an_added_field_at_its_old_value_keeps_every_key(field, value, kind, added_with):
   """A grid cached before a field existed stays current while the field keeps its old behaviour."""
   from configs import experiment as experiment_config
-  from msp_jax import experiment
+  from msp_jax import config_keys, experiment
   new = experiment_config.get_config()
   if kind != "unread":  # a grid that keeps the field at its old behaviour (the grid's own default may differ)
-    new[field] = experiment.ADDED_FIELDS[field]
+    new[field] = config_keys.ADDED_FIELDS[field]
   old = new.copy_and_resolve_references()
   for name in (field, *added_with):
     del old[name]  # the config as it was before the field was added
 
   def keys(c):
     return {method: (experiment.result_fields(c, "crossner", "music", method, 1),
-                     experiment.training_fields(experiment.method_config(c, "crossner", "music", method, 1).to_dict()),
+                     config_keys.training_fields(experiment.method_config(c, "crossner", "music", method, 1).to_dict()),
                      experiment.generation_fields(experiment.method_config(c, "crossner", "music", method, 1)))
             for method in ("seed", "in_context", "attention")}
   assert keys(old) == keys(new)
@@ -379,11 +379,11 @@ def test_slot_grouping_retrains_only_concat():
   """group_by_slots came after the grid's prompts: at False (how they were trained, the grid's setting) every
   key stays; at True only concat's prompts (whose batches it changes) and what follows from them are new."""
   from configs import experiment as experiment_config
-  from msp_jax import experiment
+  from msp_jax import config_keys, experiment
   new = experiment_config.get_config()
   old = new.copy_and_resolve_references()
   del old["group_by_slots"]
-  training = lambda c, method: experiment.training_fields(
+  training = lambda c, method: config_keys.training_fields(
       experiment.method_config(c, "nlupp", "hotels", method, 0).to_dict())
   result = lambda c, method: experiment.result_fields(c, "nlupp", "hotels", method, 0)
   methods = ("seed", "in_context", "prompt_tuning", "concat", "attention")
@@ -540,7 +540,7 @@ def test_a_baseline_samples_at_its_own_temperature_and_only_its_rows_are_keyed_b
   baseline, not for MSP) and are remade when it changes; the other rows' prompts, generations and results
   keep their keys, and a config from before the field existed keys them the same."""
   from configs import experiment as experiment_config
-  from msp_jax import experiment
+  from msp_jax import config_keys, experiment
   c = dict_update(experiment_config.get_config(), temperature=1.2, **{field: 1.0})
   assert experiment.method_config(c, "nlupp", "hotels", baseline, 1).temperature == 1.0
   assert experiment.method_config(c, "nlupp", "hotels", "attention", 1).temperature == 1.2
@@ -552,8 +552,8 @@ def test_a_baseline_samples_at_its_own_temperature_and_only_its_rows_are_keyed_b
     assert experiment.result_fields(c, "nlupp", "hotels", method, 1) == experiment.result_fields(old, "nlupp", "hotels", method, 1)
     assert experiment.result_fields(c, "nlupp", "hotels", method, 1) == experiment.result_fields(other, "nlupp", "hotels", method, 1)
   for method in ("attention", "prompt_tuning"):  # prompts are trained the same whatever they are sampled at
-    assert experiment.training_fields(experiment.method_config(c, "nlupp", "hotels", method, 1).to_dict()) == \
-        experiment.training_fields(experiment.method_config(old, "nlupp", "hotels", method, 1).to_dict())
+    assert config_keys.training_fields(experiment.method_config(c, "nlupp", "hotels", method, 1).to_dict()) == \
+        config_keys.training_fields(experiment.method_config(old, "nlupp", "hotels", method, 1).to_dict())
   keys = [experiment.result_fields(x, "nlupp", "hotels", baseline, 1) for x in (c, old, other)]
   assert keys[0] != keys[1] and keys[0] != keys[2] and keys[0]["synthetic"]["temperature"] == 1.0
 

@@ -154,9 +154,10 @@ def tensorboard_steps(workdir, tag):
 
 def test_killed_and_resumed_run_logs_each_step_once(tiny_model_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  proc = run_train(tiny_flags(tiny_model_dir, workdir, max_steps=2, eval_every=2))
+  # a constant rate: the run may then be extended (2 -> 12 steps) under the same training settings
+  proc = run_train(tiny_flags(tiny_model_dir, workdir, max_steps=2, eval_every=1000, decay="constant"))
   assert proc.wait(timeout=600) == 0
-  flags = tiny_flags(tiny_model_dir, workdir, max_steps=12, eval_every=1000, checkpoint_every=1000)
+  flags = tiny_flags(tiny_model_dir, workdir, max_steps=12, eval_every=1000, checkpoint_every=1000, decay="constant")
   proc = run_train(flags)  # resumes at 2 and saves nothing before 12: killed, its steps 3.. are lost
   wait_for(lambda: max(logged_steps(workdir, "loss")) >= 5, proc)
   proc.send_signal(signal.SIGKILL)

@@ -92,6 +92,30 @@ def test_restoring_onto_another_backbone_is_an_error(tiny_model_dir, tmp_path):
   assert last.startswith("error: ") and "backbone_fingerprint" in last and "metadata.json" in last
 
 
+def test_a_run_resumes_only_under_its_own_training_settings(tiny_model_dir, tmp_path):
+  """A checkpointed run re-run with another learning rate, or another length under a cosine schedule, is
+  refused in one line naming the field and both values, and leaves the run as it was; a changed field that
+  does not touch training (log_every) resumes it. (Under a constant rate a run may be extended:
+  tests/test_checkpoints.py resumes runs to longer max_steps.)"""
+  workdir = str(tmp_path / "run")
+  proc = run_train(tiny_flags(tiny_model_dir, workdir, max_steps=2))
+  assert proc.wait(timeout=600) == 0
+  meta = open(os.path.join(workdir, "metadata.json")).read()
+  proc = run_train(tiny_flags(tiny_model_dir, workdir, max_steps=2, learning_rate=0.5))
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode != 0, out[-3000:]
+  last = out.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "metadata.json" in last and "learning_rate=0.01" in last, last
+  assert "learning_rate=0.5" in last and "1 training field(s) differ: learning_rate)" in last, last
+  assert open(os.path.join(workdir, "metadata.json")).read() == meta  # the record of how it was trained is kept
+  proc = run_train(tiny_flags(tiny_model_dir, workdir, max_steps=3))  # cosine decay over 2 steps: a longer run is another
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode != 0 and "trained with max_steps=2 and would resume with max_steps=3" in out, out[-3000:]
+  proc = run_train(tiny_flags(tiny_model_dir, workdir, max_steps=2, log_every=5))
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0 and "resumed" in out, out[-3000:]
+
+
 @pytest.mark.parametrize("flag,message", [
     ("--config.mixture=mean", "config.mixture='mean': valid: concat, pooling, attention, bottleneck, cnn, none"),
     ("--config.max_steps=-3", "config.max_steps=-3: must be >= 0"),
