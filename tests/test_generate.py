@@ -3,7 +3,6 @@ the same file; bad input is a one-line error with nothing written."""
 import collections
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -175,8 +174,8 @@ def progress_lines(path):
 
 def test_more_training_regenerates_and_keeps_the_old_candidates_aside(trained_in_process, tmp_path, capsys):
   c = trained_in_process.copy_and_resolve_references()
-  shutil.copytree(c.workdir, tmp_path / "run")
-  c.workdir = str(tmp_path / "run")
+  c.update(workdir=str(tmp_path / "run"), decay="constant")  # a schedule a run may be extended under
+  trainer.train(c)
   first = synthesis.synthesize(c)
   c.max_steps = 4
   trainer.train(c)  # training goes on in the same workdir
