@@ -486,9 +486,10 @@ def run_tasks(c, backbone, clock: WallTime, grid_tasks, methods, adapting: bool)
           sets[which] = (subsample(kept, n_synthetic, k), counts)
         return sets, pool, origin
 
+      by_probe = follows_probe(c, method)
       for k in todo:
         t0 = time.time()
-        filters = [probe_choice(c, dataset, domain, method, k)[0]] if follows_probe(c, method) else consistency.candidates(c)
+        filters = [probe_choice(c, dataset, domain, method, k)[0]] if by_probe else consistency.candidates(c)
         sets, measured, origin = synthetic_sets(k, filters)
         if k == 0 and measured and (c.rescore or not provenance.reusable(quality_path, quality_fields, f"{label} quality")):
           files.write_json_atomic(quality_path, measure(measured))
@@ -502,8 +503,8 @@ def run_tasks(c, backbone, clock: WallTime, grid_tasks, methods, adapting: bool)
         result = {"task": f"{dataset}/{domain}", "method": method, "seed": k, "seed_examples": len(seeds),
                   "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
                   "generation": origin, **({"consistency": counts} if counts else {}),
-                  **({"filter_chosen": chosen} if len(sets) > 1 else {}),
-                  **({"filter_chosen": chosen, "filter_chosen_by": "probe"} if follows_probe(c, method) else {}),
+                  **({"filter_chosen": chosen} if len(sets) > 1 or by_probe else {}),
+                  **({"filter_chosen_by": "probe"} if by_probe else {}),
                   "dev_examples": len(dev), "test_examples": len(test),
                   **({"source_data": source_info} if adapting else {}), **run}
         result.update(seconds=round(time.time() - t0, 1), downstream_seconds=round(time.time() - t1, 1))

@@ -20,7 +20,7 @@ from flax import nnx
 
 from msp_jax import checkpoints as ckpt
 from msp_jax import data as msp_data
-from msp_jax import config_keys, files, interrupts, mixers, sampling, sharding, training
+from msp_jax import config_keys, files, interrupts, mixers, provenance, sampling, sharding, training
 from msp_jax.assembly import Run, announce, build, checkpoint_store, metadata, say, validate
 from msp_jax.errors import MspError
 from msp_jax.metrics import text_quality
@@ -173,13 +173,12 @@ def check_same_training(workdir: str, meta: dict) -> None:
   old = ckpt.read_metadata(workdir)
   if old is None or old.get("config") is None:
     return
-  as_json = lambda config: json.loads(json.dumps(config_keys.training_fields(config), default=str))  # tuples as lists
-  was, now = as_json(old["config"]), as_json(meta["config"])
-  changed = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+  was, now = config_keys.training_fields(old["config"]), config_keys.training_fields(meta["config"])
+  changed = provenance.changed_fields(was, now)
   if now.get("decay") == "constant" and not now.get("warmup_fraction"):  # the schedule ignores the run's length:
     changed = [k for k in changed if k not in RUN_LENGTH_FIELDS]    # a longer (or shorter) run is the same run
   if changed:
-    field = changed[0]
+    field = changed[0].split(".")[0]
     raise ckpt.CheckpointError(
         f"{os.path.join(workdir, ckpt.METADATA)}: this run was trained with {field}={was.get(field)!r} and would resume "
         f"with {field}={now.get(field)!r} ({len(changed)} training field(s) differ: {', '.join(changed)}); use another "
