@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 
@@ -496,9 +497,11 @@ def run_tasks(c, backbone, clock: WallTime, grid_tasks, methods, adapting: bool)
           provenance.write_key(quality_path, quality_fields)
         t1 = time.time()
         # with several filters, each set trains a model and the dev split chooses which one is scored on test
+        # a finetune run saves every epoch here (hours on a CPU: a killed grid resumes it), deleted once scored
+        state_dir = os.path.join(c.workdir, "runs", "finetune", f"{os.path.basename(os.path.dirname(folder))}_{method}_seed{k}")
         chosen, run = task_models.downstream_run(
             task, cache, c, k, {name: seeds + source + [dict(r, synthetic=True) for r in added] for name, (added, _) in sets.items()},
-            dev, test)
+            dev, test, state_dir)
         synthetic, counts = sets[chosen]
         result = {"task": f"{dataset}/{domain}", "method": method, "seed": k, "seed_examples": len(seeds),
                   "synthetic_examples": len(synthetic), "synthetic_target": 0 if method == "seed" else n_synthetic,
@@ -510,6 +513,7 @@ def run_tasks(c, backbone, clock: WallTime, grid_tasks, methods, adapting: bool)
         result.update(seconds=round(time.time() - t0, 1), downstream_seconds=round(time.time() - t1, 1))
         files.write_json_atomic(os.path.join(folder, f"seed{k}.json"), result)
         provenance.write_key(os.path.join(folder, f"seed{k}.json"), result_fields(c, dataset, domain, method, k))
+        shutil.rmtree(state_dir, ignore_errors=True)  # only a finetune run writes one
         print(f"{label} seed {k}: {metric} {result['scores'][metric]:.3f} ({len(synthetic)} synthetic"
               f"{f', {len(source)} source' if adapting else ''}{f'; filter {chosen!r} chosen on dev' if len(sets) > 1 else ''})",
               flush=True)

@@ -18,6 +18,7 @@ and parse decoded ones back into the ontology's labels, the original's normalisa
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from typing import Callable, Sequence
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from msp_jax import sampling, sharding, training
+from msp_jax import checkpoints, provenance, sampling, sharding, training
 from msp_jax.assembly import embedding_table
 from msp_jax.data.batching import BatchConfig, make_batch, pad_id, row_length
 from msp_jax.data.iterator import length_grouped
@@ -229,7 +230,16 @@ class LabelGenerator:
 
   # training
   def fit(self, texts: Sequence[str], targets: Sequence[str], dev_texts: Sequence[str],
-          dev_score: Callable[[list[str]], float], on_epoch: Callable[[dict], None] | None = None):
+          dev_score: Callable[[list[str]], float], on_epoch: Callable[[dict], None] | None = None,
+          checkpoint_dir: str | None = None, run_key: dict | None = None):
+    """Trains `epochs` epochs, scoring the decoded dev strings after each, and keeps the best epoch.
+
+    With `checkpoint_dir`, each epoch's state (trainable parameters, optimizer, history) is saved in
+    `{checkpoint_dir}/checkpoints`, keeping the best epoch and the latest. A fit killed part-way (a CPU
+    politics row takes hours) then resumes after its last saved epoch and reaches the parameters an
+    unbroken fit would have; a finished one only restores its best epoch. The state is keyed by the
+    config, the backbone, the texts and `run_key` (what else `dev_score` depends on): a state made from
+    anything else is moved aside with a notice (`provenance.reusable`), never resumed."""
     c = self.config
     self.new_tokens = self.decode_length(targets)
     steps_per_epoch = -(-len(texts) // c.batch_size)
@@ -240,11 +250,18 @@ class LabelGenerator:
     step = training.make_train_step(self.graphdef, tx, self.mesh, self.trainable, opt_state, self.frozen)
     rng = np.random.default_rng([c.seed, 13])
     lengths = [row_length(row_segments(i, t, y), self.tokenizer) for i, (t, y) in enumerate(zip(texts, targets))]
+    store, done = None, 0
+    if checkpoint_dir:
+      key = {"config": dataclasses.asdict(c), "backbone": self.backbone.source, "run_key": run_key or {},
+             "data": provenance.stable_key({"texts": list(texts), "targets": list(targets), "dev": list(dev_texts)})}
+      store, done, opt_state = self._resume(checkpoint_dir, key, opt_state)
     best = None
     for epoch in range(1, c.epochs + 1):
       order = rng.permutation(len(texts))
       if c.group_by_length:
         order = length_grouped(order, lengths.__getitem__, c.batch_size, rng)
+      if epoch <= done:
+        continue  # saved before a restart; its order is drawn all the same, so later epochs get theirs
       losses, start_time = [], time.perf_counter()
       for start in range(0, len(texts), c.batch_size):
         rows = order[start:start + c.batch_size]
@@ -256,13 +273,39 @@ class LabelGenerator:
       self.history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "dev_score": score,
                            "train_seconds": round(trained - start_time, 2),
                            "dev_seconds": round(time.perf_counter() - trained, 2)})  # both with the first call's compile
+      if store is not None:
+        store.save(epoch, {"trainable": self.trainable, "opt_state": opt_state},
+                   {"metrics": {"dev_score": score}, "history": self.history})
+      elif best is None or score > best[0]:
+        best = (score, epoch, jax.tree.map(jnp.copy, self.trainable))  # the next step donates the live copy
       if on_epoch is not None:
         on_epoch(self.history[-1])
-      if best is None or score > best[0]:
-        best = (score, epoch, jax.tree.map(jnp.copy, self.trainable))  # the next step donates the live copy
+    if store is not None:  # the best epoch is on disk (ties: the earlier one, as above)
+      epoch = store.best_step()
+      if epoch != store.latest_step():  # the whole state: this manager saved it whole (a part restore needs another)
+        state = {"trainable": self.trainable, "opt_state": opt_state}
+        self.trainable = store.restore(epoch, checkpoints.abstract(state))[0]["trainable"]
+      best = (self.history[epoch - 1]["dev_score"], epoch, self.trainable)
+      store.close()
     score, epoch, self.trainable = best
     self.selection = {"epochs": epoch, "dev_score": score, "history": self.history}
     return self
+
+  def _resume(self, checkpoint_dir: str, key: dict, opt_state) -> tuple[checkpoints.Checkpoints, int, object]:
+    """(the epoch store, the epochs already done, the optimizer state to go on from); restores the
+    trainable parameters and the history of the newest intact epoch of a state made from `key`."""
+    folder = os.path.join(checkpoint_dir, "checkpoints")
+    if not provenance.reusable(folder, key, f"fine-tuning state {checkpoint_dir}"):
+      provenance.write_key(folder, key)
+    store = checkpoints.Checkpoints(checkpoint_dir, metric="dev_score", minimize=False, keep_best=1)
+    state = {"trainable": self.trainable, "opt_state": opt_state}
+    newest = store.restore_newest_intact(checkpoints.abstract(state))
+    if newest is None:
+      return store, 0, opt_state
+    done, state, meta = newest
+    self.trainable, self.history = state["trainable"], meta["history"]
+    print(f"  finetune: resuming after epoch {done}/{self.config.epochs} ({folder})", flush=True)
+    return store, done, state["opt_state"]
 
   # decoding
   def decode_length(self, targets: Sequence[str]) -> int:

@@ -14,6 +14,7 @@ Each takes records ({"text", "attributes", "spans"}; "synthetic": True marks gen
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
@@ -191,7 +192,7 @@ class GeneratedIntentModel(IntentModel):
   (micro F1; with `source_data`, general_intent_f1). Scored like IntentModel; a written piece that names
   no intent is a false positive, as in the original's scoring."""
 
-  def fit(self, records, dev):
+  def fit(self, records, dev, checkpoint_dir: str | None = None):
     self.strings = label_generator.IntentStrings(self.labels["intents"])
     self.generator = label_generator.LabelGenerator(self.cache.backbone, finetune_config(self.c, self.seed))
     gold = [set(ex.attributes["intents"]) for ex in dev]
@@ -204,7 +205,8 @@ class GeneratedIntentModel(IntentModel):
       return task_scores.multilabel_prf(gold, pred, self.labels["intents"], unmatched)["micro_f1"]
 
     self.generator.fit([r["text"] for r in records], [self.strings.format(r["attributes"].get("intents", ())) for r in records],
-                       [ex.text for ex in dev], dev_score, epoch_report(self.c, self.dev_metric))
+                       [ex.text for ex in dev], dev_score, epoch_report(self.c, self.dev_metric), checkpoint_dir,
+                       {"dev_metric": self.dev_metric, "dev_gold": [sorted(g) for g in gold]})
     return self
 
   @property
@@ -234,7 +236,7 @@ class GeneratedEntityModel(EntityModel):
   the sentence (`label_generator.locate`), one that is not there is a false positive; the original's
   partial-match score reads the written strings themselves."""
 
-  def fit(self, records, dev):
+  def fit(self, records, dev, checkpoint_dir: str | None = None):
     self.strings = label_generator.EntityStrings(self.types)
     self.generator = label_generator.LabelGenerator(self.cache.backbone, finetune_config(self.c, self.seed))
     gold = [task_scores.bio_to_spans(example_bio_tags(ex)) for ex in dev]
@@ -246,7 +248,8 @@ class GeneratedEntityModel(EntityModel):
 
     targets = [self.strings.format([(s["type"], s["value"]) for s in sorted(r["spans"] or [], key=lambda s: s["start"])])
                for r in records]
-    self.generator.fit([r["text"] for r in records], targets, [ex.text for ex in dev], dev_score, epoch_report(self.c, "span_f1"))
+    self.generator.fit([r["text"] for r in records], targets, texts, dev_score, epoch_report(self.c, "span_f1"), checkpoint_dir,
+                       {"dev_metric": "span_f1", "dev_gold": gold})
     return self
 
   @property
@@ -355,21 +358,26 @@ def dev_score(selection: dict) -> float:
   return float(np.mean([chosen["dev_score"] for chosen in selection.values()]))
 
 
-def fit_on_dev(task, cache, c, seed: int, candidates: dict[str, list], dev) -> tuple[str, object, dict[str, float]]:
+def fit_on_dev(task, cache, c, seed: int, candidates: dict[str, list], dev,
+               state_dir: str | None = None) -> tuple[str, object, dict[str, float]]:
   """A model per candidate training set (e.g. a synthetic pool with and without a consistency filter), each
   with its hyper-parameters chosen on dev; (the name of the one with the best dev score (`dev_score`; a tie
-  goes to the first), its model, every candidate's dev score)."""
-  kind = FINETUNE_MODELS[task.dataset] if c.get("downstream", "probe") == "finetune" else model_class(task)
-  fitted = {name: kind(task, cache, c, seed).fit(records, dev) for name, records in candidates.items()}
+  goes to the first), its model, every candidate's dev score). A finetune model saves each epoch in
+  `{state_dir}/{candidate}` when `state_dir` is given, and resumes from there."""
+  finetune = c.get("downstream", "probe") == "finetune"
+  kind = FINETUNE_MODELS[task.dataset] if finetune else model_class(task)
+  saved = lambda name: {"checkpoint_dir": os.path.join(state_dir, name or "all")} if finetune and state_dir else {}
+  fitted = {name: kind(task, cache, c, seed).fit(records, dev, **saved(name)) for name, records in candidates.items()}
   on_dev = {name: dev_score(model.selection) for name, model in fitted.items()}
   chosen = max(on_dev, key=on_dev.get)
   return chosen, fitted[chosen], on_dev
 
 
-def downstream_run(task, cache, c, seed: int, candidates: dict[str, list], dev, test) -> tuple[str, dict]:
+def downstream_run(task, cache, c, seed: int, candidates: dict[str, list], dev, test,
+                   state_dir: str | None = None) -> tuple[str, dict]:
   """One downstream run: the model `fit_on_dev` chooses among the candidate training sets is scored on
   test, once; (its name, its result)."""
-  chosen, model, on_dev = fit_on_dev(task, cache, c, seed, candidates, dev)
+  chosen, model, on_dev = fit_on_dev(task, cache, c, seed, candidates, dev, state_dir)
   result = {"selection": model.selection, "scores": model.score(test)}
   if len(candidates) > 1:
     result["candidates_dev_score"] = on_dev

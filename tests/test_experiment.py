@@ -641,13 +641,26 @@ def test_a_finetune_field_enters_the_result_key_when_finetuning():
   assert before != after and after["downstream"]["finetune_epochs"] == 9
 
 
-def test_finetune_grid_writes_both_score_families(tiny_model_dir, tmp_path, tfds_dir, capsys):
+def test_finetune_grid_writes_both_score_families(tiny_model_dir, tmp_path, tfds_dir, capsys, monkeypatch):
   """downstream="finetune": the backbone writes label strings for NLU++ and CrossNER; each run records its
-  epoch choice and scores with the standard and the original's metrics, and results.md shows both."""
+  epoch choice and scores with the standard and the original's metrics, and results.md shows both. Each fit
+  saves its epochs under runs/finetune (a killed grid resumes them), deleted once the run's result is written."""
+  from msp_jax import label_generator
   c = tiny_grid(tiny_model_dir, tmp_path / "results", tfds_dir, tasks="nlupp/hotels,crossner/music", methods="seed",
                 downstream="finetune", finetune_epochs=1, finetune_batch_size=16, finetune_max_new_tokens=6, max_dev=8,
                 max_test=8)
+  saved, fit = [], label_generator.LabelGenerator.fit
+
+  def spy(self, *args):
+    fit(self, *args)
+    saved.append(args[5])  # checkpoint_dir
+    assert os.path.isdir(os.path.join(args[5], "checkpoints")), args[5]
+    return self
+  monkeypatch.setattr(label_generator.LabelGenerator, "fit", spy)
   run_grid(c, capsys)
+  runs = os.path.join(str(c.workdir), "runs", "finetune")
+  assert saved == [os.path.join(runs, f"{task}+finetune_seed_seed0", "all") for task in ("nlupp_hotels", "crossner_music")]
+  assert not os.listdir(runs)
   for task, head in (("nlupp_hotels", "intents"), ("crossner_music", "entities")):
     r = json.load(open(os.path.join(str(c.workdir), task + "+finetune", "seed", "seed0.json")))
     assert set(r["scores"]) == SCORE_KEYS[task] and r["test_examples"] == 8 and r["dev_examples"] == 8

@@ -1,6 +1,9 @@
 """The original's downstream protocol (label_generator.py): label strings written and parsed back as
 the original post-processed them, the loss on the target tokens alone, learning a toy, and an epoch
 chosen on dev only."""
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -137,6 +140,42 @@ def test_training_batches_group_rows_of_similar_length(grouped, smollm2_tokenize
     spans = sorted((min(map(length, b)), max(map(length, b))) for b in epoch[:3])  # the full batches
     disjoint = all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
     assert disjoint == grouped, spans
+
+
+class Killed(Exception):
+  """Stands for the process dying between two epochs."""
+
+
+@pytest.mark.parametrize("params, scores", [("prompt", [0.2, 0.5, 0.1]), ("full", [0.1, 0.2, 0.5])])
+def test_a_killed_fit_resumes_after_its_last_saved_epoch_to_the_same_parameters(params, scores, smollm2_tokenizer,
+                                                                                  tmp_path, capsys):
+  """With a checkpoint_dir, a fit killed after epoch 2 of 3 trains only epoch 3 when run again, and ends with
+  the parameters, losses and chosen epoch of an unbroken fit: the best epoch restored from disk (first case) or
+  the one just trained (second). A state made with another config is set aside, not resumed."""
+  train, targets, dev, _ = toy_task()
+  config = lg.FinetuneConfig(params=params, epochs=3, learning_rate=0.3, batch_size=3, max_new_tokens=2)
+  backbone = tiny_backbone(smollm2_tokenizer, embed_scale=3.0, weight_scale=3.0)
+  scorer = lambda values: (lambda written, it=iter(values): next(it))  # StopIteration if dev is scored once too often
+  leaves = lambda gen: [np.asarray(x) for x in jax.tree.leaves(gen.trainable)]
+  unbroken = lg.LabelGenerator(backbone, config).fit(train, targets, dev, scorer(scores))
+
+  def die_after_epoch_2(h):
+    if h["epoch"] == 2:
+      raise Killed
+  with pytest.raises(Killed):
+    lg.LabelGenerator(backbone, config).fit(train, targets, dev, scorer(scores[:2]), die_after_epoch_2, str(tmp_path))
+  trained = []
+  resumed = lg.LabelGenerator(backbone, config).fit(train, targets, dev, scorer(scores[2:]), trained.append, str(tmp_path))
+  assert [h["epoch"] for h in trained] == [3] and "resuming after epoch 2/3" in capsys.readouterr().out
+  untimed = lambda gen: [{k: v for k, v in h.items() if not k.endswith("_seconds")} for h in gen.selection["history"]]
+  assert untimed(resumed) == untimed(unbroken) and resumed.selection["epochs"] == unbroken.selection["epochs"] == 1 + scores.index(0.5)
+  assert all(np.array_equal(a, b) for a, b in zip(leaves(resumed), leaves(unbroken)))
+  assert not all(np.array_equal(a, b) for a, b in zip(leaves(resumed), leaves(lg.LabelGenerator(backbone, config))))
+
+  again = lg.LabelGenerator(backbone, dataclasses.replace(config, learning_rate=0.1))
+  again.fit(train, targets, dev, scorer(scores), None, str(tmp_path))  # all three epochs: a fresh state
+  assert "made with other settings (config.learning_rate)" in capsys.readouterr().out
+  assert [p.name for p in tmp_path.iterdir() if ".stale-" in p.name and not p.name.endswith(".json")]
 
 
 def toy_task(words=("gym", "spa")):
