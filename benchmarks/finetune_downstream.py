@@ -3,18 +3,23 @@ backbone: NLU++ few-shot seeds, dev-scored every epoch; per epoch the training s
 decode seconds (epoch 1 includes compilation). Sizes the grid; not a grid.
 
   python benchmarks/finetune_downstream.py --params prompt --epochs 2 [--task nlupp/hotels] [--max_dev 100] \
-      [--group_by_length 0]
+      [--group_by_length 0] [--decode_reps 2]
+
+--decode_reps N: after the fit, decode the dev split N more times with the batch shrinking as rows end
+(label_generator.SHRINK_EVERY) and N times without, interleaved; their median seconds, and whether the
+strings are the same.
 """
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for `python benchmarks/X.py`
 
 from configs import experiment as experiment_config
-from msp_jax import experiment, task_models
+from msp_jax import experiment, label_generator, task_models
 from msp_jax.data import load_task
 from msp_jax.models.weights import load_backbone
 from benchmarks.machine import describe
@@ -28,6 +33,7 @@ def main():
   parser.add_argument("--task", default="nlupp/hotels")
   parser.add_argument("--max_dev", type=int, default=100)
   parser.add_argument("--group_by_length", type=int, choices=[0, 1], default=1, help="0: random training batches")
+  parser.add_argument("--decode_reps", type=int, default=0, help="dev decodes with and without shrinking, each")
   parser.add_argument("--json")
   args = parser.parse_args()
   c = experiment_config.get_config()
@@ -49,10 +55,29 @@ def main():
   model.fit(records, dev)
   result.update(train_examples=len(records), dev_examples=len(dev), fit_seconds=round(time.perf_counter() - start, 1),
                 selection=model.selection)
+  if args.decode_reps:
+    result["decode"] = compare_shrinking(model.generator, [ex.text for ex in dev], args.decode_reps)
   print(json.dumps(result, indent=1), flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)
+
+
+def compare_shrinking(generator, texts, reps: int) -> dict:
+  """Median seconds of decoding `texts` with and without the shrinking batch, interleaved."""
+  every, seconds, strings = label_generator.SHRINK_EVERY, {"shrink": [], "plain": []}, {}
+  try:
+    for _ in range(reps):
+      for name, value in (("shrink", every), ("plain", 0)):
+        label_generator.SHRINK_EVERY = value
+        start = time.perf_counter()
+        strings[name] = generator.generate(texts)
+        seconds[name].append(round(time.perf_counter() - start, 2))
+  finally:
+    label_generator.SHRINK_EVERY = every
+  median = {name: statistics.median(s) for name, s in seconds.items()}
+  return {"seconds": seconds, "median_seconds": median, "plain_over_shrink": round(median["plain"] / median["shrink"], 2),
+          "same_strings": strings["shrink"] == strings["plain"], "new_tokens_cap": generator.new_tokens}
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ ENTITY_SEPARATOR = " <sep> "
 PROMPT_TOKENS = 20            # the soft prompt before the input (the grid's MSP prompts are 20 tokens too)
 PROMPT_TEXT = "Write the labels of this utterance:"  # the prompt starts as this text's embeddings
 DECODE_BATCH = 64             # rows per greedy decoding call (static: one compilation per prompt bucket)
+SHRINK_EVERY = 16             # steps between moving the rows still writing into a smaller batch (`sampling.generate`)
 END_STRINGS = ("<pad>", "</s>", "<|endoftext|>", "<|im_end|>")  # the original cut at the first one past index 0
 PARAMS = ("prompt", "full")
 
@@ -336,7 +337,7 @@ class LabelGenerator:
       batch = self.batch([texts[i] for i in rows], rows=DECODE_BATCH)
       prefix, prefix_mask = model.prompts(batch["attribute_ids"], batch["attribute_mask"])
       new = np.asarray(sampling.generate(model.backbone, batch["input_ids"], batch["attention_mask"], config,
-                                         embedded_prefix=prefix, prefix_mask=prefix_mask))
+                                         embedded_prefix=prefix, prefix_mask=prefix_mask, shrink_every=SHRINK_EVERY))
       for i, row in zip(rows, new):
         ends = np.flatnonzero(row == eos)
         out[i] = self.tokenizer.decode(row[:ends[0] if len(ends) else len(row)].tolist(), skip_special_tokens=False)

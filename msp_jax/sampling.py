@@ -20,6 +20,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 NEG = -1.0e9  # transformers' "impossible" score in beam search
@@ -281,20 +282,28 @@ def _interface(model):
 # ---------------------------------------------------------------------------------------------
 
 def generate(model, input_ids, attention_mask, config: DecodeConfig, *, rng=None, embedded_prefix=None,
-             prefix_mask=None):
+             prefix_mask=None, shrink_every: int = 0):
   """New tokens [B * n, max_new_tokens] (n = num_return_sequences; copies of a row are adjacent);
   after a row ends (EOS or stop token, which is kept) it holds `pad_id`.
 
   `rng`: one key, or one key per row ([B]). Each row draws its tokens from its own stream (a row's key,
   or `fold_in(rng, row)`), so with per-row keys a row's text does not depend on which other rows share
-  its batch: a generation cut into other batches, or resumed, draws the same tokens."""
+  its batch: a generation cut into other batches, or resumed, draws the same tokens.
+
+  `shrink_every` > 0 (sampling or greedy, one sequence a row): every that many steps, once the rows
+  still running fit in half the batch or less, they go on in a batch of that size (halving, at least
+  `SHRINK_MIN_ROWS`) without the ended ones. A batch otherwise computes every row until its longest
+  ends: label strings and CrossNER sentences end at very different steps. Each row's tokens are the
+  same either way (its own cache, key and step count); each batch size is one more compilation."""
   if config.do_sample and rng is None:
     raise ValueError("generate: do_sample=True needs rng= (a jax.random key)")
   rng = jax.random.key(0) if rng is None else rng
   if rng.ndim and rng.shape != (len(input_ids),):
     raise ValueError(f"generate: rng= holds {rng.shape[0]} keys for {len(input_ids)} rows; give one key, or one per row")
-  return _generate(model, jnp.asarray(input_ids), jnp.asarray(attention_mask, bool), rng, embedded_prefix,
-                   prefix_mask, config=config)
+  args = (model, jnp.asarray(input_ids), jnp.asarray(attention_mask, bool), rng, embedded_prefix, prefix_mask)
+  if shrink_every > 0 and config.num_beams == 1 and config.num_return_sequences == 1:
+    return _generate_shrinking(*args, config=config, every=shrink_every)
+  return _generate(*args, config=config)
 
 
 def greedy(model, input_ids, attention_mask, *, max_new_tokens: int, eos_id: int = -1, pad_id: int = 0,
@@ -309,6 +318,63 @@ def greedy(model, input_ids, attention_mask, *, max_new_tokens: int, eos_id: int
 def _generate(model, input_ids, attention_mask, rng, embedded_prefix, prefix_mask, *, config: DecodeConfig):
   global _compilations
   _compilations += 1  # runs once per trace
+  lm, logits, seen, state, keys = _begin(model, input_ids, attention_mask, rng, embedded_prefix, prefix_mask, config)
+  loop = _beam_search if config.num_beams > 1 else _sample
+  return loop(lm, logits, seen, state, keys, config)
+
+
+SHRINK_MIN_ROWS = 4  # smaller batches save little more on a CPU: a step's weights are read whatever the rows
+
+
+def _generate_shrinking(model, input_ids, attention_mask, rng, embedded_prefix, prefix_mask, *, config: DecodeConfig,
+                        every: int):
+  """`_sample` in stretches of `every` steps, moving the running rows into a smaller batch between them."""
+  carry, keys = _start_sampling(model, input_ids, attention_mask, rng, embedded_prefix, prefix_mask, config=config)
+  n, axes = config.max_new_tokens, _interface(model).batch_axes
+  tokens = np.full((input_ids.shape[0], n), config.pad_id, np.int32)
+  rows = np.arange(input_ids.shape[0])  # the input row of each batch row; -1: a filler
+  step = 0
+  while True:
+    step = min(step + every, n)
+    carry = _continue_sampling(model, carry, keys, jnp.int32(step), config=config)
+    running = np.flatnonzero(~np.asarray(carry[4]))
+    if step >= n or not len(running):
+      break
+    size = len(rows)
+    while size % 2 == 0 and size // 2 >= max(len(running), SHRINK_MIN_ROWS):
+      size //= 2
+    if size == len(rows):
+      continue
+    out, real = np.asarray(carry[5]), rows >= 0
+    tokens[rows[real]] = out[real]  # the ended rows' tokens are final; the running ones are rewritten later
+    index = np.concatenate([running, np.full(size - len(running), running[0])])  # fillers: a running row's copy
+    i, logits, seen, state, _, out = carry
+    pick = lambda a: None if a is None else a[jnp.asarray(index)]
+    carry = (i, pick(logits), pick(seen), _rows(state, jnp.asarray(index), axes), jnp.asarray(np.arange(size) >= len(running)),
+             pick(out))  # fillers start done: they never hold the loop
+    keys, rows = pick(keys), np.concatenate([rows[running], np.full(size - len(running), -1)])
+  out, real = np.asarray(carry[5]), rows >= 0
+  tokens[rows[real]] = out[real]
+  return jnp.asarray(tokens)
+
+
+@functools.partial(nnx.jit, static_argnames=("config",))
+def _start_sampling(model, input_ids, attention_mask, rng, embedded_prefix, prefix_mask, *, config: DecodeConfig):
+  global _compilations
+  _compilations += 1
+  _, logits, seen, state, keys = _begin(model, input_ids, attention_mask, rng, embedded_prefix, prefix_mask, config)
+  return _sample_carry(logits, seen, state, config), keys
+
+
+@functools.partial(nnx.jit, static_argnames=("config",))
+def _continue_sampling(model, carry, keys, until, *, config: DecodeConfig):
+  global _compilations
+  _compilations += 1
+  return _sample_loop(_interface(model), carry, keys, config, until)
+
+
+def _begin(model, input_ids, attention_mask, rng, embedded_prefix, prefix_mask, config: DecodeConfig):
+  """Prefill, the repetition-penalty state, row copies and each row's key: (lm, logits, seen, state, keys)."""
   lm = _interface(model)
   logits, state = lm.start(input_ids, attention_mask, embedded_prefix, prefix_mask, config.max_new_tokens)
   if config.repetition_penalty == 1.0:  # nothing reads it: skip a [B, V] update per step
@@ -328,8 +394,7 @@ def _generate(model, input_ids, attention_mask, rng, embedded_prefix, prefix_mas
   keys = rng if rng.ndim else jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(input_ids.shape[0]))
   if copies > 1:  # each copy of a row its own stream
     keys = jax.vmap(jax.random.fold_in)(keys[index], jnp.tile(jnp.arange(copies), input_ids.shape[0]))
-  loop = _beam_search if config.num_beams > 1 else _sample
-  return loop(lm, logits, seen, state, keys, config)
+  return lm, logits, seen, state, keys
 
 
 def _ends(token, config: DecodeConfig):
@@ -341,8 +406,20 @@ def _ends(token, config: DecodeConfig):
 
 def _sample(lm, logits, seen, state, keys, config: DecodeConfig):
   """Sampling or greedy decoding; `keys` [B]: each row's own stream, folded with the step."""
-  b, n = logits.shape[0], config.max_new_tokens
-  rows = jnp.arange(b)
+  return _sample_loop(lm, _sample_carry(logits, seen, state, config), keys, config)[-1]
+
+
+def _sample_carry(logits, seen, state, config: DecodeConfig):
+  """The loop's state before step 0: (step, logits, seen, model state, done [B], tokens [B, N])."""
+  b = logits.shape[0]
+  return (jnp.zeros((), jnp.int32), logits, seen, state, jnp.zeros((b,), bool),
+          jnp.full((b, config.max_new_tokens), config.pad_id, jnp.int32))
+
+
+def _sample_loop(lm, carry, keys, config: DecodeConfig, until=None):
+  """Steps until every row ended, `max_new_tokens`, or step `until`."""
+  n = config.max_new_tokens if until is None else jnp.minimum(until, config.max_new_tokens)
+  rows = jnp.arange(carry[1].shape[0])
 
   def cond(carry):
     i, _, _, _, done, _ = carry
@@ -362,9 +439,7 @@ def _sample(lm, logits, seen, state, keys, config: DecodeConfig):
     logits, state = lm.step(state, token, ~done)
     return i + 1, logits, seen, state, done, out
 
-  carry = (jnp.zeros((), jnp.int32), logits, seen, state, jnp.zeros((b,), bool),
-           jnp.full((b, n), config.pad_id, jnp.int32))
-  return jax.lax.while_loop(cond, body, carry)[-1]
+  return jax.lax.while_loop(cond, body, carry)
 
 
 def _beam_search(lm, logits, seen, state, keys, config: DecodeConfig):
