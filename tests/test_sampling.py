@@ -253,20 +253,22 @@ def test_per_row_keys_make_a_row_independent_of_its_batch(llama):
     sampling.generate(model, ids, mask, config, rng=keys[:3])
 
 
-@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
-def test_shrinking_the_batch_as_rows_end_keeps_every_rows_tokens(llama, sample, monkeypatch):
+@pytest.mark.parametrize("kind, sample", [("llama", False), ("llama", True), ("t5", True)],
+                         ids=["greedy", "sampled", "t5-sampled"])
+def test_shrinking_the_batch_as_rows_end_keeps_every_rows_tokens(kind, sample, request, monkeypatch):
   """shrink_every: once the running rows fit in half the batch they go on without the ended ones (8 rows ->
   4 here); every row's tokens equal the one-loop decode's, greedy with a repetition penalty and a prefix, and
-  sampled. The EOS ids are chosen from a free run so that most rows end within two steps and row 7 never."""
-  _, model = llama
+  sampled, decoder-only and T5 (its encoder output and cross-attention cache move with the rows). The EOS ids
+  are chosen from a free run so that most rows end within two steps and row 7 never."""
+  _, model = request.getfixturevalue(kind)
   ids, mask = left_padded(3, rows=8)
-  prefix = jax.random.normal(jax.random.key(1), (8, 4, model.cfg.hidden_size)) * 0.1
+  prefix = jax.random.normal(jax.random.key(1), (8, 4, model.cfg.d_model if kind == "t5" else model.cfg.hidden_size)) * 0.1
   base = dict(max_new_tokens=12, pad_id=PAD, repetition_penalty=1.3, do_sample=sample,
               **(dict(top_p=0.9, temperature=1.5) if sample else {}))
   run = lambda config, **kw: np.asarray(sampling.generate(model, ids, mask, config, rng=jax.random.key(5),
                                                           embedded_prefix=prefix, **kw))
   free = run(DecodeConfig(**base))
-  eos = tuple(sorted({int(t) for t in free[:7, 1]} - set(free[7].tolist())))
+  eos = tuple(sorted({int(t) for t in free[:7, :2].ravel()} - set(free[7].tolist())))
   ends = [next((i for i, t in enumerate(row) if t in eos), None) for row in free]
   assert sum(e is not None and e <= 1 for e in ends) >= 4 and ends[7] is None, (ends, eos)  # the case this test needs
   config = DecodeConfig(**base, eos_ids=eos)
