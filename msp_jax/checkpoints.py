@@ -213,14 +213,23 @@ class _DropAbandonedReads:
   When one array of a step fails to read, Orbax abandons its sibling reads, and Python reports each
   abandoned coroutine as an "Exception ignored" traceback on stderr whenever it is collected: at once,
   or seconds later on a loaded machine. The failure itself is raised, named, by `_read`; these reports
-  are only its echoes."""
+  are only its echoes. A sibling read can also end after Orbax's event loop has closed: TensorStore
+  then fails to hand it back (`call_soon_threadsafe` on the closed loop) and reports that, too."""
 
   def __init__(self, previous):
     self.previous = previous
 
   def __call__(self, report) -> None:
-    if _ORBAX_READ not in repr(report.object) and not _passes_through(report.exc_traceback, _ORBAX_READ):
+    if not (_ORBAX_READ in repr(report.object) or _passes_through(report.exc_traceback, _ORBAX_READ)
+            or _ended_after_its_loop(report)):
       self.previous(report)
+
+
+def _ended_after_its_loop(report) -> bool:
+  """TensorStore's report (no object) of a finished read whose awaiting event loop had closed."""
+  return (report.object is None and isinstance(report.exc_value, RuntimeError)
+          and str(report.exc_value) == "Event loop is closed"
+          and _passes_through(report.exc_traceback, "call_soon_threadsafe"))
 
 
 def _passes_through(tb, function: str) -> bool:

@@ -245,9 +245,44 @@ def test_echoes_of_abandoned_orbax_reads_are_dropped_and_every_other_report_pass
   try:
     abandoned.send(None)
   except ValueError as e:
-    from_orbax = types.SimpleNamespace(object=None, exc_traceback=e.__traceback__)
-  hook(types.SimpleNamespace(object=abandoned, exc_traceback=None))
+    from_orbax = types.SimpleNamespace(object=None, exc_value=e, exc_traceback=e.__traceback__)
+  hook(types.SimpleNamespace(object=abandoned, exc_value=None, exc_traceback=None))
   hook(from_orbax)
-  other = types.SimpleNamespace(object="<coroutine object user_code at 0x1>", exc_traceback=None)
+  other = types.SimpleNamespace(object="<coroutine object user_code at 0x1>", exc_value=None, exc_traceback=None)
   hook(other)
   assert seen == [other]
+
+
+def test_a_read_that_ends_after_its_event_loop_closed_is_dropped():
+  """CI's flake (stop 41): a sibling read of a damaged step finished after Orbax's loop had closed,
+  and TensorStore reported its failed hand-back as a bare traceback. Here with a real TensorStore future."""
+  import asyncio
+  import tensorstore as ts
+
+  def late_read_reports():
+    reports = []
+    promise, future = ts.Promise.new()
+
+    async def wait():
+      await future
+
+    loop = asyncio.new_event_loop()
+    loop.create_task(wait())
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()  # as when gather fails on its first error: the awaiting task's cancellation never ran
+    previous, sys.unraisablehook = sys.unraisablehook, reports.append
+    try:
+      promise.set_result(1)
+    finally:
+      sys.unraisablehook = previous
+    return reports
+
+  late = late_read_reports()
+  assert [repr(r.exc_value) for r in late] == ["RuntimeError('Event loop is closed')"]
+  seen = []
+  ckpt._DropAbandonedReads(seen.append)(late[0])
+  assert seen == []
+  closed_elsewhere = types.SimpleNamespace(object="<function user_callback>", exc_value=late[0].exc_value,
+                                           exc_traceback=late[0].exc_traceback)
+  ckpt._DropAbandonedReads(seen.append)(closed_elsewhere)
+  assert seen == [closed_elsewhere]
