@@ -1,5 +1,6 @@
 """Checkpoints across restarts: keep-best survives resumes, damaged steps are named (never a
 traceback), metadata problems are one-line errors, and a run moves between device counts."""
+import asyncio
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import sys
 import types
 
 import pytest
+import tensorstore as ts
 
 from configs import common
 from msp_jax import checkpoints as ckpt
@@ -256,9 +258,6 @@ def test_echoes_of_abandoned_orbax_reads_are_dropped_and_every_other_report_pass
 def test_a_read_that_ends_after_its_event_loop_closed_is_dropped():
   """CI's flake (stop 41): a sibling read of a damaged step finished after Orbax's loop had closed,
   and TensorStore reported its failed hand-back as a bare traceback. Here with a real TensorStore future."""
-  import asyncio
-  import tensorstore as ts
-
   def late_read_reports():
     reports = []
     promise, future = ts.Promise.new()
@@ -280,9 +279,10 @@ def test_a_read_that_ends_after_its_event_loop_closed_is_dropped():
   late = late_read_reports()
   assert [repr(r.exc_value) for r in late] == ["RuntimeError('Event loop is closed')"]
   seen = []
-  ckpt._DropAbandonedReads(seen.append)(late[0])
+  hook = ckpt._DropAbandonedReads(seen.append)
+  hook(late[0])
   assert seen == []
   closed_elsewhere = types.SimpleNamespace(object="<function user_callback>", exc_value=late[0].exc_value,
                                            exc_traceback=late[0].exc_traceback)
-  ckpt._DropAbandonedReads(seen.append)(closed_elsewhere)
+  hook(closed_elsewhere)
   assert seen == [closed_elsewhere]
