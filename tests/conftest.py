@@ -1,8 +1,10 @@
 """Shared test fixtures. Data: the raw datasets in $MSP_DATA_DIR (default ../shared/data beside the
 checkout), prepared once per test session into a temporary TFDS data_dir."""
+import atexit
 import functools
 import gc
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,8 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MSP_DATA_DIR", str(REPO.parent / "shared" / "data"))
 # One XLA compilation cache for the whole session, this process and every train.py / generate.py /
 # evaluate.py subprocess: the tiny models compile the same programs in many tests, and compiling, not
-# running, is most of their time on 2 cores. Set before anything imports jax; a fresh folder per session.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="msp-jax-test-xla-cache-"))
+# running, is most of their time on 2 cores. Set before anything imports jax; a fresh folder per session,
+# made by the first process (pytest-xdist's workers inherit it) and removed when that process exits.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="msp-jax-test-xla-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402  (after the cache settings above)
