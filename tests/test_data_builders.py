@@ -1,5 +1,6 @@
 """The TFDS builders, prepared from ../shared/data into a session tmp dir (array_record, no TensorFlow)."""
 import hashlib
+import tempfile
 
 import pytest
 
@@ -106,3 +107,14 @@ def test_recorded_checksums_match_the_local_copies(raw_data_dir):
     relative = url.split("/nlupp/", 1)[1] if folder == "nlupp" else url.split("/2e7ba2a7798c/", 1)[1]
     data = (raw_data_dir / folder / relative).read_bytes()
     assert (int(info.size), info.checksum) == (len(data), hashlib.sha256(data).hexdigest()), url
+
+
+def test_preparing_leaves_nothing_in_the_temp_folder(raw_data_dir, tmp_path, monkeypatch):
+  # tfds' own DatasetInfo makes a /tmp folder for a GCS lookup whenever a builder is made before its
+  # data is prepared, and never removes it.
+  scratch = tmp_path / "tmp"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  sources.prepared(nlupp.Nlupp, "hotels", data_dir=str(tmp_path / "tfds"))
+  crossner.Crossner(config="music", data_dir=str(tmp_path / "tfds"), file_format="array_record")
+  assert list(scratch.iterdir()) == []

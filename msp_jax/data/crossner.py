@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from msp_jax.data.example import Example, unique_in_order, unique_sorted
-from msp_jax.data.sources import DataError, RawFilesBuilder, rows
+from msp_jax.data.sources import DataError, LocalDatasetInfo, RawFilesBuilder, rows
 from msp_jax.data.spans import gold_spans
 
 DOMAINS = ("ai", "conll2003", "literature", "music", "politics", "science")
@@ -106,7 +106,7 @@ class Crossner(RawFilesBuilder):
   FILE_URL = _URL
 
   def _info(self):
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self, description=__doc__, homepage="https://github.com/zliucr/CrossNER",
         features=tfds.features.FeaturesDict({
             "tokens": tfds.features.Sequence(tfds.features.Text()),

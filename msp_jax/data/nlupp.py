@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 
 from msp_jax.data.example import Example, unique_in_order, unique_sorted
 from msp_jax.data.ontology import readable
-from msp_jax.data.sources import DataError, RawFilesBuilder, rows
+from msp_jax.data.sources import DataError, LocalDatasetInfo, RawFilesBuilder, rows
 
 DOMAINS = ("banking", "hotels")
 NUM_FOLDS = 20
@@ -91,7 +91,7 @@ class Nlupp(RawFilesBuilder):
   FILE_URL = _URL
 
   def _info(self):
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self, description=__doc__, homepage="https://github.com/PolyAI-LDN/task-specific-datasets",
         features=tfds.features.FeaturesDict({
             "text": tfds.features.Text(),

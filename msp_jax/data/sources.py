@@ -121,6 +121,15 @@ def _to_python(value):
   return value
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+  """tfds' DatasetInfo without its GCS lookup. Our datasets are never on tfds' bucket, and tfds 4.9.10
+  makes a /tmp folder for that lookup each time a builder is made before its data is prepared, and
+  never removes it."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class RawFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A builder whose raw files are local (manual_dir / $MSP_DATA_DIR) or, if asked, downloaded.
 

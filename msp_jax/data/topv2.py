@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 
 from msp_jax.data.example import Example, unique_in_order, unique_sorted
 from msp_jax.data.ontology import readable
-from msp_jax.data.sources import DataError, RawFilesBuilder, rows
+from msp_jax.data.sources import DataError, LocalDatasetInfo, RawFilesBuilder, rows
 from msp_jax.data.spans import gold_spans
 
 DOMAINS = ("alarm", "event", "messaging", "music", "navigation", "reminder", "timer", "weather")
@@ -160,7 +160,7 @@ class Topv2(RawFilesBuilder):
   SOURCE = f"{_URL} (Meta's official TOPv2 release; unzip it as <root>/topv2/)"
 
   def _info(self):
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self, description=__doc__, homepage="https://arxiv.org/abs/2010.03546",
         features=tfds.features.FeaturesDict({
             "utterance": tfds.features.Text(),

@@ -35,7 +35,7 @@ import tensorflow_datasets as tfds
 from msp_jax.data import crossner, sources
 from msp_jax.data.example import Example, unique_in_order
 from msp_jax.data.ontology import readable
-from msp_jax.data.sources import DataError, RawFilesBuilder
+from msp_jax.data.sources import DataError, LocalDatasetInfo, RawFilesBuilder
 from msp_jax.data.spans import gold_spans
 
 DATASET = "files"
@@ -274,7 +274,7 @@ class UserFiles(RawFilesBuilder):
     super().__init__(**kwargs)
 
   def _info(self):
-    return tfds.core.DatasetInfo(
+    return LocalDatasetInfo(
         builder=self, description=__doc__,
         features=tfds.features.FeaturesDict({
             "text": tfds.features.Text(),
