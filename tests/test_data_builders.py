@@ -116,5 +116,6 @@ def test_preparing_leaves_nothing_in_the_temp_folder(raw_data_dir, tmp_path, mon
   scratch.mkdir()
   monkeypatch.setattr(tempfile, "tempdir", str(scratch))
   sources.prepared(nlupp.Nlupp, "hotels", data_dir=str(tmp_path / "tfds"))
-  crossner.Crossner(config="music", data_dir=str(tmp_path / "tfds"), file_format="array_record")
+  for builder, config in ((crossner.Crossner, "music"), (topv2.Topv2, "weather")):  # made unprepared: each builder
+    builder(config=config, data_dir=str(tmp_path / "tfds"), file_format="array_record")
   assert list(scratch.iterdir()) == []
