@@ -289,7 +289,7 @@ class LabelGenerator:
       best = (self.history[epoch - 1]["dev_score"], epoch, self.trainable)
       store.close()
     score, epoch, self.trainable = best
-    self.selection = {"epochs": epoch, "dev_score": score, "history": self.history}
+    self.selection = {"epochs": epoch, "dev_score": score, "dev_examples": len(dev_texts), "history": self.history}
     return self
 
   def _resume(self, checkpoint_dir: str, key: dict, opt_state) -> tuple[checkpoints.Checkpoints, int, object]:

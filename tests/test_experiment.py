@@ -327,12 +327,12 @@ def test_each_seed_trains_and_samples_its_own_generator_and_rounds_reach_the_tar
                                                         "consistency_alternatives", "consistency_rank")),
     ("downstream", "finetune", "downstream", ("finetune_params", "finetune_epochs", "finetune_lr", "finetune_batch_size",
                                               "finetune_max_new_tokens", "finetune_repetition_penalty",
-                                              "finetune_group_by_length", "finetune_filter")),
+                                              "finetune_group_by_length", "finetune_filter", "finetune_dev_max")),
     # the probe heads never read the finetune_* fields: at downstream="probe" no value of theirs enters a key
     ("finetune_params", "prompt", "unread", ()), ("finetune_epochs", 9, "unread", ()), ("finetune_lr", 0.1, "unread", ()),
     ("finetune_batch_size", 2, "unread", ()), ("finetune_max_new_tokens", 8, "unread", ()),
     ("finetune_repetition_penalty", 1.0, "unread", ()), ("finetune_group_by_length", False, "unread", ()),
-    ("finetune_filter", "each", "unread", ())])
+    ("finetune_filter", "each", "unread", ()), ("finetune_dev_max", 256, "unread", ())])
 def test_an_added_field_at_its_old_value_keeps_every_key(field, value, kind, added_with):
   """A grid cached before a field existed stays current while the field keeps its old behaviour."""
   from configs import experiment as experiment_config
@@ -373,6 +373,23 @@ def test_finetune_rows_made_with_random_batches_are_not_reused_for_grouped_ones(
   assert key(new) == key(old)
   new.finetune_group_by_length = True
   assert key(new) != key(old)
+
+
+def test_a_dev_sample_for_the_finetune_epoch_keeps_the_keys_of_rows_chosen_on_all_of_dev():
+  """finetune_dev_max came after the NLU++ hotels finetune rows: at 0 (the whole dev split, how those were
+  made) a finetune row keeps its key; a sample makes the finetune rows anew, and never the probe rows."""
+  from configs import experiment as experiment_config
+  from msp_jax import experiment
+  new = experiment_config.get_config()
+  new.downstream = "finetune"
+  old = new.copy_and_resolve_references()
+  del old["finetune_dev_max"]
+  key = lambda c: experiment.result_fields(c, "crossner", "politics", "concat", 0)
+  assert key(new) == key(old)
+  new.finetune_dev_max = 256
+  assert key(new) != key(old) and key(new)["downstream"]["finetune_dev_max"] == 256
+  probe = lambda c: experiment.result_fields(dict_update(c, downstream="probe"), "crossner", "politics", "concat", 0)
+  assert probe(new) == probe(old)
 
 
 def test_slot_grouping_retrains_only_concat():

@@ -215,6 +215,33 @@ def test_test_labels_never_choose_the_epoch(smollm2_tokenizer, load_task):
                                     "general_intent_f1", "general_intent_f1_original"}
 
 
+def test_the_epoch_is_chosen_on_a_seeded_dev_sample_the_same_for_every_row(smollm2_tokenizer, load_task, monkeypatch):
+  """finetune_dev_max=n: each epoch decodes the same seeded n dev sentences (not the first n), whatever the
+  row's seed; 0 or n >= the split keeps every one. The selection records how many chose the epoch."""
+  from msp_jax import experiment, task_models
+  task = load_task("crossner", "politics", "few_shot")
+  dev = list(task.splits["dev"])
+  sample = task_models.epoch_choice_dev(finetune_config(finetune_dev_max=5), dev)
+  positions = [dev.index(ex) for ex in sample]
+  assert len(set(positions)) == 5 and positions == sorted(positions) and positions != list(range(5))
+  for keep_all in (finetune_config(), finetune_config(finetune_dev_max=0), finetune_config(finetune_dev_max=len(dev))):
+    assert task_models.epoch_choice_dev(keep_all, dev) == dev
+  decoded = []
+  generate = lg.LabelGenerator.generate
+  monkeypatch.setattr(lg.LabelGenerator, "generate", lambda self, texts: decoded.append(list(texts)) or generate(self, texts))
+  cache = task_models.FeatureCache(tiny_backbone(smollm2_tokenizer, embed_scale=30.0))
+  records = [experiment.example_record(ex) for ex in task.splits["train"][:4]]
+  c = finetune_config(finetune_dev_max=3)
+  want = [ex.text for ex in task_models.epoch_choice_dev(c, dev[:20])]
+  for seed in (0, 1):
+    decoded.clear()
+    model = task_models.GeneratedEntityModel(task, cache, c, seed).fit(records, dev[:20])
+    assert decoded == [want, want] and len(want) == 3 and want != [ex.text for ex in dev[:3]]
+    assert model.selection["entities"]["dev_examples"] == 3
+  with pytest.raises(task_models.SelectionError, match=r"^config.finetune_dev_max=-1: must be an integer >= 0"):
+    task_models.check_downstream(finetune_config(finetune_dev_max=-1), ["crossner"])
+
+
 def test_written_pieces_that_name_no_intent_are_false_positives(smollm2_tokenizer, load_task):
   """The scores of a finetuned label writer count every written piece that names no intent as a false
   positive, as the original's scoring did (they were dropped before); domain adaptation selects the
