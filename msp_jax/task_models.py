@@ -181,7 +181,7 @@ def epoch_report(c, metric: str) -> Callable[[dict], None]:
 
 def epoch_choice_dev(c, dev: list) -> list:
   """The dev examples a finetune run's epoch is chosen on: all of them, or with `finetune_dev_max` = n a
-  seeded sample of n (the same n for every method and seed), in dev order. Decoding CrossNER politics' 541 dev
+  seeded sample of n (the same examples for every method and seed), in dev order. Decoding CrossNER politics' 541 dev
   sentences after each of 7 epochs is about 40% of a row's hours on a CPU."""
   n = c.get("finetune_dev_max", 0)
   if not n or n >= len(dev):
