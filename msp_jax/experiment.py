@@ -62,7 +62,7 @@ from msp_jax.config_keys import (DOWNSTREAM_FIELDS, FINETUNE_FIELDS, GENERATION_
                                  NEUTRAL_FIELDS, OWN_TEMPERATURE, keyed, training_fields)
 from msp_jax import checkpoints as ckpt
 from msp_jax.data import PromptLayout, load_task, nlupp, user_files
-from msp_jax.data.splits import CROSSNER_SOURCE, domains
+from msp_jax.data.splits import CROSSNER_SOURCE, domains, seeded_sample
 from msp_jax.errors import MspError
 from msp_jax.metrics import task_scores, text_quality
 from msp_jax.models.weights import load_backbone
@@ -274,8 +274,7 @@ def source_records(c, dataset: str, domain: str, task) -> tuple[list[dict], str]
   else:
     train = load_task(dataset, CROSSNER_SOURCE, "full", seed=c.seed, data_dir=c.data_dir or None).splits["train"]
     n = max(1, round(c.source_fraction * len(train)))
-    keep = sorted(np.random.default_rng([c.seed, 13]).choice(len(train), n, replace=False))
-    examples = [train[i] for i in keep]
+    examples = seeded_sample(train, n, [c.seed, 13])
     what = f"+ CoNLL-2003 sample: {n} of {len(train)} train sentences"
   allowed = {s: frozenset(task.ontology[s].names) for s in task.ontology.set_names}
   return [dict(example_record(ex.restricted(allowed)), uid=ex.uid) for ex in examples], what
@@ -316,10 +315,7 @@ def eda_records(task, backbone, per_example: int, seed: int, synonyms) -> list[d
 
 
 def subsample(records: list[dict], n: int, seed: int) -> list[dict]:
-  if len(records) <= n:
-    return list(records)
-  keep = np.random.default_rng([seed, 11]).choice(len(records), n, replace=False)
-  return [records[i] for i in sorted(keep)]
+  return seeded_sample(records, n, [seed, 11])
 
 
 def consistency_thresholds(judge, dev, c) -> dict | None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from msp_jax import downstream, features, label_generator
 from msp_jax.data import user_files
+from msp_jax.data.splits import seeded_sample
 from msp_jax.data.spans import bio_labels, bio_tags, example_bio_tags
 from msp_jax.errors import MspError
 from msp_jax.metrics import task_scores
@@ -184,9 +185,7 @@ def epoch_choice_dev(c, dev: list) -> list:
   seeded sample of n (the same examples for every method and seed), in dev order. Decoding CrossNER politics' 541 dev
   sentences after each of 7 epochs is about 40% of a row's hours on a CPU."""
   n = c.get("finetune_dev_max", 0)
-  if not n or n >= len(dev):
-    return dev
-  return [dev[i] for i in np.sort(np.random.default_rng(0).permutation(len(dev))[:n])]
+  return seeded_sample(dev, n, 0) if n else dev
 
 
 def finetune_config(c, seed: int) -> label_generator.FinetuneConfig:

@@ -117,3 +117,14 @@ def test_bad_names_list_the_valid_ones(load_task):
     splits.load_task("crossner", "music", "zero_shot")
   with pytest.raises(DataError, match="few_shot needs low-resource files; valid domains: reminder, weather"):
     load_task("topv2", "alarm", "few_shot")
+
+
+def test_a_seeded_sample_keeps_the_draw_that_made_the_committed_results():
+  # The grid's synthetic subsamples ([seed, 11]) and CoNLL source samples ([seed, 13]) already committed under
+  # results/ were drawn as sorted(default_rng(seed).choice(n, k, replace=False)); these indices were printed
+  # by that expression, so a change of draw (which would make old and new rows incomparable) fails here.
+  items = [f"x{i}" for i in range(100)]
+  assert splits.seeded_sample(items, 6, [3, 11]) == [f"x{i}" for i in (8, 36, 39, 44, 64, 65)]
+  assert splits.seeded_sample(items[:50], 4, [0, 13]) == [f"x{i}" for i in (5, 27, 31, 32)]
+  assert splits.seeded_sample(items[:5], 5, 0) == items[:5] and splits.seeded_sample(items[:5], 9, 0) == items[:5]
+  assert splits.seeded_sample(items, 0, 0) == []

@@ -212,6 +212,15 @@ def _cross(source: Ontology, target: Ontology, splits: dict, provenance: dict) -
   return merge([source, general])
 
 
+def seeded_sample(items: Sequence, n: int, seed) -> list:
+  """n of `items` drawn without replacement by `np.random.default_rng(seed)`, kept in their original order;
+  all of them when there are n or fewer. `seed` is anything numpy seeds from (an int, or a list that
+  gives each use its own stream)."""
+  if len(items) <= n:
+    return list(items)
+  return [items[i] for i in sorted(np.random.default_rng(seed).choice(len(items), n, replace=False))]
+
+
 def greedy_mentions(mention_types: Sequence[Sequence[str]], min_mentions: int, seed: int) -> list[int]:
   """Indices (sorted) of sentences kept, visiting them in seeded random order, while a sentence adds a
   mention of a type still under `min_mentions`; stops once every type present has enough."""

@@ -12,6 +12,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from msp_jax.data.spans import whole_word
+from msp_jax.data.splits import seeded_sample
 
 
 def ngrams(tokens: Sequence[str], n: int) -> collections.Counter:
@@ -98,8 +99,8 @@ def self_bleu(texts: Sequence[str], max_order: int = 4, max_texts: int | None = 
     best.append(table)
   lengths = collections.Counter(len(t) for t in tokens)
   chosen = range(len(texts))
-  if max_texts is not None and max_texts < len(texts):
-    chosen = sorted(np.random.default_rng(seed).choice(len(texts), size=max_texts, replace=False).tolist())
+  if max_texts is not None:
+    chosen = seeded_sample(chosen, max_texts, seed)
   scores = []
   for i in chosen:
     hyp = tokens[i]
