@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from msp_jax.data.batching import pad_id
 from msp_jax.data.spans import word_spans
@@ -21,6 +22,9 @@ from msp_jax.errors import BackboneError
 from msp_jax.losses import token_nll
 
 LENGTH_BUCKETS = (32, 64, 128, 256)
+# A call with at least this many batches shows a progress bar: the grid's domain-adaptation rows embed
+# thousands of CoNLL sentences (minutes on a CPU) before their first line of output.
+PROGRESS_MIN_BATCHES = 20
 
 
 def _final_hidden(model, ids, mask, encoder_decoder: bool):
@@ -41,16 +45,18 @@ _hidden = nnx.jit(_final_hidden, static_argnames=("encoder_decoder",))
 
 
 def _padded_batches(backbone, encoded: Sequence[Sequence[int]], batch_size: int,
-                    keep: str) -> Iterator[tuple[np.ndarray, jax.Array, jax.Array]]:
+                    keep: str, desc: str) -> Iterator[tuple[np.ndarray, jax.Array, jax.Array]]:
   """(rows, ids [batch_size, L], mask [batch_size, L]) with L a bucket length, right-padded.
 
   Rows of similar length go together (fewer pads). A sequence longer than the last bucket keeps its
   last tokens (keep="end", what sentence embeddings have always done) or its first (keep="start",
-  so token indices stay those of the whole text).
+  so token indices stay those of the whole text). `desc` names the progress bar of a long call.
   """
   pad = pad_id(backbone.tokenizer)
   order = np.argsort([len(e) for e in encoded], kind="stable")
-  for start in range(0, len(encoded), batch_size):
+  starts = range(0, len(encoded), batch_size)
+  for start in tqdm(starts, desc=f"{desc} ({len(encoded)} texts)", unit="batch",
+                    disable=len(starts) < PROGRESS_MIN_BATCHES):
     rows = order[start:start + batch_size]
     longest = max(1, max(len(encoded[i]) for i in rows))
     length = next((b for b in LENGTH_BUCKETS if b >= longest), LENGTH_BUCKETS[-1])
@@ -66,7 +72,7 @@ def text_embeddings(backbone, texts: Sequence[str], batch_size: int = 32) -> np.
   """[N, D] float32 embeddings of `texts` (an empty text gives zeros)."""
   out = None
   encoded = backbone.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-  for rows, ids, mask in _padded_batches(backbone, encoded, batch_size, keep="end"):
+  for rows, ids, mask in _padded_batches(backbone, encoded, batch_size, keep="end", desc="sentence embeddings"):
     pooled = np.asarray(_pooled(backbone.model, ids, mask, backbone.is_encoder_decoder))
     if out is None:
       out = np.zeros((len(texts), pooled.shape[-1]), np.float32)
@@ -106,7 +112,7 @@ def token_features(backbone, texts: Sequence[str], batch_size: int = 32) -> list
   first = [_first_tokens(word_spans(t), o) for t, o in zip(texts, enc["offset_mapping"])]
   out: list[np.ndarray | None] = [None] * len(texts)
   truncated = 0
-  for rows, ids, mask in _padded_batches(backbone, enc["input_ids"], batch_size, keep="start"):
+  for rows, ids, mask in _padded_batches(backbone, enc["input_ids"], batch_size, keep="start", desc="word features"):
     hidden = np.asarray(_hidden(backbone.model, ids, mask, backbone.is_encoder_decoder))  # [B, L, D]
     for j, i in enumerate(rows):
       idx = first[i]
@@ -136,7 +142,7 @@ def text_nll(backbone, texts: Sequence[str], batch_size: int = 32) -> tuple[np.n
     raise BackboneError("text_nll needs a decoder-only language model (perplexity is scored left to right)")
   sums, counts = np.zeros(len(texts)), np.zeros(len(texts), np.int64)
   encoded = backbone.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-  for rows, ids, mask in _padded_batches(backbone, encoded, batch_size, keep="start"):
+  for rows, ids, mask in _padded_batches(backbone, encoded, batch_size, keep="start", desc="perplexity"):
     s, n = _sequence_nll(backbone.model, ids, mask)
     sums[rows], counts[rows] = np.asarray(s)[:len(rows)], np.asarray(n)[:len(rows)]
   return sums, counts

@@ -174,6 +174,16 @@ def test_text_embeddings_are_mean_hidden_states(backbone):
     np.testing.assert_allclose(g, want, atol=1e-4)
 
 
+@pytest.mark.parametrize("texts,shown", [(64, True), (62, False)])
+def test_a_long_feature_call_shows_its_progress_and_a_short_one_stays_quiet(backbone, texts, shown, monkeypatch,
+                                                                            capsys):
+  monkeypatch.setattr(features, "PROGRESS_MIN_BATCHES", 32)  # batch 2: 64 texts make 32 batches, 62 make 31
+  got = features.token_features(backbone, [f"word {i}" for i in range(texts)], batch_size=2)
+  assert len(got) == texts
+  err = capsys.readouterr().err
+  assert (f"word features ({texts} texts)" in err) == shown and ("32/32" in err) == shown
+
+
 def test_text_nll_equals_the_numpy_reference(backbone):
   texts = ["book a room for two nights", "hi", "where is the spa and when does it open?"]
   sums, counts = features.text_nll(backbone, texts)
