@@ -15,7 +15,8 @@ run and a table (mean ± std over seeds), and keeps every piece in the workdir, 
 so an interrupted or extended sweep resumes. `--grid results` reuses the grid's own generations wherever a
 variant asks for exactly what the grid made (e.g. the consistency filters, which only select from the grid's
 pool), and its trained prompts (copied) where a variant changes only how they are sampled (a decoding sweep).
-`--first_seed K` starts at seed K (e.g. a seed whose prompts the grid kept).
+`--first_seed K` starts at seed K (e.g. a seed whose prompts the grid kept). `--set source_data=True` adds
+the grid's domain-adaptation source sample to every run's training set (embedded once for all variants).
 
 `method=real` (here only, never in the grid) is the ceiling no generator can pass: the same number of
 *real* gold-labelled utterances, drawn (seeded) from the task's held-out test examples, in place of
@@ -171,12 +172,17 @@ def main():
     if own and base.get(own) and "temperature" in {**shared, **fields}:
       raise SystemExit(f"error: variant {name!r}: {fields.get('method', a.method)} samples at {own} "
                        f"(configs/experiment.py); set that field, not temperature")
+    if {"source_data", "source_fraction"} & set(fields):
+      raise SystemExit(f"error: variant {name!r}: the source data is shared by every variant; set it with --set")
     variants.append((name, fields))
   print(describe(), flush=True)
   backbone = load_backbone(base.model, dtype=base.dtype or None, param_dtype=base.param_dtype or None)
   experiment.keep_compiled_programs(a.workdir)
   task = load_task(dataset, domain, "few_shot", seed=base.seed, data_dir=base.data_dir or None)
   seeds = [experiment.example_record(ex) for ex in task.splits["train"]]
+  if base.get("source_data"):  # domain adaptation: every run also trains on the grid's source sample
+    experiment.check_source_data(base, [(dataset, domain)])
+    seeds += experiment.source_records(base, dataset, domain, task)[0]
   dev = list(task.splits["dev"])[:base.max_dev or None]
   cache = task_models.FeatureCache(backbone)
   judge, _ = experiment.fit_judge(dataset, task, cache, base, dev)

@@ -21,9 +21,11 @@ GENERATION_FIELDS = ("method", "checkpoint", "num_generations", "combination_fra
                      "max_request_values")
 FINETUNE_FIELDS = ("finetune_params", "finetune_epochs", "finetune_lr", "finetune_batch_size", "finetune_max_new_tokens",
                    "finetune_repetition_penalty", "finetune_group_by_length", "finetune_filter", "finetune_dev_max")  # read only with downstream="finetune"
+# Read only by the span tagger (CrossNER, span-labelled files): out of the intent tasks' keys.
+SPAN_TAGGER_FIELDS = ("mask_synthetic_o", "tagger_steps", "tagger_l2", "tagger_batch_size", "tagger_patience")
 DOWNSTREAM_FIELDS = ("synthetic_per_example", "max_seeds", "max_test", "max_dev", "downstream_hidden", "downstream_steps",
                      "downstream_l2", "downstream_eval_every", "downstream_thresholds", "quality_sample", "quality_draws",
-                     "mask_synthetic_o", "source_data", "source_fraction", "consistency_filter", *consistency.FIELDS,
+                     *SPAN_TAGGER_FIELDS, "source_data", "source_fraction", "consistency_filter", *consistency.FIELDS,
                      "downstream", *FINETUNE_FIELDS)
 INPUT_FIELDS = ("model", "dtype", "param_dtype", "dataset", "domain", "setting", "seed")  # every artifact's inputs
 IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buckets", "max_new_tokens", *GENERATION_FIELDS)
@@ -34,7 +36,8 @@ IN_CONTEXT_FIELDS = (*INPUT_FIELDS, "data_seed", "num_shot", "max_mixture", "buc
 # results of a grid that does not use it (a grid runs for many hours, across invocations).
 ADDED_FIELDS = {"mask_synthetic_o": False, "max_request_values": 0, "source_data": False, "consistency_filter": "none",
                 "downstream": "probe", "finetune_group_by_length": False, "group_by_slots": False, "finetune_filter": "each",
-                "finetune_dev_max": 0}
+                "finetune_dev_max": 0, "tagger_steps": 0, "tagger_l2": (), "tagger_batch_size": 0,
+                "tagger_patience": 0}
 # Fields that only an added option reads: with the option at its old value nothing uses them, so they are
 # out of every key whatever their values (an old grid stays current, and changing them while the option is
 # off recomputes nothing: e.g. the probe heads never read finetune_*).

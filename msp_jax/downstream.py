@@ -71,16 +71,19 @@ class SelectionGrid:
   Each L2 strength is trained once for the trainer's `steps`; every `eval_every` steps (and at the
   last) the dev score is taken and the best (l2, step) snapshot is kept: early stopping on dev.
   Multi-label heads also pick their decision threshold on dev at each snapshot. Ties keep the
-  earlier candidate (L2 in grid order, then fewer steps) and the threshold nearest 0.5.
+  earlier candidate (L2 in grid order, then fewer steps) and the threshold nearest 0.5. With `patience`
+  n > 0 an L2's training stops once n dev scores in a row have not beaten its own best (0: all steps).
   """
   l2: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
   eval_every: int = 50
   thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+  patience: int = 0
 
   def __post_init__(self):
     if not self.l2 or min(self.l2) < 0 or self.eval_every < 1 or not self.thresholds \
-        or not all(0 < t < 1 for t in self.thresholds):
-      raise ValueError(f"SelectionGrid: need L2 values >= 0, eval_every >= 1 and thresholds in (0, 1); got {self}")
+        or not all(0 < t < 1 for t in self.thresholds) or self.patience < 0:
+      raise ValueError(f"SelectionGrid: need L2 values >= 0, eval_every >= 1, thresholds in (0, 1) and patience "
+                       f">= 0; got {self}")
 
 
 @dataclasses.dataclass(eq=False)
@@ -102,17 +105,22 @@ class _Trainer:
   selection: dict | None = dataclasses.field(default=None, init=False)  # what fit_selected chose, with its dev score
 
   def _select(self, fit: Callable, dev_score: Callable, grid: SelectionGrid, metric: str) -> None:
-    """For each L2 in the grid, `fit(trainer, on_eval)` trains a copy that calls `on_eval(step)`;
-    `dev_score(trainer)` -> (score, other choices). Keeps the best snapshot as this trainer's model."""
+    """For each L2 in the grid, `fit(trainer, on_eval)` trains a copy that calls `on_eval(step)`, which
+    returns True to stop (`grid.patience`); `dev_score(trainer)` -> (score, other choices). Keeps the
+    best snapshot as this trainer's model."""
     best = None
     for l2 in grid.l2:
       trainer = dataclasses.replace(self, l2=l2)
+      own = {"best": None, "since": 0}  # this L2's best dev score, and the dev scores since it
 
-      def on_eval(step, trainer=trainer, l2=l2):
+      def on_eval(step, trainer=trainer, l2=l2, own=own) -> bool:
         nonlocal best
         score, chosen = dev_score(trainer)
         if best is None or score > best[0]:
           best = (score, {"l2": l2, "steps": step, **chosen}, nnx.clone(trainer.model), trainer.mean, trainer.std)
+        own["since"] = 0 if own["best"] is None or score > own["best"] else own["since"] + 1
+        own["best"] = score if own["best"] is None else max(own["best"], score)
+        return 0 < grid.patience <= own["since"]
 
       fit(trainer, on_eval)
     score, chosen, self.model, self.mean, self.std = best
@@ -139,8 +147,8 @@ class _Trainer:
           order = np.concatenate([order, rng.permutation(n)])
         idx, order = jnp.asarray(order[:b]), order[b:]
       _train_step(self.model, optimizer, xs, ys, idx, self.l2, loss_fn)
-      if on_eval is not None and (step % eval_every == 0 or step == self.steps):
-        on_eval(step)
+      if on_eval is not None and (step % eval_every == 0 or step == self.steps) and on_eval(step):
+        break  # early stopping (SelectionGrid.patience)
 
   def _forward(self, x: np.ndarray) -> np.ndarray:
     if self.model is None:

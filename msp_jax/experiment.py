@@ -59,7 +59,7 @@ import numpy as np
 
 from msp_jax import assembly, augment, consistency, features, files, provenance, synthesis, task_models, trainer
 from msp_jax.config_keys import (DOWNSTREAM_FIELDS, FINETUNE_FIELDS, GENERATION_FIELDS, IN_CONTEXT_FIELDS, INPUT_FIELDS,
-                                 NEUTRAL_FIELDS, OWN_TEMPERATURE, keyed, training_fields)
+                                 NEUTRAL_FIELDS, OWN_TEMPERATURE, SPAN_TAGGER_FIELDS, keyed, training_fields)
 from msp_jax import checkpoints as ckpt
 from msp_jax.data import PromptLayout, load_task, nlupp, user_files
 from msp_jax.data.splits import CROSSNER_SOURCE, domains, seeded_sample
@@ -144,7 +144,10 @@ def result_fields(c, dataset: str, domain: str, method: str, seed: int | None) -
       config.pop(field, None)
   if seed is None or dataset != "crossner":  # only CrossNER samples a share of its source
     config.pop("source_fraction", None)
-  if seed is None or dataset in ("nlupp", "topv2"):  # only the span tagger reads it (CrossNER, span-labelled files)
+  if dataset in ("nlupp", "topv2"):  # only the span tagger reads these (CrossNER, span-labelled files)
+    for field in SPAN_TAGGER_FIELDS:
+      config.pop(field, None)
+  if seed is None:  # quality.json's judge is the tagger on the real seeds: no synthetic "O" to mask
     config.pop("mask_synthetic_o", None)
   if seed is None or method in ("seed", "eda"):  # the filters select generated data; quality measures the unfiltered pool
     for field in ("consistency_filter", *consistency.FIELDS, "finetune_filter"):
@@ -417,7 +420,7 @@ def run(c, backbone=None) -> str:
   if c.num_seeds < 1 or c.synthetic_per_example < 1 or c.get("max_generation_rounds", 1) < 1:
     raise ExperimentError(f"config.num_seeds={c.num_seeds}, config.synthetic_per_example={c.synthetic_per_example}, "
                           f"config.max_generation_rounds={c.get('max_generation_rounds', 1)}: all must be >= 1")
-  task_models.selection_grid(c)  # a bad grid fails before the backbone loads
+  task_models.check_selection(c)  # a bad grid fails before the backbone loads
   adapting = bool(c.get("source_data"))
   if adapting:
     check_source_data(c, grid_tasks)
@@ -755,7 +758,7 @@ def measure_file(c, path: str) -> dict:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
       raise ExperimentError(f"{path}:{i + 1}: not a generated record ({e!r}); expected JSON with text, attributes") from None
     records.append(r)
-  task_models.selection_grid(c)
+  task_models.check_selection(c)
   backbone = load_backbone(c.model, dtype=c.dtype or None, param_dtype=c.param_dtype or None)
   task = load_task(dataset, domain, "few_shot", seed=c.seed, data_dir=c.data_dir or None, data_path=c.get("data_path") or None)
   dev = list(task.splits["dev"])[:c.max_dev or None]

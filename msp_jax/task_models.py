@@ -145,10 +145,10 @@ class EntityModel:
     mask = None
     if self.c.get("mask_synthetic_o") and any(r.get("synthetic") for r in records):
       mask = [[not (r.get("synthetic") and t == index["O"]) for t in row] for r, row in zip(records, tags)]
-    self.model = downstream.BIOTagger(tags=self.tags, hidden=self.c.downstream_hidden, steps=self.c.downstream_steps,
-                                      seed=self.seed).fit_selected(self.cache.per_word(texts), tags,
+    self.model = downstream.BIOTagger(tags=self.tags, hidden=self.c.downstream_hidden, steps=tagger_steps(self.c),
+                                      batch_size=self.c.get("tagger_batch_size", 0), seed=self.seed).fit_selected(self.cache.per_word(texts), tags,
                                                                    self.cache.per_word([ex.text for ex in dev]), dev_tags,
-                                                                   selection_grid(self.c), mask)
+                                                                   selection_grid(self.c, tagger=True), mask)
     return self
 
   @property
@@ -342,13 +342,40 @@ def main_metric(task) -> str:
   return MAIN_METRIC.get(task.dataset) or ("span_f1" if model_class(task) is EntityModel else "micro_f1")
 
 
-def selection_grid(c) -> downstream.SelectionGrid:
+def selection_grid(c, tagger: bool = False) -> downstream.SelectionGrid:
+  """The dev-selection grid of the intent heads, or with `tagger` of the span tagger (`tagger_l2` when set,
+  and `tagger_patience`)."""
+  field = "tagger_l2" if tagger and c.get("tagger_l2") else "downstream_l2"
+  patience = c.get("tagger_patience", 0) if tagger else 0
   try:
-    return downstream.SelectionGrid(l2=tuple(c.downstream_l2), eval_every=c.downstream_eval_every,
-                                    thresholds=tuple(c.downstream_thresholds))
+    return downstream.SelectionGrid(l2=tuple(c[field]), eval_every=c.downstream_eval_every,
+                                    thresholds=tuple(c.downstream_thresholds), patience=patience)
   except (ValueError, TypeError) as e:
-    raise SelectionError(f"config.downstream_l2={c.downstream_l2!r}, config.downstream_eval_every="
-                          f"{c.downstream_eval_every!r}, config.downstream_thresholds={c.downstream_thresholds!r}: {e}") from None
+    raise SelectionError(f"config.{field}={c[field]!r}, config.downstream_eval_every={c.downstream_eval_every!r}, "
+                          f"config.downstream_thresholds={c.downstream_thresholds!r}"
+                          f"{f', config.tagger_patience={patience!r}' if tagger else ''}: {e}") from None
+
+
+def tagger_steps(c) -> int:
+  """The span tagger's step cap: `tagger_steps`, or `downstream_steps` when 0 (as before the field existed).
+  Its own because the tagger's best dev step on CrossNER lay at the intent heads' cap (README)."""
+  steps = c.get("tagger_steps", 0) or c.downstream_steps
+  if not _is_int(steps) or steps < 1:
+    raise SelectionError(f"config.tagger_steps={c.get('tagger_steps', 0)!r}, config.downstream_steps="
+                         f"{c.downstream_steps!r}: the steps must be an integer >= 1 (tagger_steps 0: downstream_steps)")
+  words = c.get("tagger_batch_size", 0)
+  if not _is_int(words) or words < 0:
+    raise SelectionError(f"config.tagger_batch_size={words!r}: must be an integer >= 0 (words per step; 0: all)")
+  return steps
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_selection(c) -> None:
+  """Raises the one-line error of a bad selection grid or step cap, heads' or tagger's."""
+  selection_grid(c), selection_grid(c, tagger=True), tagger_steps(c)
 
 
 def check_downstream(c, datasets) -> None:

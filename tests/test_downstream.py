@@ -352,6 +352,66 @@ def test_entity_model_masks_only_the_o_words_of_synthetic_records(backbone):
   np.testing.assert_allclose(model.model._forward(probe), reference._forward(probe), rtol=1e-6, atol=1e-6)
 
 
+def test_the_entity_model_trains_with_the_taggers_own_steps_and_l2_grid(backbone):
+  """tagger_steps and tagger_l2 replace downstream_steps and downstream_l2 for the span tagger only, and
+  tagger_batch_size sets its words per step: the model is the BIOTagger fit_selected with them (an
+  independent fit), and 0 / () / 0 are the heads' settings (full batch)."""
+  from ml_collections import ConfigDict
+  from msp_jax.data.ontology import Attribute, AttributeSet, Ontology
+  ontology = Ontology("crossner", (AttributeSet("entities", (Attribute("country", "country", False),
+                                                               Attribute("person", "person", True))),), ("news",))
+  task = type("Task", (), {"ontology": ontology})()
+  real = {"text": "Ada Lovelace visited France", "spans": [{"type": "person", "start": 0, "end": 12},
+                                                           {"type": "country", "start": 21, "end": 27}]}
+  dev = [Example(uid="d", domain="news", text="France met Ada", attributes={"entities": ("country", "person")},
+                 spans=({"type": "country", "start": 0, "end": 6}, {"type": "person", "start": 11, "end": 14}))]
+  cache = task_models.FeatureCache(backbone)
+  words, dev_words = cache.per_word([real["text"]]), cache.per_word([dev[0].text])
+  heads = dict(downstream_hidden=0, downstream_steps=20, downstream_l2=(1e-3,), downstream_eval_every=10,
+               downstream_thresholds=(0.5,))
+  for own, (steps, l2, per_step) in ((dict(tagger_steps=70, tagger_l2=(3e-2, 1e-4), tagger_batch_size=3), (70, (3e-2, 1e-4), 3)),
+                                  (dict(tagger_steps=0, tagger_l2=(), tagger_batch_size=0), (20, (1e-3,), 0))):
+    model = task_models.EntityModel(task, cache, ConfigDict(dict(heads, **own)), seed=0).fit([real], dev)
+    tags = model.tags
+    reference = downstream.BIOTagger(tags=tags, steps=steps, batch_size=per_step, seed=0).fit_selected(
+        words, [[tags.index(t) for t in ("B-person", "I-person", "O", "B-country")]], dev_words,
+        [[tags.index(t) for t in ("B-country", "O", "B-person")]], downstream.SelectionGrid(l2=l2, eval_every=10))
+    assert (model.model.steps, model.model.batch_size) == (steps, per_step) and model.selection["entities"] == reference.selection, own
+    np.testing.assert_allclose(model.model._forward(words[0]), reference._forward(words[0]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("patience,seen,chosen", [(2, 7, (1e-2, 10, 0.65)), (0, 10, (1e-3, 60, 0.9))])
+def test_patience_stops_an_l2_after_that_many_dev_scores_without_a_new_best_of_its_own(patience, seen, chosen):
+  """Hand-counted: patience 2 stops L2 1e-3 at its 4th score (0.6 ties, 0.55 is lower: its 0.7 and 0.9 are
+  never reached) and 1e-2 at its 3rd; patience 0 trains every step and finds 0.9."""
+  scores = {1e-3: [0.5, 0.6, 0.6, 0.55, 0.7, 0.9], 1e-2: [0.65, 0.64, 0.63, 0.8]}
+  calls = []
+
+  def fit(trainer, on_eval):
+    trainer.model, trainer.mean, trainer.std = downstream._Head(2, 0, 2, nnx.Rngs(0)), 0.0, 1.0
+    for i in range(len(scores[trainer.l2])):
+      calls.append((trainer.l2, i))
+      if on_eval(10 * (i + 1)):
+        break
+
+  head = downstream.MultiLabelClassifier()
+  head._select(fit, lambda trainer: (scores[calls[-1][0]][calls[-1][1]], {}),
+               downstream.SelectionGrid(l2=(1e-3, 1e-2), eval_every=10, patience=patience), "micro_f1")
+  assert len(calls) == seen
+  assert (head.selection["l2"], head.selection["steps"], head.selection["dev_score"]) == chosen
+
+
+@pytest.mark.parametrize("field,value", [("tagger_steps", -5), ("tagger_steps", 2.5), ("tagger_l2", (-1.0,)),
+                                         ("tagger_batch_size", -1), ("tagger_patience", -2)])
+def test_a_bad_tagger_setting_is_a_one_line_error_naming_it(field, value):
+  from ml_collections import ConfigDict
+  c = ConfigDict(dict(dict(downstream_hidden=0, downstream_steps=20, downstream_l2=(1e-3,), downstream_eval_every=10,
+                           downstream_thresholds=(0.5,), tagger_steps=0, tagger_l2=(), tagger_batch_size=0,
+                                tagger_patience=0), **{field: value}))
+  with pytest.raises(task_models.SelectionError, match=f"config.{field}="):
+    task_models.check_selection(c)
+
+
 def test_the_dev_split_chooses_among_candidate_training_sets(load_task):
   """Several training sets (a pool with and without a consistency filter): each trains a model, the best
   dev score picks the one scored on test, whatever its place in the list and whatever the test labels."""

@@ -539,15 +539,34 @@ def test_crossner_source_grid_trains_every_replicate_on_the_same_conll_sample(ti
   assert "Order by mean span_f1" in open(tmp_path / "results" / "results.md").read()
 
 
-def test_mask_synthetic_o_enters_the_keys_of_span_tasks_only():
-  """Only the span tagger reads it: NLU++ results stay current when it changes, CrossNER ones do not."""
+@pytest.mark.parametrize("change", [dict(mask_synthetic_o=False), dict(tagger_steps=123), dict(tagger_l2=(0.5,)),
+                                    dict(tagger_batch_size=77), dict(tagger_patience=3)])
+def test_the_span_taggers_fields_enter_the_keys_of_span_tasks_only(change):
+  """Only the span tagger reads them: NLU++ results stay current when one changes, CrossNER ones do not
+  (nor CrossNER's quality.json for the tagger's grid: its attribute metrics come from a tagger on the seeds)."""
   from configs import experiment as experiment_config
   from msp_jax import experiment
   on = experiment_config.get_config()
-  off = dict_update(on, mask_synthetic_o=False)
+  off = dict_update(on, **change)
   for method in ("seed", "eda", "attention"):
     assert experiment.result_fields(on, "nlupp", "hotels", method, 0) == experiment.result_fields(off, "nlupp", "hotels", method, 0)
     assert experiment.result_fields(on, "crossner", "music", method, 0) != experiment.result_fields(off, "crossner", "music", method, 0)
+  quality = [experiment.result_fields(x, "crossner", "music", "attention", None) for x in (on, off)]
+  assert (quality[0] == quality[1]) == ("mask_synthetic_o" in change)
+
+
+def test_a_config_from_before_the_taggers_fields_keys_its_results_as_before():
+  """tagger_steps 0, tagger_l2 () and tagger_batch_size 0 are the tagger as it was (downstream_steps,
+  downstream_l2, full batch): out of every key."""
+  from configs import experiment as experiment_config
+  from msp_jax import experiment
+  c = dict_update(experiment_config.get_config(), tagger_steps=0, tagger_l2=(), tagger_batch_size=0,
+                  tagger_patience=0)
+  old = c.copy_and_resolve_references()
+  del old["tagger_steps"], old["tagger_l2"], old["tagger_batch_size"], old["tagger_patience"]
+  for method, seed in (("seed", 0), ("attention", 1), ("attention", None)):
+    assert experiment.result_fields(c, "crossner", "music", method, seed) == \
+        experiment.result_fields(old, "crossner", "music", method, seed)
 
 
 @pytest.mark.parametrize("baseline,field", [("in_context", "in_context_temperature"),
