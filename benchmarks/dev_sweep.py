@@ -179,10 +179,10 @@ def main():
   backbone = load_backbone(base.model, dtype=base.dtype or None, param_dtype=base.param_dtype or None)
   experiment.keep_compiled_programs(a.workdir)
   task = load_task(dataset, domain, "few_shot", seed=base.seed, data_dir=base.data_dir or None)
-  seeds = [experiment.example_record(ex) for ex in task.splits["train"]]
-  if base.get("source_data"):  # domain adaptation: every run also trains on the grid's source sample
+  real = [experiment.example_record(ex) for ex in task.splits["train"]]  # every run's real training data: the seeds,
+  if base.get("source_data"):  # and in domain adaptation the grid's source sample
     experiment.check_source_data(base, [(dataset, domain)])
-    seeds += experiment.source_records(base, dataset, domain, task)[0]
+    real += experiment.source_records(base, dataset, domain, task)[0]
   dev = list(task.splits["dev"])[:base.max_dev or None]
   cache = task_models.FeatureCache(backbone)
   judge, _ = experiment.fit_judge(dataset, task, cache, base, dev)
@@ -198,7 +198,7 @@ def main():
       sets, origin = synthetic_records(c, a.workdir, name, backbone, task, dataset, domain, method, k, synonyms,
                                        judge, thresholds, a.grid)
       which, model, on_dev = task_models.fit_on_dev(
-          task, cache, c, k, {f: seeds + [{"synthetic": True, **r} for r in added] for f, (added, _) in sets.items()}, dev)
+          task, cache, c, k, {f: real + [{"synthetic": True, **r} for r in added] for f, (added, _) in sets.items()}, dev)
       synthetic, counts = sets[which]
       heads = " + ".join(f"{head} {chosen['dev_metric']}" for head, chosen in model.selection.items())
       r = {"variant": name, "fields": fields, "method": method, "seed": k,

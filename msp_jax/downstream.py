@@ -111,15 +111,17 @@ class _Trainer:
     best = None
     for l2 in grid.l2:
       trainer = dataclasses.replace(self, l2=l2)
-      own = {"best": None, "since": 0}  # this L2's best dev score, and the dev scores since it
+      own = {"best": -np.inf, "since": 0}  # this L2's best dev score, and the dev scores since it
 
       def on_eval(step, trainer=trainer, l2=l2, own=own) -> bool:
         nonlocal best
         score, chosen = dev_score(trainer)
         if best is None or score > best[0]:
           best = (score, {"l2": l2, "steps": step, **chosen}, nnx.clone(trainer.model), trainer.mean, trainer.std)
-        own["since"] = 0 if own["best"] is None or score > own["best"] else own["since"] + 1
-        own["best"] = score if own["best"] is None else max(own["best"], score)
+        if score > own["best"]:
+          own.update(best=score, since=0)
+        else:
+          own["since"] += 1
         return 0 < grid.patience <= own["since"]
 
       fit(trainer, on_eval)

@@ -146,7 +146,7 @@ class EntityModel:
     if self.c.get("mask_synthetic_o") and any(r.get("synthetic") for r in records):
       mask = [[not (r.get("synthetic") and t == index["O"]) for t in row] for r, row in zip(records, tags)]
     self.model = downstream.BIOTagger(tags=self.tags, hidden=self.c.downstream_hidden, steps=tagger_steps(self.c),
-                                      batch_size=self.c.get("tagger_batch_size", 0), seed=self.seed).fit_selected(self.cache.per_word(texts), tags,
+                                      batch_size=tagger_batch_size(self.c), seed=self.seed).fit_selected(self.cache.per_word(texts), tags,
                                                                    self.cache.per_word([ex.text for ex in dev]), dev_tags,
                                                                    selection_grid(self.c, tagger=True), mask)
     return self
@@ -363,10 +363,15 @@ def tagger_steps(c) -> int:
   if not _is_int(steps) or steps < 1:
     raise SelectionError(f"config.tagger_steps={c.get('tagger_steps', 0)!r}, config.downstream_steps="
                          f"{c.downstream_steps!r}: the steps must be an integer >= 1 (tagger_steps 0: downstream_steps)")
+  return steps
+
+
+def tagger_batch_size(c) -> int:
+  """Words per step of the span tagger (0: all of them, as before the field existed)."""
   words = c.get("tagger_batch_size", 0)
   if not _is_int(words) or words < 0:
     raise SelectionError(f"config.tagger_batch_size={words!r}: must be an integer >= 0 (words per step; 0: all)")
-  return steps
+  return words
 
 
 def _is_int(value) -> bool:
@@ -375,7 +380,7 @@ def _is_int(value) -> bool:
 
 def check_selection(c) -> None:
   """Raises the one-line error of a bad selection grid or step cap, heads' or tagger's."""
-  selection_grid(c), selection_grid(c, tagger=True), tagger_steps(c)
+  selection_grid(c), selection_grid(c, tagger=True), tagger_steps(c), tagger_batch_size(c)
 
 
 def check_downstream(c, datasets) -> None:

@@ -405,9 +405,9 @@ def test_patience_stops_an_l2_after_that_many_dev_scores_without_a_new_best_of_i
                                          ("tagger_batch_size", -1), ("tagger_patience", -2)])
 def test_a_bad_tagger_setting_is_a_one_line_error_naming_it(field, value):
   from ml_collections import ConfigDict
-  c = ConfigDict(dict(dict(downstream_hidden=0, downstream_steps=20, downstream_l2=(1e-3,), downstream_eval_every=10,
-                           downstream_thresholds=(0.5,), tagger_steps=0, tagger_l2=(), tagger_batch_size=0,
-                                tagger_patience=0), **{field: value}))
+  fields = dict(downstream_hidden=0, downstream_steps=20, downstream_l2=(1e-3,), downstream_eval_every=10,
+                downstream_thresholds=(0.5,), tagger_steps=0, tagger_l2=(), tagger_batch_size=0, tagger_patience=0)
+  c = ConfigDict({**fields, field: value})
   with pytest.raises(task_models.SelectionError, match=f"config.{field}="):
     task_models.check_selection(c)
 
